@@ -1,0 +1,208 @@
+"""Student inference with ONNX Runtime: where a frame is turned into class scores.
+
+Deployment modes (from the original edge-TL design):
+
+- ``full``: the fused ``full.onnx`` (backbone + head) - fastest, but the head cannot be swapped.
+- ``feature_extractor``: ``backbone.onnx`` in ONNX Runtime + the linear head in numpy; the head is an
+  immutable :class:`~edge_tl_ros.bundle.Head` swapped with one reference assignment (atomic under the
+  GIL), so the next frame uses the new head and no frame waits for a lock.
+- ``incremental``: ``feature_extractor`` that also hands out the pooled features (for the adaptation
+  node).
+
+The per-frame path (:meth:`Engine.infer`) crops the ROI as a view, resizes with OpenCV straight from
+the message buffer, converts colour on the small image only, and normalises into a pre-allocated input
+tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .bundle import BundleError, Head, ModelBundle
+from .imaging import to_order
+
+MODES = ('full', 'feature_extractor', 'incremental')
+PROVIDERS = {
+    'cpu': 'CPUExecutionProvider',
+    'cuda': 'CUDAExecutionProvider',
+    'tensorrt': 'TensorrtExecutionProvider',
+}
+
+
+class EngineError(ValueError):
+    """Bad engine configuration (mode, provider, head incompatible with the deployment mode)."""
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # [C] float32, softmax of the logits
+    features: np.ndarray | None  # [D] float32 in feature_extractor/incremental modes
+    head: Head | None  # the head that produced probs (None in full mode)
+
+    def topk(self, k: int, threshold: float = 0.0) -> list[tuple[int, float]]:
+        return topk(self.probs, k, threshold)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def topk(probs: np.ndarray, k: int, threshold: float = 0.0) -> list[tuple[int, float]]:
+    k = max(1, min(int(k), probs.shape[-1]))
+    idx = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(probs.shape[-1])
+    idx = idx[np.argsort(-probs[idx])]
+    return [(int(i), float(probs[i])) for i in idx if probs[i] >= threshold]
+
+
+def make_session(path, num_threads: int = 1, provider: str = 'cpu', low_priority: bool = False):
+    """An ONNX Runtime session with bounded threads; returns (session, provider actually used)."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise EngineError(f'unknown execution provider {provider!r}; choose one of {list(PROVIDERS)}')
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(num_threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if low_priority:
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    available = ort.get_available_providers()
+    want = PROVIDERS[provider]
+    providers = [want, 'CPUExecutionProvider'] if want in available and want != 'CPUExecutionProvider' \
+        else ['CPUExecutionProvider']
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types
+        raise BundleError(f'{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}') from e
+    used = sess.get_providers()[0]
+    return sess, used
+
+
+class Engine:
+    """Run a bundle's student on single frames (hot path) or batches (evaluation, adaptation)."""
+
+    def __init__(self, bundle: ModelBundle, mode: str = 'feature_extractor', num_threads: int = 1,
+                 provider: str = 'cpu', use_int8: bool = False, head: Head | None = None,
+                 low_priority: bool = False):
+        if mode not in MODES:
+            raise EngineError(f'unknown deployment mode {mode!r}; choose one of {list(MODES)}')
+        self.bundle = bundle
+        self.mode = mode
+        h, w = bundle.input_size
+        self.input_hw = (h, w)
+        self.color_order = bundle.color_order
+        self._mean = bundle.mean.reshape(3, 1, 1)
+        self._inv_std = (1.0 / bundle.std).reshape(3, 1, 1).astype(np.float32)
+        if mode == 'full':
+            path = bundle.path('full')
+            if path is None:
+                raise EngineError(f'bundle {bundle.name} has no full.onnx; use mode feature_extractor')
+        else:
+            path = bundle.path('backbone_int8') if use_int8 else None
+            if use_int8 and path is None:
+                raise EngineError(f'bundle {bundle.name} has no int8 backbone')
+            path = path or bundle.path('backbone')
+        self.model_path = path
+        self.session, self.provider = make_session(path, num_threads, provider, low_priority)
+        self._in_name = self.session.get_inputs()[0].name
+        self._out_name = self.session.get_outputs()[0].name
+        self._x = np.zeros((1, 3, h, w), np.float32)  # pre-allocated input tensor
+        self.head: Head | None = None
+        if mode != 'full':
+            self.swap_head(head or bundle.head)
+
+    # -- head swap -------------------------------------------------------------------------------------
+    def swap_head(self, head: Head) -> Head | None:
+        """Validate ``head`` and make it the one the next frame uses. Returns the previous head."""
+        if self.mode == 'full':
+            raise EngineError('deployment mode full has the head fused into full.onnx; '
+                              'use feature_extractor or incremental to swap heads')
+        if head.feature_size != self.bundle.feature_size:
+            raise BundleError(f'head v{head.version} expects {head.feature_size} features, '
+                              f'backbone gives {self.bundle.feature_size}')
+        base = self.bundle.class_names
+        if head.class_names[:len(base)] != base:
+            raise BundleError(f'head v{head.version} classes do not extend the bundle classes')
+        old, self.head = self.head, head  # one reference assignment: atomic for readers
+        return old
+
+    # -- per-frame path --------------------------------------------------------------------------------
+    def preprocess(self, img: np.ndarray, order: str, roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """ROI crop (view) -> resize (from the buffer) -> colour on the small image -> normalised tensor."""
+        if roi is not None:
+            x, y, rw, rh = roi
+            H, W = img.shape[:2]
+            x0, y0 = min(max(0, x), W - 1), min(max(0, y), H - 1)
+            x1, y1 = min(W, x0 + rw) if rw > 0 else W, min(H, y0 + rh) if rh > 0 else H
+            img = img[y0:y1, x0:x1]
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        h, w = self.input_hw
+        interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
+        small = cv2.resize(img, (w, h), interpolation=interp)
+        small = to_order(small, order, self.color_order)
+        x = self._x
+        np.subtract(small.transpose(2, 0, 1), self._mean, out=x[0], casting='unsafe')
+        x[0] *= self._inv_std
+        return x
+
+    def infer(self, img: np.ndarray, order: str, roi=None) -> Prediction:
+        x = self.preprocess(img, order, roi)
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> Prediction:
+        out = self.session.run([self._out_name], {self._in_name: x})[0][0]
+        if self.mode == 'full':
+            return Prediction(softmax(out.astype(np.float32)), None, None)
+        head = self.head  # read the reference once: this frame uses exactly one head
+        return Prediction(softmax(head.logits(out)), out, head)
+
+    # -- batches ---------------------------------------------------------------------------------------
+    def prepare_batch(self, images: np.ndarray, order: str = 'rgb') -> np.ndarray:
+        """Images [N,H,W,3] uint8 (any size; resized if needed) -> normalised [N,3,h,w] float32."""
+        h, w = self.input_hw
+        if images.shape[1:3] != (h, w):
+            images = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in images])
+        if order != self.color_order:
+            images = images[..., ::-1]
+        x = images.transpose(0, 3, 1, 2).astype(np.float32)
+        x -= self._mean
+        x *= self._inv_std
+        return x
+
+    def features_batch(self, images: np.ndarray, order: str = 'rgb', batch_size: int = 256) -> np.ndarray:
+        """Backbone features [N,D] for a batch of images (not available in full mode)."""
+        if self.mode == 'full':
+            raise EngineError('features are not available in deployment mode full')
+        out = [self.session.run([self._out_name], {self._in_name: self.prepare_batch(images[i:i + batch_size], order)})[0]
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.bundle.feature_size), np.float32)
+
+    def predict_batch(self, images: np.ndarray, order: str = 'rgb', batch_size: int = 256) -> np.ndarray:
+        """Class probabilities [N,C] for a batch of images with the current head."""
+        if self.mode == 'full':
+            out = [self.session.run([self._out_name], {self._in_name: self.prepare_batch(images[i:i + batch_size], order)})[0]
+                   for i in range(0, len(images), batch_size)]
+            return softmax(np.concatenate(out).astype(np.float32))
+        return softmax(self.head.logits(self.features_batch(images, order, batch_size)))
+
+
+def limit_threads(n: int) -> None:
+    """Bound numpy/BLAS threads of this process (call before heavy numpy work in worker processes)."""
+    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits  # optional
+
+        threadpool_limits(n)
+    except ImportError:
+        pass

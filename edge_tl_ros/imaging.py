@@ -1,0 +1,160 @@
+"""sensor_msgs image payloads <-> numpy, without ROS imports and without copying where possible.
+
+``image_view`` turns the fields of a sensor_msgs/Image into an ``HxWxC`` uint8 *view* of the message
+buffer (``np.frombuffer`` + strides, honouring ``step`` padding): no per-pixel Python, no copy for the
+8-bit encodings. ``decode_compressed`` decodes a sensor_msgs/CompressedImage payload with OpenCV.
+Every rejection raises :class:`FrameError` whose ``reason`` is a short, stable key that the nodes count
+in their diagnostics.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# encoding -> (channels, dtype, channel order of the result)
+ENCODINGS = {
+    'rgb8': (3, np.uint8, 'rgb'),
+    'bgr8': (3, np.uint8, 'bgr'),
+    'rgba8': (4, np.uint8, 'rgba'),
+    'bgra8': (4, np.uint8, 'bgra'),
+    'mono8': (1, np.uint8, 'mono'),
+    '8UC1': (1, np.uint8, 'mono'),
+    '8UC3': (3, np.uint8, 'bgr'),  # OpenCV convention
+    'mono16': (1, np.uint16, 'mono'),
+    '16UC1': (1, np.uint16, 'mono'),
+    'rgb16': (3, np.uint16, 'rgb'),
+    'bgr16': (3, np.uint16, 'bgr'),
+}
+SUPPORTED_ENCODINGS = tuple(ENCODINGS)
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class FrameError(ValueError):
+    """A frame that cannot be used; ``reason`` is a short key for diagnostics counters."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f'{reason}: {detail}')
+        self.reason = reason
+        self.detail = detail
+
+
+def image_view(encoding: str, height: int, width: int, step: int, is_bigendian: int | bool, data,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Return ``(array, order)``: an ``HxWxC`` view on ``data`` and its channel order.
+
+    ``order`` is one of ``rgb``, ``bgr``, ``rgba``, ``bgra``, ``mono``. 16-bit encodings are scaled to
+    8 bits (this one allocates). ``data`` is anything exposing the buffer protocol (the message's
+    ``array.array``, ``bytes``, ``memoryview``).
+    """
+    spec = ENCODINGS.get(encoding)
+    if spec is None:
+        raise FrameError('unsupported_encoding',
+                         f'encoding {encoding!r} is not supported (use one of {", ".join(SUPPORTED_ENCODINGS)})')
+    channels, dtype, order = spec
+    if height <= 0 or width <= 0:
+        raise FrameError('empty_image', f'image is {width}x{height}')
+    if height * width > max_pixels:
+        raise FrameError('too_large', f'image is {width}x{height}, more than max_pixels={max_pixels}')
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = width * channels * itemsize
+    if step < row_bytes:
+        raise FrameError('bad_step', f'step {step} < width*channels*bytes = {row_bytes}')
+    buf = memoryview(data).cast('B') if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    need = (height - 1) * step + row_bytes
+    if len(buf) < need:
+        raise FrameError('short_data', f'data has {len(buf)} bytes, {width}x{height} with step {step} '
+                                       f'needs {need}')
+    if itemsize == 1:
+        flat = np.frombuffer(buf, dtype=np.uint8, count=need)
+        arr = np.lib.stride_tricks.as_strided(flat, shape=(height, width, channels),
+                                              strides=(step, channels, 1), writeable=False)
+        return arr, order
+    if step % itemsize:
+        raise FrameError('bad_step', f'step {step} is not a multiple of {itemsize} for {encoding}')
+    dt = np.dtype(dtype).newbyteorder('>' if is_bigendian else '<')
+    flat = np.frombuffer(buf, dtype=np.uint8, count=height * step).view(dt)
+    arr = flat.reshape(height, step // itemsize)[:, :width * channels].reshape(height, width, channels)
+    return (arr >> 8).astype(np.uint8), order
+
+
+_MAGIC = {'jpeg': (b'\xff\xd8\xff',), 'png': (b'\x89PNG\r\n\x1a\n',)}
+
+
+def sniff_format(data) -> str | None:
+    head = bytes(memoryview(data)[:8])
+    for fmt, magics in _MAGIC.items():
+        if any(head.startswith(m) for m in magics):
+            return fmt
+    return None
+
+
+def claimed_format(fmt: str) -> str | None:
+    """The codec named by a CompressedImage ``format`` string (``jpeg``, ``png``, ``bgr8; jpeg compressed
+    bgr8``, ...), or None if it names neither."""
+    f = fmt.lower()
+    if 'png' in f:
+        return 'png'
+    if 'jpeg' in f or 'jpg' in f:
+        return 'jpeg'
+    return None
+
+
+def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Decode a CompressedImage payload to ``(HxWx3 uint8 BGR array, 'bgr')``."""
+    if len(data) == 0:
+        raise FrameError('empty_image', 'compressed image has no data')
+    actual = sniff_format(data)
+    claimed = claimed_format(fmt)
+    if actual is None:
+        raise FrameError('corrupt_compressed', f'payload is neither JPEG nor PNG (format {fmt!r})')
+    if claimed is not None and claimed != actual:
+        raise FrameError('format_mismatch', f'format says {claimed!r} but the payload is {actual}')
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise FrameError('corrupt_compressed', f'OpenCV could not decode the {actual} payload')
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise FrameError('too_large', f'decoded image is {img.shape[1]}x{img.shape[0]}')
+    return img, 'bgr'
+
+
+def encode_compressed(rgb_or_bgr: np.ndarray, order: str = 'bgr', fmt: str = 'jpeg', quality: int = 90) -> bytes:
+    """Encode an ``HxWx3`` uint8 image as JPEG or PNG bytes (for bags and tests)."""
+    img = rgb_or_bgr if order == 'bgr' else cv2.cvtColor(rgb_or_bgr, cv2.COLOR_RGB2BGR)
+    if fmt == 'jpeg':
+        ok, enc = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    elif fmt == 'png':
+        ok, enc = cv2.imencode('.png', img)
+    else:
+        raise ValueError(f'unknown compressed format {fmt!r}')
+    if not ok:
+        raise ValueError('OpenCV failed to encode the image')
+    return enc.tobytes()
+
+
+def to_order(img: np.ndarray, order: str, want: str) -> np.ndarray:
+    """Convert a (small) ``HxWxC`` uint8 image from ``order`` to ``want`` (``rgb`` or ``bgr``)."""
+    if order == want:
+        return img
+    codes = {
+        ('bgr', 'rgb'): cv2.COLOR_BGR2RGB, ('rgb', 'bgr'): cv2.COLOR_RGB2BGR,
+        ('rgba', 'rgb'): cv2.COLOR_RGBA2RGB, ('rgba', 'bgr'): cv2.COLOR_RGBA2BGR,
+        ('bgra', 'rgb'): cv2.COLOR_BGRA2RGB, ('bgra', 'bgr'): cv2.COLOR_BGRA2BGR,
+        ('mono', 'rgb'): cv2.COLOR_GRAY2RGB, ('mono', 'bgr'): cv2.COLOR_GRAY2BGR,
+    }
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    return cv2.cvtColor(np.ascontiguousarray(img), codes[(order, want)])
+
+
+def image_fields(img: np.ndarray, encoding: str = 'bgr8') -> dict:
+    """Fields of a sensor_msgs/Image holding ``img`` (HxWxC or HxW uint8), for publishers and bags."""
+    img = np.ascontiguousarray(img)
+    h, w = img.shape[:2]
+    c = 1 if img.ndim == 2 else img.shape[2]
+    if ENCODINGS.get(encoding, (None,))[0] != c:
+        raise ValueError(f'{encoding} needs {ENCODINGS.get(encoding, ("?",))[0]} channels, image has {c}')
+    return {'height': h, 'width': w, 'encoding': encoding, 'is_bigendian': 0, 'step': w * c * img.itemsize,
+            'data': img.tobytes()}
