@@ -422,3 +422,22 @@ class HeadRegistry:
         idx['current'] = prev
         atomic_write_json(self.index_path, idx)
         return head
+
+
+def default_model_path(name: str = 'gtsrb_student') -> Path:
+    """A shipped bundle: ``share/edge_tl_ros/models/<name>`` when installed with colcon, else the repo's."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        p = Path(get_package_share_directory('edge_tl_ros')) / 'models' / name
+        if p.is_dir():
+            return p
+    except Exception:  # not installed through ament (pip/editable checkout): use the source tree
+        pass
+    return Path(__file__).resolve().parent.parent / 'models' / name
+
+
+def default_state_dir(bundle_name: str) -> Path:
+    """Where adapted heads and the frame store live on the robot (``$ROS_HOME`` or ``~/.ros``)."""
+    ros_home = os.environ.get('ROS_HOME') or os.path.join(os.path.expanduser('~'), '.ros')
+    return Path(ros_home) / 'edge_tl_ros' / bundle_name

@@ -1,0 +1,337 @@
+"""perception_node with real rclpy (Fast DDS), a real ONNX Runtime session and a real toy bundle."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip('rclpy')
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+from vision_msgs.msg import Classification  # noqa: E402
+
+from edge_tl_ros.bundle import Head, HeadRegistry, load_bundle  # noqa: E402
+from edge_tl_ros.imaging import encode_compressed, image_fields  # noqa: E402
+from edge_tl_ros.nodes.perception_node import PerceptionNode  # noqa: E402
+from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_head  # noqa: E402
+
+COLOURS = {'red': (220, 30, 30), 'green': (30, 220, 30), 'blue': (30, 30, 220)}
+
+
+def frame(name, h=24, w=32):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = COLOURS[name]
+    return img  # RGB
+
+
+class Harness:
+    """A perception node plus a test node (publishers, subscribers, service clients) on one executor."""
+
+    def __init__(self, ctx, bundle, state_dir, **params):
+        overrides = [Parameter('model_bundle', value=str(bundle)), Parameter('state_dir', value=str(state_dir)),
+                     Parameter('qos_reliability', value='reliable')]
+        overrides += [Parameter(k, value=v) for k, v in params.items()]
+        self.node = PerceptionNode(context=ctx, parameter_overrides=overrides)
+        self.io = rclpy.create_node('test_io', context=ctx)
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.pub = self.io.create_publisher(Image, 'image', qos)
+        self.pub_c = self.io.create_publisher(CompressedImage, 'image/compressed', qos)
+        self.results = []
+        self.got = threading.Event()
+        self.io.create_subscription(Classification, '/perception/classification', self._on_cls, 50)
+        self.features = []
+        self.io.create_subscription(Image, '/perception/features', self.features.append, 50)
+        self.reload = self.io.create_client(Trigger, '/perception/reload_head')
+        self.rollback = self.io.create_client(Trigger, '/perception/rollback')
+        self.ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+        self.ex.add_node(self.node)
+        self.ex.add_node(self.io)
+        self.thread = threading.Thread(target=self.ex.spin, daemon=True)
+        self.thread.start()
+        self._stamp = 0
+        deadline = time.monotonic() + 10
+        while self.pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while self.io.count_publishers('/perception/classification') == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _on_cls(self, msg):
+        self.results.append(msg)
+        self.got.set()
+
+    def next_stamp(self):
+        self._stamp += 1
+        return self._stamp
+
+    def image_msg(self, img_rgb, encoding='rgb8'):
+        conv = {'rgb8': img_rgb, 'bgr8': img_rgb[..., ::-1],
+                'rgba8': np.dstack([img_rgb, np.full(img_rgb.shape[:2], 255, np.uint8)]),
+                'bgra8': np.dstack([img_rgb[..., ::-1], np.full(img_rgb.shape[:2], 255, np.uint8)]),
+                'mono8': img_rgb.mean(axis=2).astype(np.uint8)}
+        msg = Image(**image_fields(conv[encoding], encoding))
+        msg.header.stamp.sec = self.next_stamp()
+        msg.header.frame_id = 'cam'
+        return msg
+
+    def send(self, msg, timeout=5.0):
+        """Publish one frame and wait for the classification carrying its stamp."""
+        stamp = msg.header.stamp.sec
+        (self.pub_c if isinstance(msg, CompressedImage) else self.pub).publish(msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for r in self.results:
+                if r.header.stamp.sec == stamp:
+                    return r
+            self.got.wait(0.05)
+            self.got.clear()
+        return None
+
+    def classify(self, name, encoding='rgb8'):
+        r = self.send(self.image_msg(frame(name), encoding))
+        assert r is not None, 'no classification received'
+        return r.results[0].class_id
+
+    def call(self, client, timeout=5.0):
+        assert client.wait_for_service(timeout_sec=timeout)
+        fut = client.call_async(Trigger.Request())
+        deadline = time.monotonic() + timeout
+        while not fut.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return fut.result()
+
+    def close(self):
+        self.ex.shutdown(timeout_sec=2)
+        self.node.destroy_node()
+        self.io.destroy_node()
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    return make_toy_bundle(tmp_path / 'toy')
+
+
+@pytest.fixture
+def harness(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state')
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
+def test_classifies_each_colour_encoding(harness, encoding):
+    for name in TOY_CLASSES:
+        msg = harness.image_msg(frame(name), encoding)
+        r = harness.send(msg)
+        assert r is not None
+        assert r.header.stamp == msg.header.stamp and r.header.frame_id == 'cam'
+        assert r.results[0].class_id == name
+        assert len(r.results) == 3 and r.results[0].score > 0.9
+        assert all(a.score >= b.score for a, b in zip(r.results, r.results[1:]))
+
+
+def test_mono8_and_step_padding(harness):
+    img = np.full((20, 30), 128, np.uint8)
+    msg = Image(height=20, width=30, encoding='mono8', step=40,
+                data=np.pad(img, ((0, 0), (0, 10)), constant_values=7).tobytes())
+    msg.header.stamp.sec = harness.next_stamp()
+    r = harness.send(msg)
+    assert r is not None and r.results[0].class_id in TOY_CLASSES
+    # padded rows: the 7s in the padding must not leak into the image (grey, so all scores close)
+    assert r.results[0].score < 0.9
+    # a padded rgb8 frame classifies like an unpadded one
+    rgb = frame('blue', 10, 10)
+    padded = np.zeros((10, 10 * 3 + 6), np.uint8)
+    padded[:, :30] = rgb.reshape(10, 30)
+    padded[:, 30:] = 255  # white padding would turn the frame grey if it were read as pixels
+    msg = Image(height=10, width=10, encoding='rgb8', step=36, data=padded.tobytes())
+    msg.header.stamp.sec = harness.next_stamp()
+    r = harness.send(msg)
+    assert r.results[0].class_id == 'blue' and r.results[0].score > 0.9
+
+
+@pytest.mark.parametrize('fmt', ['jpeg', 'png'])
+def test_compressed(ros_context, bundle_dir, tmp_path, fmt):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', use_compressed=True)
+    try:
+        for name in TOY_CLASSES:
+            msg = CompressedImage(format=fmt, data=encode_compressed(frame(name), 'rgb', fmt))
+            msg.header.stamp.sec = h.next_stamp()
+            r = h.send(msg)
+            assert r is not None and r.results[0].class_id == name
+    finally:
+        h.close()
+
+
+def test_bad_frames_are_counted_and_node_keeps_serving(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', use_compressed=True)
+    try:
+        bad = [
+            Image(height=4, width=4, encoding='32FC1', step=16, data=bytes(64)),
+            Image(height=0, width=0, encoding='rgb8', step=0, data=b''),
+            Image(height=4, width=4, encoding='rgb8', step=8, data=bytes(32)),  # step < width*3
+            Image(height=4, width=4, encoding='rgb8', step=12, data=bytes(20)),  # data too short
+            CompressedImage(format='jpeg', data=encode_compressed(frame('red'), 'rgb')[:40]),
+            CompressedImage(format='jpeg', data=b'\xff\xd8\xff' + bytes(100)),
+            CompressedImage(format='jpeg', data=encode_compressed(frame('red'), 'rgb', 'png')),
+        ]
+        for m in bad:
+            m.header.stamp.sec = h.next_stamp()
+            (h.pub_c if isinstance(m, CompressedImage) else h.pub).publish(m)
+            time.sleep(0.05)
+            assert h.classify('green') == 'green'  # keeps serving the next valid frame
+        deadline = time.monotonic() + 5
+        while h.node.rejected < len(bad) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s = h.node.stats()
+        assert s['rejected'] == len(bad)
+        assert s['reject_reasons'] == {'unsupported_encoding': 1, 'empty_image': 1, 'bad_step': 1,
+                                       'short_data': 1, 'corrupt_compressed': 2, 'format_mismatch': 1}
+    finally:
+        h.close()
+
+
+def test_burst_drops_old_frames_and_builds_no_backlog(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', qos_depth=1)
+    try:
+        big = np.ascontiguousarray(np.broadcast_to(np.array(COLOURS['red'], np.uint8), (720, 1280, 3)))
+        n = 150
+        msgs = [h.image_msg(big) for _ in range(n)]
+        for m in msgs:
+            h.pub.publish(m)
+        last = msgs[-1].header.stamp.sec
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(r.header.stamp.sec == last for r in h.results):
+            time.sleep(0.02)
+        assert any(r.header.stamp.sec == last for r in h.results), 'newest frame never classified'
+        time.sleep(0.3)
+        s = h.node.stats()
+        assert s['received'] <= n
+        assert s['processed'] + s['dropped'] + s['rejected'] == s['received']
+        assert s['dropped'] > 0, s
+        assert len(h.results) == s['processed'] < n
+        stamps = [r.header.stamp.sec for r in h.results]
+        assert stamps == sorted(stamps)  # newest-first: never an old frame after a newer one
+    finally:
+        h.close()
+
+
+def test_reload_rollback_and_bad_head(harness, bundle_dir, tmp_path):
+    assert harness.classify('red') == 'red'
+    reg = HeadRegistry(load_bundle(bundle_dir), tmp_path / 'state')
+    reg.add(toy_head(permute=(2, 0, 1)))  # red frames -> 'green' under this head
+    res = harness.call(harness.reload)
+    assert res.success, res.message
+    assert harness.node.head_version == 1
+    assert harness.classify('red') == 'green'  # the very next frame uses the new head
+    # a registered head whose file is then corrupted on disk is refused; the current head stays
+    reg.add(Head(np.ones((3, 8), np.float32), np.zeros(3, np.float32), TOY_CLASSES))
+    (reg.dir / 'head_v2.npz').write_bytes(b'not a head at all')
+    res = harness.call(harness.reload)
+    assert not res.success and 'keeping head v1' in res.message
+    assert harness.classify('red') == 'green'
+    # rollback: v2 (current in the registry) -> v1; then v1 -> v0 restores the original output
+    assert harness.call(harness.rollback).success
+    assert harness.call(harness.rollback).success
+    assert harness.node.head_version == 0
+    assert harness.classify('red') == 'red'
+    res = harness.call(harness.rollback)
+    assert not res.success and 'nothing to roll back' in res.message
+
+
+def test_parameters_validated(harness, bundle_dir, tmp_path):
+    node = harness.node
+    bad = [Parameter('top_k', value=0), Parameter('score_threshold', value=1.5),
+           Parameter('head_version', value=7), Parameter('roi', value=[1, 2, 3]),
+           Parameter('deployment_mode', value='full'), Parameter('top_k', value='three')]
+    for prm in bad:
+        try:
+            res = node.set_parameters([prm])[0]
+            assert not res.successful, prm.name
+        except Exception as e:  # rclpy raises for a type change / read-only parameter
+            assert type(e).__name__ in ('InvalidParameterTypeException', 'ParameterImmutableException'), e
+    assert node.get_parameter('top_k').value == 5 and node.get_parameter('head_version').value == -1
+    assert node.set_parameters([Parameter('top_k', value=1)])[0].successful
+    r = harness.send(harness.image_msg(frame('blue')))
+    assert len(r.results) == 1 and r.results[0].class_id == 'blue'
+    # head_version selects a registered version at run time
+    HeadRegistry(load_bundle(bundle_dir), tmp_path / 'state').add(toy_head(permute=(1, 2, 0)))
+    assert node.set_parameters([Parameter('head_version', value=1)])[0].successful
+    assert harness.classify('blue') == 'green'
+    # roi crops before inference: a frame that is blue on the left half and red on the right
+    img = frame('red', 20, 40)
+    img[:, :20] = COLOURS['blue']
+    assert node.set_parameters([Parameter('head_version', value=0),
+                                Parameter('roi', value=[0, 0, 20, 20])])[0].successful
+    assert harness.send(harness.image_msg(img)).results[0].class_id == 'blue'
+    assert node.set_parameters([Parameter('roi', value=[20, 0, 0, 0])])[0].successful
+    assert harness.send(harness.image_msg(img)).results[0].class_id == 'red'
+
+
+def test_full_mode_and_incremental_features(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', deployment_mode='full')
+    try:
+        assert h.classify('green') == 'green'
+        res = h.call(h.reload)
+        assert not res.success and 'full' in res.message
+    finally:
+        h.close()
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', deployment_mode='incremental')
+    try:
+        msg = h.image_msg(frame('blue'))
+        assert h.send(msg).results[0].class_id == 'blue'
+        deadline = time.monotonic() + 3
+        while not h.features and time.monotonic() < deadline:
+            time.sleep(0.02)
+        f = h.features[-1]
+        assert f.encoding == '32FC1' and f.height == 1 and f.width == 8
+        assert f.header.stamp == msg.header.stamp
+        vec = np.frombuffer(bytes(f.data), np.float32)
+        assert vec[2] > 0.7 and vec[0] < 0.2  # the toy backbone's blue channel feature
+    finally:
+        h.close()
+
+
+def test_diagnostics(harness):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    got = []
+    harness.io.create_subscription(DiagnosticArray, '/diagnostics', got.append, 10)
+    for _ in range(3):
+        harness.classify('red')
+    deadline = time.monotonic() + 4
+    while not any(s.values and dict((kv.key, kv.value) for kv in s.values).get('frames_out') not in
+                  (None, '0') for a in got for s in a.status) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kv = {k.key: k.value for a in got for s in a.status for k in s.values}
+    for key in ('fps_in', 'fps_out', 'dropped_frames', 'latency_p50_ms', 'latency_p99_ms', 'head_version',
+                'execution_provider', 'model'):
+        assert key in kv, key
+    assert int(kv['frames_out']) >= 1 and kv['model'] == 'toy' and kv['execution_provider'] == 'CPUExecutionProvider'
+
+
+def test_missing_or_bad_bundle_fails_with_clear_message(ros_context, tmp_path):
+    from edge_tl_ros.bundle import BundleError
+
+    with pytest.raises(BundleError, match='not found'):
+        PerceptionNode(context=ros_context, parameter_overrides=[
+            Parameter('model_bundle', value=str(tmp_path / 'nope'))])
+
+
+def test_perception_path_imports_no_torch(bundle_dir):
+    """The robot runtime set has no torch: the node module and the engine must not need it."""
+    code = (
+        'import sys; sys.modules["torch"] = None; sys.modules["torchvision"] = None\n'
+        'import edge_tl_ros.nodes.perception_node, edge_tl_ros.engine as e, edge_tl_ros.bundle as b\n'
+        'import numpy as np\n'
+        f'eng = e.Engine(b.load_bundle({str(bundle_dir)!r}))\n'
+        'img = np.zeros((8, 8, 3), np.uint8); img[..., 2] = 200\n'
+        'print(eng.infer(img, "rgb").topk(1)[0][0])\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith('2')
