@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One-shot development environment for edge_tl_ros (called by `make setup`).
+#
+#   1. creates .venv (python3.11 -m venv) and upgrades pip
+#   2. pip install -r requirements/dev.txt (plain pip: torch/torchvision come from local disk)
+#   3. builds vision_msgs (tools/build_vision_msgs.sh) and installs it into .venv
+#   4. installs edge_tl_ros itself in editable mode (edge-tl, perception_node, adaptation_node
+#      land on .venv/bin), links share/edge_tl_ros into the venv's ament index and makes
+#      AMENT_PREFIX_PATH default to the venv
+#   5. writes .venv/.setup-stamp (sha256 of the inputs); a re-run with the same inputs exits at once
+#
+# Environment: VENV (default <repo>/.venv), PYTHON (default python3.11), SETUP_FORCE=1 to ignore
+# the stamp, SETUP_RECREATE=1 to delete and recreate the venv.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+VENV="${VENV:-$REPO_ROOT/.venv}"
+STAMP="$VENV/.setup-stamp"
+PIP_VERSION="26.3"
+
+log() { echo "[setup] $*"; }
+
+# Inputs of the environment: when none of these change, nothing needs reinstalling.
+stamp_inputs() {
+  {
+    ls requirements/*.txt
+    find tools/vision_msgs -type f
+    echo tools/setup_env.sh
+    echo tools/build_vision_msgs.sh
+    echo setup.py
+    echo setup.cfg
+  } | LC_ALL=C sort
+}
+compute_stamp() {
+  # shellcheck disable=SC2046
+  { sha256sum $(stamp_inputs); echo "python=${PYTHON:-python3.11}"; } | sha256sum | cut -d' ' -f1
+}
+
+want="$(compute_stamp)"
+if [ "${SETUP_FORCE:-0}" != 1 ] && [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] \
+   && [ "$(cat "$STAMP")" = "$want" ]; then
+  log "environment up to date ($VENV)"
+  exit 0
+fi
+
+start=$(date +%s)
+
+# --- 0. system tools needed to build vision_msgs (present on the standard machine image) --------
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing ${missing[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "[setup] missing tools: ${missing[*]} (install them, e.g. apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+# --- 1. venv ------------------------------------------------------------------------------------
+PYTHON="${PYTHON:-python3.11}"
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "[setup] $PYTHON not found; Python 3.11 is required" >&2
+  exit 1
+fi
+if [ "${SETUP_RECREATE:-0}" = 1 ] || ! "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 11)' \
+     >/dev/null 2>&1; then
+  log "creating $VENV"
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+rm -f "$STAMP"
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip --disable-pip-version-check --no-input)
+# pip with the noise filtered out (the machine's extra file:// indexes warn once per package),
+# keeping pip's exit status.
+pip_filtered() {
+  local rc
+  set +e
+  "${PIP[@]}" "$@" 2>&1 | grep -v -E '^(Requirement already satisfied|WARNING: Location .* is ignored)'
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+
+log "pip $PIP_VERSION"
+pip_filtered install -q --progress-bar off --upgrade "pip==$PIP_VERSION"
+
+# --- 2. requirements ------------------------------------------------------------------------------
+log "pip install -r requirements/dev.txt"
+pip_filtered install --progress-bar off -r requirements/dev.txt
+
+# --- 3. vision_msgs ---------------------------------------------------------------------------------
+log "building vision_msgs"
+bash tools/build_vision_msgs.sh "$VENV"
+
+# --- 4. this package (editable) --------------------------------------------------------------------
+log "pip install -e . (editable)"
+pip_filtered install -q --no-deps --no-build-isolation -e .
+
+# share/edge_tl_ros in the venv's ament index, linked to the work tree like colcon --symlink-install
+# (pip's editable install does not install data_files; these links are not in pip's RECORD, so a pip
+# uninstall/reinstall never deletes through them).
+SHARE="$VENV/share/edge_tl_ros"
+rm -rf "$SHARE"
+mkdir -p "$SHARE" "$VENV/share/ament_index/resource_index/packages"
+: > "$VENV/share/ament_index/resource_index/packages/edge_tl_ros"
+ln -s "$REPO_ROOT/package.xml" "$SHARE/package.xml"
+for d in launch config models; do
+  mkdir -p "$REPO_ROOT/$d"
+  ln -s "$REPO_ROOT/$d" "$SHARE/$d"
+done
+
+# AMENT_PREFIX_PATH defaults to the venv in every interpreter of the venv (ament_index_python needs
+# it; the pip ROS wheels install their share/ and lib/ under the venv prefix). Runs before
+# ros_wheels_bootstrapper.pth (alphabetical order), whose re-exec keeps the variable.
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cat > "$SITE/edge_tl_ros_env.pth" <<'EOF'
+import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
+EOF
+
+# --- 5. final check + stamp ---------------------------------------------------------------------------
+env -u AMENT_PREFIX_PATH -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE "$VPY" -c '
+from ament_index_python.packages import get_package_share_directory
+from vision_msgs.msg import Classification  # noqa: F401
+import rclpy  # noqa: F401
+get_package_share_directory("edge_tl_ros")
+get_package_share_directory("vision_msgs")
+'
+echo "$want" > "$STAMP"
+log "done in $(( $(date +%s) - start )) s; use $VENV/bin/python (no activation or sourcing needed)"
