@@ -3,6 +3,8 @@
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# lint only the directories that exist (empty ones are not in git)
+LINT_DIRS   := $(wildcard edge_tl_ros test bench launch tools)
 
 .PHONY: setup test demo bench bench-quick lint models clean
 
@@ -22,7 +24,7 @@ bench-quick: setup
 	$(PY) -m bench.run_all --quick
 
 lint: setup
-	$(VENV)/bin/ruff check edge_tl_ros test bench launch tools
+	$(VENV)/bin/ruff check $(LINT_DIRS)
 
 models: setup
 	$(VENV)/bin/edge-tl train-default
