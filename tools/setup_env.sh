@@ -37,6 +37,13 @@ compute_stamp() {
   { sha256sum $(stamp_inputs); echo "python=${PYTHON:-python3.11}"; } | sha256sum | cut -d' ' -f1
 }
 
+# One setup at a time per checkout (e.g. two `make test` started together): lock this script file.
+exec 9<"$REPO_ROOT/tools/setup_env.sh"
+if command -v flock >/dev/null && ! flock -n 9; then
+  log "waiting for another setup of this checkout to finish"
+  flock 9
+fi
+
 want="$(compute_stamp)"
 if [ "${SETUP_FORCE:-0}" != 1 ] && [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] \
    && [ "$(cat "$STAMP")" = "$want" ]; then
