@@ -1,0 +1,545 @@
+"""On-robot adaptation rounds: which frames to keep, how to label them, when to accept a new head.
+
+No ROS in here (the adaptation node is a thin wrapper). A *round* takes the labelled frames of the
+:class:`~edge_tl_ros.store.FrameStore` (or arrays), splits them into train/holdout (stratified,
+deterministic), trains a head with :func:`~edge_tl_ros.headtrain.train_head` regularised toward the
+current head (optionally replaying half of the bundle's source-domain anchor set), and accepts it only if
+
+- holdout accuracy improves: ``new >= old + margin``, and
+- the anchor set (the other half of ``bundle.anchor``) does not get worse by more than ``anchor_tolerance``.
+
+Otherwise the current head stays and :class:`RoundResult` says why. :meth:`Adapter.commit` writes an
+accepted head through :meth:`HeadRegistry.add` (atomic). A round never writes anything by itself: a
+rejected, failed or killed round leaves the disk untouched.
+
+:func:`run_round_in_subprocess` runs a round in a fresh ``spawn`` process (niced, BLAS/ORT threads
+bounded, killed with its parent) so the perception node's latency does not suffer; the adaptation node
+calls it from a worker thread. :class:`TeacherLabeler` pseudo-labels stored crops with a (bigger)
+teacher bundle, in that worker process, in small batches at low priority.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .bundle import Head, HeadRegistry, ModelBundle
+from .headtrain import accuracy, class_weights, train_head
+from .store import LABEL_SOURCES, FrameStore, StoreArrays
+
+POLICIES = ('informative', 'uniform')
+
+
+@dataclass
+class AdaptConfig:
+    """Knobs of an adaptation round (the node maps its parameters onto these)."""
+
+    min_labelled: int = 30  # labelled frames needed before a round is attempted
+    holdout_fraction: float = 0.3  # of the trusted (topic/teacher) labels, per class
+    margin: float = 0.02  # holdout accuracy must improve by at least this much
+    anchor_tolerance: float = 0.05  # max allowed drop of anchor-set accuracy
+    l2_to_prior: float = 1e-2  # pull toward the current head (standardised feature units)
+    label_sources: tuple = ('topic', 'teacher')  # which labels a round may use
+    self_label_threshold: float = 0.95  # student confidence needed for a 'self' pseudo-label
+    allow_new_classes: bool = False  # labels naming classes the head does not know add classes
+    seed: int = 0
+    anchor_replay: float = 0.5  # total weight of replayed anchor samples relative to local ones; 0 = off
+    class_balanced: bool = True
+    iters: int = 200  # L-BFGS iterations (converges far earlier on typical data)
+    min_holdout: int = 3  # fewer trusted holdout frames than this: reject (cannot validate)
+
+    def __post_init__(self):
+        self.label_sources = tuple(str(s) for s in self.label_sources)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        checks = [
+            (self.min_labelled >= 2, 'min_labelled must be >= 2'),
+            (0.05 <= self.holdout_fraction <= 0.9, 'holdout_fraction must be in [0.05, 0.9]'),
+            (-1.0 <= self.margin <= 1.0, 'margin must be in [-1, 1]'),
+            (0.0 <= self.anchor_tolerance <= 1.0, 'anchor_tolerance must be in [0, 1]'),
+            (self.l2_to_prior >= 0 and math.isfinite(self.l2_to_prior), 'l2_to_prior must be >= 0'),
+            (len(self.label_sources) > 0, 'label_sources must name at least one source'),
+            (set(self.label_sources) <= set(LABEL_SOURCES),
+             f'label_sources must be a subset of {list(LABEL_SOURCES)}, got {list(self.label_sources)}'),
+            (0.0 <= self.self_label_threshold <= 1.0, 'self_label_threshold must be in [0, 1]'),
+            (self.anchor_replay >= 0, 'anchor_replay must be >= 0'),
+            (self.iters >= 1, 'iters must be >= 1'),
+            (self.min_holdout >= 1, 'min_holdout must be >= 1'),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class RoundResult:
+    accepted: bool
+    reason: str
+    head: Head | None = None  # the trained head (accepted or not); unsaved, version = base version
+    metrics: dict = field(default_factory=dict)
+    teacher_labels: dict = field(default_factory=dict)  # stamp_ns -> class name, for the store
+    failed: bool = False  # the round could not run (error, killed worker, timeout)
+
+    def summary(self) -> dict:
+        """JSON-friendly description (no arrays)."""
+        return {'accepted': self.accepted, 'reason': self.reason, 'failed': self.failed,
+                'metrics': self.metrics}
+
+
+@dataclass
+class LabelledData:
+    """What a round trains/validates on, after label-source filtering and self-labelling."""
+
+    features: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] int64 indices into class_names
+    sources: np.ndarray  # [N] str
+    stamps: np.ndarray  # [N] int64
+    class_names: tuple[str, ...]
+    new_classes: tuple[str, ...] = ()
+    dropped_unknown: int = 0
+
+
+def _nan_to_none(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, eligible: np.ndarray | None = None):
+    """Deterministic per-class split -> (train_idx, holdout_idx).
+
+    Only ``eligible`` samples may go to the holdout; a class with a single eligible sample stays in train.
+    """
+    labels = np.asarray(labels)
+    eligible = np.ones(len(labels), bool) if eligible is None else np.asarray(eligible, bool)
+    rng = np.random.default_rng(seed)
+    hold = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero((labels == c) & eligible)
+        if len(idx) < 2:
+            continue
+        idx = rng.permutation(idx)
+        k = int(round(fraction * len(idx)))
+        k = min(max(k, 1), len(idx) - 1)
+        hold.extend(idx[:k].tolist())
+    hold_mask = np.zeros(len(labels), bool)
+    hold_mask[hold] = True
+    return np.flatnonzero(~hold_mask), np.flatnonzero(hold_mask)
+
+
+class Adapter:
+    """Selection, labelling and accept/reject logic of adaptation rounds for one bundle."""
+
+    def __init__(self, bundle: ModelBundle, registry: HeadRegistry | None, config: AdaptConfig | None = None):
+        self.bundle = bundle
+        self.registry = registry
+        self.config = config or AdaptConfig()
+        self.config.validate()
+        self._rng = np.random.default_rng(self.config.seed)
+        self._score_ema: float | None = None
+
+    # -- selection -------------------------------------------------------------------------------------
+    def informativeness(self, probs: np.ndarray, teacher_probs: np.ndarray | None = None) -> np.ndarray:
+        """Score in [0, 1] per frame: 1 - (top1 - top2) of the student; 1 where the teacher disagrees."""
+        p = np.atleast_2d(np.asarray(probs, np.float32))
+        if p.shape[1] >= 2:
+            part = -np.partition(-p, 1, axis=1)
+            score = 1.0 - (part[:, 0] - part[:, 1])
+        else:
+            score = 1.0 - p[:, 0]
+        if teacher_probs is not None:
+            t = np.atleast_2d(np.asarray(teacher_probs, np.float32))
+            disagree = np.argmax(t, axis=1) != np.argmax(p, axis=1)
+            score = np.where(disagree, 1.0, score)
+        return np.clip(score, 0.0, 1.0)
+
+    def select(self, features: np.ndarray | None, probs: np.ndarray, teacher_probs: np.ndarray | None = None,
+               policy: str = 'informative', rate: float = 0.5) -> np.ndarray:
+        """Decide which frames to keep -> bool mask ``[N]``; on average about ``rate`` of the frames.
+
+        ``uniform`` keeps each frame with probability ``rate``. ``informative`` keeps frames with
+        probability proportional to :meth:`informativeness` (normalised by its running mean, so the
+        average rate holds on a stream), with a floor of ``rate / 10`` so confident frames still appear.
+        ``features`` are accepted for API stability (diversity-based policies); unused here.
+        """
+        del features
+        if policy not in POLICIES:
+            raise ValueError(f'unknown selection policy {policy!r}; choose one of {list(POLICIES)}')
+        rate = float(min(max(rate, 0.0), 1.0))
+        p = np.atleast_2d(np.asarray(probs, np.float32))
+        n = p.shape[0]
+        if policy == 'uniform':
+            keep_p = np.full(n, rate)
+        else:
+            s = self.informativeness(p, teacher_probs)
+            m = float(s.mean())
+            self._score_ema = m if self._score_ema is None else 0.95 * self._score_ema + 0.05 * m
+            ref = max(self._score_ema, 1e-3)
+            keep_p = np.clip(np.maximum(rate * s / ref, rate * 0.1), 0.0, 1.0)
+        return self._rng.random(n) < keep_p
+
+    # -- labelled data ---------------------------------------------------------------------------------
+    def gather(self, data, current_head: Head) -> LabelledData:
+        """Labelled frames allowed by ``config.label_sources`` as training arrays.
+
+        ``data`` is a :class:`FrameStore`, :class:`StoreArrays`, or ``(features, labels, sources)`` where
+        labels are class names (or indices into the head's classes) and sources label-source strings.
+        With ``'self'`` allowed, unlabelled store entries whose student confidence is at least
+        ``self_label_threshold`` get their student top class as a ``self`` label.
+        """
+        cfg = self.config
+        D = current_head.feature_size
+        if isinstance(data, FrameStore):
+            data = data.entries(labelled_only='self' not in cfg.label_sources, feature_size=D)
+        if isinstance(data, StoreArrays):
+            feats = data.features
+            names, sources = list(data.labels), list(data.sources)
+            if 'self' in cfg.label_sources:
+                for i, lab in enumerate(names):
+                    if lab is None and data.conf[i] >= cfg.self_label_threshold \
+                            and 0 <= data.top[i] < current_head.num_classes:
+                        names[i], sources[i] = current_head.class_names[data.top[i]], 'self'
+            stamps = data.stamps
+        else:
+            feats, labs, sources = data
+            feats = np.asarray(feats, np.float32)
+            labs = list(labs)
+            names = [current_head.class_names[int(v)] if isinstance(v, (int, np.integer)) else
+                     (None if v is None else str(v)) for v in labs]
+            sources = [str(s) for s in sources]
+            stamps = np.arange(len(names), dtype=np.int64)
+        if len(feats) and feats.shape[1] != D:
+            raise ValueError(f'stored features have {feats.shape[1]} dims, the head expects {D}')
+        keep = [i for i, (n, s) in enumerate(zip(names, sources)) if n is not None and s in cfg.label_sources]
+        class_names = list(current_head.class_names)
+        known = set(class_names)
+        unknown = sorted({names[i] for i in keep} - known)
+        dropped = 0
+        if unknown and cfg.allow_new_classes:
+            class_names += unknown
+        elif unknown:
+            before = len(keep)
+            keep = [i for i in keep if names[i] in known]
+            dropped = before - len(keep)
+        pos = {c: k for k, c in enumerate(class_names)}
+        return LabelledData(
+            features=np.asarray(feats, np.float32)[keep] if keep else np.zeros((0, D), np.float32),
+            labels=np.array([pos[names[i]] for i in keep], np.int64),
+            sources=np.array([sources[i] for i in keep], dtype=object),
+            stamps=np.asarray(stamps, np.int64)[keep] if keep else np.zeros(0, np.int64),
+            class_names=tuple(class_names),
+            new_classes=tuple(unknown) if cfg.allow_new_classes else (),
+            dropped_unknown=dropped)
+
+    # -- a round ---------------------------------------------------------------------------------------
+    def _anchor_split(self):
+        """(replay features, replay labels, check features, check labels) from the bundle's anchor set."""
+        anchor = self.bundle.anchor
+        if anchor is None or len(anchor[1]) == 0:
+            return None, None, None, None
+        af, al = anchor
+        if self.config.anchor_replay > 0 and len(al) >= 4:
+            check_idx, replay_idx = stratified_split(al, 0.5, self.config.seed + 1)
+            return af[replay_idx], al[replay_idx], af[check_idx], al[check_idx]
+        return None, None, af, al
+
+    def run_round(self, data, current_head: Head | None = None) -> RoundResult:
+        """Train a candidate head on local labelled data and decide whether to accept it (writes nothing)."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        if current_head is None:
+            if self.registry is None:
+                current_head = self.bundle.head
+            else:
+                current_head, _ = self.registry.load_current_or_fallback()
+        ld = self.gather(data, current_head)
+        counts = {s: int(np.sum(ld.sources == s)) for s in LABEL_SOURCES}
+        metrics = {'base_version': current_head.version, 'n_labelled': int(len(ld.labels)),
+                   'label_counts': counts, 'dropped_unknown_class': ld.dropped_unknown,
+                   'new_classes': list(ld.new_classes), 'label_sources': list(cfg.label_sources)}
+
+        def done(accepted, reason, head=None):
+            metrics['seconds'] = round(time.perf_counter() - t0, 4)
+            for k, v in list(metrics.items()):
+                if isinstance(v, float):
+                    metrics[k] = _nan_to_none(v)
+            return RoundResult(accepted, reason, head, metrics)
+
+        if len(ld.labels) < cfg.min_labelled:
+            extra = f' ({ld.dropped_unknown} had unknown classes)' if ld.dropped_unknown else ''
+            return done(False, f'not enough labelled frames: {len(ld.labels)} < '
+                               f'min_labelled={cfg.min_labelled}{extra}')
+        trusted = ld.sources != 'self'  # self labels echo the current head: train only, never validate
+        tr, ho = stratified_split(ld.labels, cfg.holdout_fraction, cfg.seed, eligible=trusted)
+        metrics.update(n_train=int(len(tr)), n_holdout=int(len(ho)),
+                       class_counts={ld.class_names[c]: int(n) for c, n in
+                                     zip(*np.unique(ld.labels, return_counts=True))})
+        if len(ho) < cfg.min_holdout:
+            return done(False, f'only {len(ho)} trusted holdout frames (< {cfg.min_holdout}); '
+                               'need more topic/teacher labels to validate a new head')
+        if len(np.unique(ld.labels[tr])) < 2 and not ld.new_classes:
+            return done(False, 'training frames cover fewer than 2 classes')
+
+        rf, rl, cf, cl = self._anchor_split()
+        X, y = ld.features[tr], ld.labels[tr]
+        w = class_weights(y, len(ld.class_names), cfg.class_balanced)
+        w = w / w.sum()
+        if rf is not None:
+            rw = class_weights(rl, len(ld.class_names), cfg.class_balanced)
+            w = np.concatenate([w, cfg.anchor_replay * rw / rw.sum()])
+            X, y = np.concatenate([X, rf]), np.concatenate([y, rl])
+        info: dict = {}
+        try:
+            new = train_head(X, y, current_head, class_names=ld.class_names, l2_to_prior=cfg.l2_to_prior,
+                             class_balanced=False, iters=cfg.iters, seed=cfg.seed, sample_weight=w, info=info)
+        except ValueError as e:
+            return done(False, f'training failed: {e}')
+        metrics['train'] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()}
+        metrics['n_anchor_replay'] = 0 if rf is None else int(len(rl))
+
+        hx, hy = ld.features[ho], ld.labels[ho]
+        h_old, h_new = accuracy(current_head, hx, hy), accuracy(new, hx, hy)
+        metrics.update(holdout_acc_old=round(h_old, 4), holdout_acc_new=round(h_new, 4))
+        if cf is not None:
+            a_old, a_new = accuracy(current_head, cf, cl), accuracy(new, cf, cl)
+            metrics.update(anchor_acc_old=round(a_old, 4), anchor_acc_new=round(a_new, 4),
+                           n_anchor_check=int(len(cl)))
+        else:
+            a_old = a_new = float('nan')
+            metrics.update(anchor_acc_old=None, anchor_acc_new=None, n_anchor_check=0)
+
+        if not h_new >= h_old + cfg.margin - 1e-9:
+            return done(False, f'holdout accuracy {h_old:.3f} -> {h_new:.3f} does not improve by margin '
+                               f'{cfg.margin:.3f}', new)
+        if cf is not None and a_old - a_new > cfg.anchor_tolerance + 1e-9:
+            return done(False, f'anchor accuracy drops {a_old:.3f} -> {a_new:.3f} (more than '
+                               f'anchor_tolerance {cfg.anchor_tolerance:.3f}): the head would forget the '
+                               'source domain', new)
+        note = '' if cf is not None else ' (bundle has no anchor set: forgetting not checked)'
+        return done(True, f'holdout accuracy {h_old:.3f} -> {h_new:.3f}' + (
+            f', anchor {a_old:.3f} -> {a_new:.3f}' if cf is not None else '') + note, new)
+
+    def commit(self, result: RoundResult) -> Head:
+        """Write an accepted round's head as the registry's next (current) version; returns it."""
+        if not result.accepted or result.head is None:
+            raise ValueError(f'refusing to commit a round that was not accepted ({result.reason})')
+        if self.registry is None:
+            raise ValueError('no head registry to commit to')
+        metrics = dict(result.metrics)
+        metrics['reason'] = result.reason
+        return self.registry.add(result.head, metrics)
+
+
+# -- teacher pseudo-labels ---------------------------------------------------------------------------------
+class TeacherLabeler:
+    """Pseudo-label stored crops with a teacher bundle (ORT, feature_extractor mode, low priority)."""
+
+    def __init__(self, teacher_bundle_path, num_threads: int = 1, batch_size: int = 16,
+                 min_confidence: float = 0.0):
+        from .bundle import load_bundle
+        from .engine import Engine
+
+        self.bundle = load_bundle(teacher_bundle_path)
+        self.engine = Engine(self.bundle, mode='feature_extractor', num_threads=num_threads,
+                             low_priority=True)
+        self.batch_size = max(1, int(batch_size))
+        self.min_confidence = float(min_confidence)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.engine.head.class_names
+
+    def label(self, images_rgb: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Class names and confidences for RGB images ``[N,H,W,3]`` (any size), in small batches."""
+        names, confs = [], []
+        for i in range(0, len(images_rgb), self.batch_size):
+            probs = self.engine.predict_batch(images_rgb[i:i + self.batch_size], order='rgb',
+                                              batch_size=self.batch_size)
+            top = np.argmax(probs, axis=1)
+            names += [self.class_names[t] for t in top]
+            confs.append(probs[np.arange(len(top)), top])
+        return names, (np.concatenate(confs) if confs else np.zeros(0, np.float32))
+
+    def label_store(self, store: FrameStore, max_frames: int | None = None) -> dict[int, str]:
+        """Teacher labels (stamp -> class name) for store entries without a topic/teacher label.
+
+        Returns them without writing: the caller applies them with ``store.set_label(.., 'teacher')``.
+        """
+        arr = store.entries()
+        todo = [int(s) for s, src in zip(arr.stamps, arr.sources) if src not in ('topic', 'teacher')]
+        if max_frames is not None:
+            todo = todo[-int(max_frames):]
+        out: dict[int, str] = {}
+        for i in range(0, len(todo), self.batch_size):
+            imgs, found = store.crops(todo[i:i + self.batch_size])
+            if len(found) == 0:
+                continue
+            names, confs = self.label(imgs)
+            for s, n, c in zip(found, names, confs):
+                if c >= self.min_confidence:
+                    out[int(s)] = n
+        return out
+
+
+def overlay_labels(arr: StoreArrays, labels: dict[int, str], source: str = 'teacher') -> StoreArrays:
+    """A copy of ``arr`` with ``labels`` applied where no more trusted label exists (topic wins)."""
+    from .store import SOURCE_RANK
+
+    names, sources = list(arr.labels), list(arr.sources)
+    for i, s in enumerate(arr.stamps):
+        lab = labels.get(int(s))
+        if lab is not None and SOURCE_RANK.get(sources[i], 0) <= SOURCE_RANK[source]:
+            names[i], sources[i] = lab, source
+    return StoreArrays(arr.stamps, arr.features, arr.probs, arr.top, arr.conf, names, sources, arr.created)
+
+
+# -- the round in a separate process ----------------------------------------------------------------------
+_ENV_LOCK = threading.Lock()
+_THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
+
+
+def _worker_init(nice_level: int, threads: int) -> None:
+    """Initializer of the round process: lower priority, bound BLAS threads, die with the parent."""
+    if nice_level:
+        try:
+            os.nice(int(nice_level))
+        except OSError:
+            pass
+    from .engine import limit_threads
+
+    limit_threads(threads)
+    try:  # Linux: SIGKILL this worker when the node process dies (no orphaned rounds)
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _round_job(job: dict) -> RoundResult:
+    from .bundle import load_bundle
+
+    bundle = load_bundle(job['bundle_path'], check_onnx=False)
+    registry = HeadRegistry(bundle, job['state_dir'])
+    if job.get('base_version') is None:
+        head, _ = registry.load_current_or_fallback()
+    else:
+        head = registry.load(job['base_version'])
+    cfg = AdaptConfig(**job['config'])
+    store = FrameStore(job['store_root'], readonly=True)
+    arr = store.entries(feature_size=head.feature_size)
+    teacher_labels: dict[int, str] = {}
+    if job.get('teacher_bundle') and 'teacher' in cfg.label_sources:
+        labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1))
+        teacher_labels = labeler.label_store(store, max_frames=job.get('teacher_max_frames'))
+        arr = overlay_labels(arr, teacher_labels)
+    result = Adapter(bundle, registry, cfg).run_round(arr, head)
+    result.teacher_labels = teacher_labels
+    result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0),
+                                'blas_threads': os.environ.get('OPENBLAS_NUM_THREADS'),
+                                'teacher_labels': len(teacher_labels)}
+    return result
+
+
+def _round_worker(conn, nice_level: int, threads: int, job: dict) -> None:
+    try:
+        _worker_init(nice_level, threads)
+        r = _round_job(job)
+        head = None if r.head is None else (np.asarray(r.head.weight), np.asarray(r.head.bias),
+                                            r.head.class_names, r.head.version)
+        payload = ('ok', {'accepted': r.accepted, 'reason': r.reason, 'metrics': r.metrics,
+                          'teacher_labels': r.teacher_labels, 'head': head})
+    except BaseException as e:  # noqa: BLE001 - report everything to the parent
+        payload = ('error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}')
+    try:
+        conn.send(payload)
+    finally:
+        conn.close()
+
+
+def run_round_in_subprocess(bundle_path, state_dir, store_root, config: AdaptConfig,
+                            base_version: int | None = None, teacher_bundle: str | None = None,
+                            nice_level: int = 10, threads: int = 1, timeout_s: float = 600.0,
+                            cancel: threading.Event | None = None, on_start=None,
+                            teacher_max_frames: int | None = None) -> RoundResult:
+    """Run one round in a fresh ``spawn`` process and return its :class:`RoundResult` (nothing is written).
+
+    The worker is niced by ``nice_level``, limited to ``threads`` BLAS/ONNX Runtime threads, and dies
+    with its parent. A crash, kill, ``timeout_s`` or ``cancel`` gives ``RoundResult(failed=True)``.
+    ``on_start(pid)`` is called once the worker runs (for status reporting and tests).
+    """
+    import multiprocessing as mp
+
+    config.validate()
+    job = {'bundle_path': str(bundle_path), 'state_dir': str(state_dir), 'store_root': str(store_root),
+           'config': asdict(config), 'base_version': base_version,
+           'teacher_bundle': str(teacher_bundle) if teacher_bundle else None, 'threads': int(threads),
+           'teacher_max_frames': teacher_max_frames}
+    ctx = mp.get_context('spawn')
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_round_worker, args=(send, int(nice_level), int(threads), job), daemon=True,
+                       name='edge_tl_adapt_round')
+    t0 = time.monotonic()
+    # BLAS reads its thread count at import: the spawned interpreter inherits these at exec time
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: str(int(threads)) for k in _THREAD_VARS})
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    send.close()
+    if on_start is not None:
+        on_start(proc.pid)
+
+    def failed(reason, detail=None):
+        m = {'seconds': round(time.monotonic() - t0, 4)}
+        if detail:
+            m['error'] = detail
+        return RoundResult(False, reason, None, m, failed=True)
+
+    try:
+        while True:
+            if recv.poll(0.1):
+                try:
+                    status, payload = recv.recv()
+                except (EOFError, OSError):
+                    proc.join(5)
+                    return failed(f'round process died (exit code {proc.exitcode})')
+                break
+            if not proc.is_alive():
+                if recv.poll(0):
+                    continue
+                return failed(f'round process died (exit code {proc.exitcode})')
+            if cancel is not None and cancel.is_set():
+                return failed('round cancelled')
+            if time.monotonic() - t0 > timeout_s:
+                return failed(f'round timed out after {timeout_s:.0f} s')
+    finally:
+        if proc.is_alive():
+            proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
+        recv.close()
+    if status != 'ok':
+        return failed(f'round failed in worker: {payload.splitlines()[0]}', payload)
+    head = None
+    if payload['head'] is not None:
+        w, b, names, ver = payload['head']
+        head = Head(w, b, names, ver)
+    teacher = {int(k): v for k, v in payload['teacher_labels'].items()}
+    return RoundResult(payload['accepted'], payload['reason'], head, payload['metrics'], teacher)

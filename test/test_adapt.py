@@ -1,0 +1,232 @@
+"""adapt: selection, label sources, accept/reject rounds on the toy bundle, subprocess rounds, teacher."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from edge_tl_ros.adapt import (AdaptConfig, Adapter, TeacherLabeler, run_round_in_subprocess,
+                               stratified_split)
+from edge_tl_ros.bundle import HeadRegistry, load_bundle
+from edge_tl_ros.engine import Engine
+from edge_tl_ros.headtrain import accuracy, train_head
+from edge_tl_ros.store import FrameStore
+from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_features, toy_frames, toy_head
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bundle')
+    return load_bundle(make_toy_bundle(root / 'toy'))
+
+
+def names(y):
+    return [TOY_CLASSES[i] for i in y]
+
+
+def shifted(seed, n):
+    im, y = toy_frames(np.random.default_rng(seed), n, shifted=True)
+    return im, toy_features(im), y
+
+
+def heads_on_disk(state_dir):
+    d = state_dir / 'heads'
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_round_on_shifted_domain_accepted_and_committed(toy, tmp_path):
+    reg = HeadRegistry(toy, tmp_path / 'state')
+    _, X, y = shifted(1, 90)
+    _, Xt, yt = shifted(2, 300)
+    # the toy shift is adversarial to the source domain (shifted red looks green): one linear head
+    # cannot keep every anchor frame, hence a toy-sized tolerance (30 anchor check frames)
+    ad = Adapter(toy, reg, AdaptConfig(anchor_tolerance=0.1))
+    r = ad.run_round((X, names(y), ['topic'] * len(y)), reg.load())
+    m = r.metrics
+    assert r.accepted, r.reason
+    assert m['holdout_acc_new'] >= m['holdout_acc_old'] + 0.5
+    assert m['anchor_acc_old'] - m['anchor_acc_new'] <= 0.1
+    assert m['n_train'] + m['n_holdout'] == 90 and m['label_counts']['topic'] == 90
+    assert heads_on_disk(tmp_path / 'state') == []  # run_round writes nothing
+    head = ad.commit(r)
+    assert head.version == 1 and reg.current_version == 1
+    assert reg.index()['versions']['1']['metrics']['holdout_acc_new'] == m['holdout_acc_new']
+    assert accuracy(reg.load(), Xt, yt) > 0.9 > 0.1 > accuracy(toy.head, Xt, yt)
+    # the next round starts from v1 and has nothing left to gain: rejected, v1 stays
+    r2 = ad.run_round((X, names(y), ['topic'] * len(y)), reg.load())
+    assert not r2.accepted and 'margin' in r2.reason and r2.metrics['base_version'] == 1
+    with pytest.raises(ValueError):
+        ad.commit(r2)
+    assert reg.current_version == 1
+
+
+@pytest.mark.parametrize('case', ['no_replay_forgets_anchor', 'mislabeled', 'huge_margin', 'no_gain',
+                                  'too_few'])
+def test_bad_rounds_rejected_and_nothing_written(toy, tmp_path, case):
+    reg = HeadRegistry(toy, tmp_path / 'state')
+    _, X, y = shifted(3, 90)
+    cfg = AdaptConfig(anchor_tolerance=0.1)
+    if case == 'no_replay_forgets_anchor':  # the shifted domain alone overwrites the source domain
+        cfg = AdaptConfig(anchor_replay=0.0, anchor_tolerance=0.1)
+        want = 'anchor'
+    elif case == 'mislabeled':  # source-domain frames with systematically wrong labels (red<->green...)
+        im, y = toy_frames(np.random.default_rng(3), 90)
+        X, y = toy_features(im), (y + 1) % 3
+        want = 'anchor'  # the (equally mislabeled) holdout improves; the anchor set catches it
+    elif case == 'huge_margin':
+        y = y.copy()
+        y[::10] = (y[::10] + 1) % 3  # 10% label noise: the new head cannot gain a full 1.0
+        cfg = AdaptConfig(margin=1.0, anchor_tolerance=0.1)
+        want = 'margin'
+    elif case == 'no_gain':  # the current head is already right on the source domain
+        im, y = toy_frames(np.random.default_rng(3), 90)
+        X = toy_features(im)
+        want = 'margin'
+    else:
+        X, y = X[:10], y[:10]
+        want = 'not enough labelled'
+    r = Adapter(toy, reg, cfg).run_round((X, names(y), ['topic'] * len(y)))
+    assert not r.accepted and not r.failed
+    assert want in r.reason, r.reason
+    assert heads_on_disk(tmp_path / 'state') == [] and reg.current_version == 0
+
+
+def test_label_source_filters(toy, tmp_path):
+    """topic labels are right, teacher labels are wrong (permuted): each filter uses only its sources."""
+    reg = HeadRegistry(toy, tmp_path / 'state')
+    _, X, y = shifted(4, 120)
+    wrong = (y + 1) % 3
+    labels = names(y[:60]) + names(wrong[60:])
+    sources = ['topic'] * 60 + ['teacher'] * 60
+
+    def run(srcs):
+        cfg = AdaptConfig(label_sources=srcs, anchor_tolerance=0.1)
+        return Adapter(toy, reg, cfg).run_round((X, labels, sources), toy.head)
+
+    r_topic, r_teacher, r_both = run(('topic',)), run(('teacher',)), run(('topic', 'teacher'))
+    assert r_topic.metrics['label_counts'] == {'topic': 60, 'teacher': 0, 'self': 0}
+    assert r_teacher.metrics['label_counts'] == {'topic': 0, 'teacher': 60, 'self': 0}
+    assert r_both.metrics['label_counts'] == {'topic': 60, 'teacher': 60, 'self': 0}
+    assert r_topic.accepted
+    _, Xt, yt = shifted(5, 200)
+    assert accuracy(r_topic.head, Xt, yt) > 0.9
+    assert accuracy(r_teacher.head, Xt, yt) < 0.2  # it learned the (wrong) teacher labels
+    with pytest.raises(ValueError):
+        Adapter(toy, reg, AdaptConfig(label_sources=('oracle',)))
+
+
+def test_self_labels_from_store_train_only(toy, tmp_path):
+    """'self' pseudo-labels come from confident student predictions and never enter the holdout."""
+    eng = Engine(toy)
+    st = FrameStore(tmp_path / 'store', crop_size=(16, 16))
+    im, y = toy_frames(np.random.default_rng(6), 60)  # source domain: the student is confident and right
+    for i in range(60):
+        p = eng.infer(im[i], 'rgb')
+        st.add(i, im[i], p.features, p.probs)
+    st.set_label(0, 'red', 'topic')
+    reg = HeadRegistry(toy, tmp_path / 'state')
+    only_topic = Adapter(toy, reg, AdaptConfig(label_sources=('topic',), min_labelled=2)).run_round(st)
+    assert only_topic.metrics['label_counts'] == {'topic': 1, 'teacher': 0, 'self': 0}
+    cfg = AdaptConfig(label_sources=('self',), self_label_threshold=0.5, min_labelled=10)
+    r = Adapter(toy, reg, cfg).run_round(st)
+    assert r.metrics['label_counts']['self'] > 30 and r.metrics['label_counts']['topic'] == 0
+    assert not r.accepted and 'holdout' in r.reason  # self labels alone cannot validate a head
+    cfg = AdaptConfig(label_sources=('self',), self_label_threshold=1.0, min_labelled=10)
+    assert Adapter(toy, reg, cfg).run_round(st).metrics['label_counts']['self'] == 0
+
+
+def test_new_classes(toy, tmp_path):
+    reg = HeadRegistry(toy, tmp_path / 'state')
+    _, X, y = shifted(7, 90)
+    labels = names(y)
+    for i in range(0, 90, 3):
+        labels[i] = 'purple'
+    r = Adapter(toy, reg, AdaptConfig()).run_round((X, labels, ['topic'] * 90))
+    assert r.metrics['dropped_unknown_class'] == 30 and r.metrics['n_labelled'] == 60
+    r2 = Adapter(toy, reg, AdaptConfig(allow_new_classes=True, margin=-1, anchor_tolerance=1)).run_round(
+        (X, labels, ['topic'] * 90))
+    assert r2.head.class_names == TOY_CLASSES + ('purple',) and r2.metrics['new_classes'] == ['purple']
+    assert Adapter(toy, reg, AdaptConfig()).commit(r2).num_classes == 4
+    assert reg.load().class_names[-1] == 'purple'
+
+
+def test_select_prefers_uncertain_and_disagreeing(toy):
+    ad = Adapter(toy, None, AdaptConfig(seed=1))
+    n = 4000
+    confident = np.tile([0.98, 0.01, 0.01], (n, 1))
+    unsure = np.tile([0.4, 0.35, 0.25], (n, 1))
+    probs = np.concatenate([confident, unsure])
+    keep = ad.select(None, probs, policy='informative', rate=0.2)
+    assert 0.15 < keep.mean() < 0.25
+    assert keep[n:].mean() > 5 * keep[:n].mean()
+    teacher = confident.copy()
+    teacher[: n // 2] = [0.01, 0.98, 0.01]  # the teacher disagrees on half of the confident frames
+    keep_t = ad.select(None, confident, teacher_probs=teacher, rate=0.2)
+    assert keep_t[: n // 2].mean() > 5 * keep_t[n // 2:].mean()
+    uni = ad.select(None, probs, policy='uniform', rate=0.3)
+    assert 0.27 < uni.mean() < 0.33 and abs(uni[:n].mean() - uni[n:].mean()) < 0.05
+    with pytest.raises(ValueError):
+        ad.select(None, probs, policy='greedy')
+
+
+def test_stratified_split_deterministic():
+    y = np.repeat([0, 1, 2], [10, 20, 1])
+    tr, ho = stratified_split(y, 0.3, seed=3)
+    tr2, ho2 = stratified_split(y, 0.3, seed=3)
+    np.testing.assert_array_equal(ho, ho2)
+    assert sorted(np.concatenate([tr, ho]).tolist()) == list(range(31))
+    assert np.sum(y[ho] == 0) == 3 and np.sum(y[ho] == 1) == 6 and np.sum(y[ho] == 2) == 0
+
+
+def _fill_store(toy, root, n, seed, label=True):
+    eng = Engine(toy)
+    st = FrameStore(root, crop_size=(16, 16))
+    im, y = toy_frames(np.random.default_rng(seed), n, shifted=True)
+    for i in range(n):
+        p = eng.infer(im[i], 'rgb')
+        st.add(10_000 + i, im[i], p.features, p.probs, TOY_CLASSES[y[i]] if label else None,
+               'topic' if label else '')
+    return st, y
+
+
+def test_subprocess_round_niced_and_killed_round_writes_nothing(toy, tmp_path):
+    st, _ = _fill_store(toy, tmp_path / 'store', 80, 8)
+    state = tmp_path / 'state'
+    t = time.monotonic()
+    cfg = AdaptConfig(anchor_tolerance=0.1)
+    r = run_round_in_subprocess(toy.root, state, st.root, cfg, nice_level=7, threads=1)
+    assert r.accepted and not r.failed, (r.reason, r.metrics)
+    w = r.metrics['worker']
+    assert w['pid'] != os.getpid() and w['nice'] >= os.nice(0) + 7 - 1 and w['blas_threads'] == '1'
+    assert time.monotonic() - t < 30
+    assert heads_on_disk(state) == []  # the worker never writes; the caller commits
+    # killed mid-round: reported as failed, nothing written
+    r2 = run_round_in_subprocess(toy.root, state, st.root, AdaptConfig(),
+                                 on_start=lambda pid: os.kill(pid, signal.SIGKILL))
+    assert r2.failed and not r2.accepted and 'died' in r2.reason
+    assert heads_on_disk(state) == []
+    # an error inside the worker is reported, not raised
+    r3 = run_round_in_subprocess(toy.root, state, st.root, AdaptConfig(), base_version=7)
+    assert r3.failed and 'version 7' in r3.reason
+
+
+def test_teacher_labels_in_subprocess_round(toy, tmp_path):
+    """A teacher that knows the shifted domain labels unlabelled stored crops; the round uses them."""
+    _, X, y = shifted(9, 200)
+    teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
+    teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
+    st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
+    lab = TeacherLabeler(teacher).label_store(st)
+    assert len(lab) == 80
+    agree = np.mean([lab[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)])
+    assert agree > 0.9
+    topic_only = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
+                                         AdaptConfig(label_sources=('topic',)), teacher_bundle=teacher)
+    assert not topic_only.accepted and topic_only.teacher_labels == {}
+    r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
+                                AdaptConfig(label_sources=('teacher',), anchor_tolerance=0.1),
+                                teacher_bundle=teacher)
+    assert r.accepted, r.reason
+    assert r.metrics['label_counts']['teacher'] == 80 and len(r.teacher_labels) == 80
