@@ -182,6 +182,34 @@ def test_vision_msgs_match_vision_msgs_4x():
         assert cls.get_fields_and_field_types() == fields, cls.__name__
 
 
+# RIHS01 type hashes of upstream vision_msgs 4.x (from its generated *__description.c). The hash covers
+# type names, field names and types (not comments), so equal hashes mean the same type on the wire.
+UPSTREAM_TYPE_HASHES = {
+    'ObjectHypothesis': 'RIHS01_51da43cec11c01957a64d1e05a24acd18aae7745ec30b74348ad5f6d634f7f90',
+    'Classification': 'RIHS01_f74db28d0eaef3afb78f48bf2161cd709a1383a0309d3454383b25be11345143',
+    'VisionInfo': 'RIHS01_95d3116a17484ad91c9a2686e1d54890bbfc3ff6c6a2de137738c4950d45d284',
+    'VisionClass': 'RIHS01_1e4a11f0fed50b5623cb8ff26ca0e37952a48a9c074d16f804b44e9164c2037a',
+    'LabelInfo': 'RIHS01_3d37df4015cdf660cc851c51897f2acd957e1ca6205ba0a99aebffb9406b0783',
+}
+
+
+def test_vision_msgs_type_hashes_match_upstream(ros_context):
+    """The graph advertises the same RIHS01 type hash as upstream vision_msgs publishers would."""
+    import rclpy
+    import vision_msgs.msg
+
+    node = rclpy.create_node(f'foundation_hash_{uuid.uuid4().hex[:8]}', context=ros_context)
+    try:
+        for name, expected in UPSTREAM_TYPE_HASHES.items():
+            topic = f'fnd_hash_{name.lower()}_{uuid.uuid4().hex[:8]}'
+            node.create_publisher(getattr(vision_msgs.msg, name), topic, 1)
+            infos = node.get_publishers_info_by_topic(topic)
+            assert len(infos) == 1, infos
+            assert str(infos[0].topic_type_hash) == expected, name
+    finally:
+        node.destroy_node()
+
+
 def test_vision_msgs_in_plain_interpreter():
     """`.venv/bin/python` finds rclpy + vision_msgs with no ROS variables set (console scripts too)."""
     env = {'PATH': '/usr/bin:/bin', 'HOME': os.environ.get('HOME', '/tmp')}
