@@ -1,0 +1,505 @@
+"""Shared plumbing of the benchmarks: results files, machine description, bundles, ROS processes.
+
+Every benchmark module has ``run(args) -> dict`` and ``main()``; ``add_common_args`` gives each the same
+flags (``--quick``, ``--results-dir``, ``--bundle``). Results are written with :func:`write_result` to
+``<results-dir>/<name>.json`` (``bench/results`` for full runs, ``bench/results/quick`` for ``--quick``).
+
+The node benchmarks run three processes on one ROS domain of their own (``ros_env``): the node under
+test (:mod:`bench.node_runner`), a frame publisher and a receiver (:mod:`bench.traffic`). Header stamps
+and receipt times are wall-clock (``time.time()``) on the same machine, so they share one clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / 'bench' / 'results'
+STUDENT = REPO / 'models' / 'gtsrb_student'
+TEACHER = REPO / 'models' / 'gtsrb_teacher'
+
+
+# -- results -------------------------------------------------------------------------------------------
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument('--quick', action='store_true', help='short run: checks the code works, not speed')
+    p.add_argument(
+        '--results-dir',
+        default=None,
+        help='where <name>.json/.png go (default bench/results, or bench/results/quick with --quick)',
+    )
+    p.add_argument(
+        '--bundle',
+        default=None,
+        help='student bundle (default: models/gtsrb_student if valid, else a generated toy bundle)',
+    )
+    return p
+
+
+def results_dir(args) -> Path:
+    if getattr(args, 'results_dir', None):
+        d = Path(args.results_dir)
+    else:
+        d = RESULTS / 'quick' if args.quick else RESULTS
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.lower().startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def machine_info() -> dict:
+    info = {
+        'cores': os.cpu_count(),
+        'cores_usable': len(os.sched_getaffinity(0)),
+        'cpu_model': _cpu_model(),
+        'python': platform.python_version(),
+        'platform': platform.platform(),
+        'load_avg_1m': os.getloadavg()[0],
+    }
+    try:
+        import onnxruntime
+
+        info['onnxruntime'] = onnxruntime.__version__
+    except ImportError:
+        info['onnxruntime'] = None
+    return info
+
+
+def _clean(o):
+    """JSON-safe: numpy scalars/arrays -> Python, NaN/Inf -> None."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _clean(o.tolist())
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def write_result(name: str, data: dict, args, t_start: float | None = None) -> Path:
+    out = {
+        'name': name,
+        'quick': bool(args.quick),
+        'timestamp': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
+        'command': ' '.join(
+            shlex.quote(a) for a in [Path(sys.executable).name, '-m', f'bench.{name}'] + sys.argv[1:]
+        )
+        if sys.argv and sys.argv[0]
+        else None,
+        'machine': machine_info(),
+    }
+    if t_start is not None:
+        out['duration_s'] = round(time.monotonic() - t_start, 1)
+    out.update(data)
+    path = results_dir(args) / f'{name}.json'
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(_clean(out), indent=2) + '\n')
+    os.replace(tmp, path)
+    return path
+
+
+def skipped(name: str, reason: str, args, t_start=None) -> dict:
+    print(f'[{name}] skipped: {reason}')
+    write_result(name, {'skipped': reason}, args, t_start)
+    return {'skipped': reason}
+
+
+def pct(x, q) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.percentile(x, q)) if x.size else float('nan')
+
+
+def lat_summary(ms) -> dict:
+    ms = np.asarray(ms, np.float64)
+    if not ms.size:
+        return {'n': 0, 'p50_ms': None, 'p90_ms': None, 'p99_ms': None, 'max_ms': None, 'mean_ms': None}
+    return {
+        'n': int(ms.size),
+        'p50_ms': pct(ms, 50),
+        'p90_ms': pct(ms, 90),
+        'p99_ms': pct(ms, 99),
+        'max_ms': float(ms.max()),
+        'mean_ms': float(ms.mean()),
+    }
+
+
+def print_table(rows: list[dict], cols: list[str], title: str | None = None) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f'{v:.3g}' if abs(v) < 1000 else f'{v:.0f}'
+        return '-' if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ([title] if title else []) + [
+        '  '.join(c.ljust(w) for c, w in zip(cols, widths)),
+        '  '.join('-' * w for w in widths),
+    ]
+    lines += ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = '\n'.join(lines)
+    print(text, flush=True)
+    return text
+
+
+def savefig(fig, name: str, args) -> Path:
+    path = results_dir(args) / f'{name}.png'
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as _plt
+
+    return _plt
+
+
+# -- bundles -------------------------------------------------------------------------------------------
+def tmp_root() -> Path:
+    d = RESULTS / 'tmp'  # gitignored scratch
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def resolve_bundle(arg: str | None) -> tuple[Path, dict]:
+    """The student bundle: ``arg``, else models/gtsrb_student if it loads, else a toy bundle at 32x32."""
+    from edge_tl_ros.bundle import BundleError, load_bundle
+
+    note = None
+    if arg:
+        path = Path(arg)
+    else:
+        path = None
+        if STUDENT.is_dir():
+            try:
+                load_bundle(STUDENT)
+                path = STUDENT
+            except BundleError as e:
+                note = f'models/gtsrb_student present but not loadable ({e}); using the toy bundle'
+        if path is None:
+            from edge_tl_ros.toy import make_toy_bundle
+
+            path = tmp_root() / f'toy32_{os.getpid()}'
+            make_toy_bundle(path, size=32, name='toy32')
+            note = note or 'models/gtsrb_student absent: toy bundle (mean-colour ONNX backbone), 32x32'
+    b = load_bundle(path)
+    info = {
+        'path': str(path),
+        'name': b.name,
+        'input_size': list(b.input_size),
+        'feature_size': b.feature_size,
+        'num_classes': len(b.class_names),
+        'is_toy': b.manifest.get('architecture') == 'toy_mean_colour',
+        'architecture': b.manifest.get('architecture'),
+    }
+    if note:
+        info['note'] = note
+    return path, info
+
+
+def teacher_info() -> dict | None:
+    """Manifest facts of models/gtsrb_teacher (None if absent)."""
+    if not (TEACHER / 'manifest.yaml').is_file():
+        return None
+    import yaml
+
+    m = yaml.safe_load((TEACHER / 'manifest.yaml').read_text())
+    return m
+
+
+# -- ROS processes -------------------------------------------------------------------------------------
+def ros_env(domain: int | None = None) -> dict:
+    """Environment for benchmark processes: Fast DDS, localhost only, a domain of this run's own."""
+    env = dict(os.environ)
+    env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    if 'ROS_LOCALHOST_ONLY' not in env:
+        env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    # tests use 1..100; benchmarks 120..219, spread by pid so concurrent runs do not see each other
+    env['ROS_DOMAIN_ID'] = str(domain if domain is not None else 120 + (os.getpid() * 7) % 100)
+    env['PYTHONUNBUFFERED'] = '1'
+    env['PYTHONPATH'] = str(REPO) + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+    return env
+
+
+class Proc:
+    """A benchmark subprocess; ``stop()`` sends SIGINT (the process writes its log) and waits."""
+
+    def __init__(self, argv: list[str], env: dict, log_path: Path, name: str):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, 'w')
+        self.p = subprocess.Popen(
+            [sys.executable, *argv],
+            env=env,
+            cwd=str(REPO),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+            if self.wait(timeout) is None:
+                self.p.kill()
+                self.p.wait(5)
+        self._log.close()
+        return self.p.returncode
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return '\n'.join(Path(self.log_path).read_text(errors='replace').splitlines()[-n:])
+        except OSError:
+            return ''
+
+
+def wait_file(path: Path, timeout: float, procs=()) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        for pr in procs:
+            if not pr.alive():
+                raise RuntimeError(f'{pr.name} exited early (rc {pr.p.returncode}):\n{pr.tail()}')
+        time.sleep(0.05)
+    return False
+
+
+class ProcMonitor:
+    """Samples CPU time and RSS of a process (psutil) every ``period`` s in a thread."""
+
+    def __init__(self, pid: int, period: float = 0.5):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.period = period
+        self.samples: list[tuple[float, float, float]] = []  # (wall time, cpu seconds, rss MB)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _sample(self):
+        try:
+            ct = self.proc.cpu_times()
+            rss = self.proc.memory_info().rss / 2**20
+        except Exception:  # process gone
+            return None
+        s = (time.time(), ct.user + ct.system, rss)
+        self.samples.append(s)
+        return s
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.period)
+
+    def stop(self):
+        self._sample()
+        self._stop.set()
+        self._t.join(2)
+
+    def cpu_percent(self, t0: float, t1: float) -> float:
+        """Mean CPU% (100 = one core) of the process between wall times t0 and t1."""
+        s = [x for x in self.samples if t0 <= x[0] <= t1]
+        if len(s) < 2:
+            return float('nan')
+        return 100.0 * (s[-1][1] - s[0][1]) / max(1e-9, s[-1][0] - s[0][0])
+
+    def rss_at(self, t: float) -> float:
+        s = [x for x in self.samples if x[0] <= t] or self.samples[:1]
+        return s[-1][2] if s else float('nan')
+
+
+def new_workdir(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f'{name}_', dir=tmp_root()))
+
+
+def run_session(
+    workdir: Path,
+    node_args: list[str],
+    pub_cfg: dict,
+    recv_cfg: dict,
+    env: dict | None = None,
+    settle_s: float = 1.5,
+    timeout_s: float = 600,
+) -> dict:
+    """Node under test + receiver + publisher; returns the merged logs and process statistics.
+
+    ``node_args``: arguments of :mod:`bench.node_runner` (``--stats-out`` is added). ``pub_cfg`` /
+    ``recv_cfg``: configs of :mod:`bench.traffic` roles ``pub`` / ``recv`` (file paths are added).
+    """
+    env = env or ros_env()
+    stats_path = workdir / 'node_stats.json'
+    ready = workdir / 'node.ready'
+    node = Proc(
+        ['-m', 'bench.node_runner', '--stats-out', str(stats_path), '--ready-file', str(ready), *node_args],
+        env,
+        workdir / 'node.log',
+        'node',
+    )
+    procs = [node]
+    try:
+        if not wait_file(ready, 120, procs):
+            raise RuntimeError(f'node did not start in 120 s:\n{node.tail()}')
+        mon = ProcMonitor(node.pid)
+        rcfg = dict(recv_cfg, role='recv', out=str(workdir / 'recv.json'), ready=str(workdir / 'recv.ready'))
+        (workdir / 'recv_cfg.json').write_text(json.dumps(rcfg))
+        recv = Proc(
+            ['-m', 'bench.traffic', str(workdir / 'recv_cfg.json')], env, workdir / 'recv.log', 'recv'
+        )
+        procs.append(recv)
+        if not wait_file(workdir / 'recv.ready', 60, procs):
+            raise RuntimeError(f'receiver not ready in 60 s:\n{recv.tail()}')
+        pcfg = dict(pub_cfg, role='pub', out=str(workdir / 'pub.json'))
+        (workdir / 'pub_cfg.json').write_text(json.dumps(pcfg))
+        pub = Proc(['-m', 'bench.traffic', str(workdir / 'pub_cfg.json')], env, workdir / 'pub.log', 'pub')
+        procs.append(pub)
+        rc = pub.wait(timeout_s)
+        if rc is None:
+            raise RuntimeError(f'publisher still running after {timeout_s} s:\n{pub.tail()}')
+        if rc != 0:
+            raise RuntimeError(f'publisher failed (rc {rc}):\n{pub.tail()}')
+        time.sleep(settle_s)  # last classifications and one more /diagnostics
+        recv.stop()
+        mon.stop()
+        node_rc = node.stop()
+        pub.stop()
+        res = {
+            'pub': json.loads((workdir / 'pub.json').read_text()),
+            'recv': json.loads((workdir / 'recv.json').read_text()),
+            'node': json.loads(stats_path.read_text()) if stats_path.exists() else {},
+            'node_rc': node_rc,
+            'monitor': mon,
+        }
+        return res
+    finally:
+        for pr in reversed(procs):
+            if pr.alive():
+                pr.stop()
+
+
+def join_latency(res: dict, warmup_s: float) -> dict:
+    """Per classified frame: seq, publish stamp, receipt time, latency; plus the publish log."""
+    pub = res['pub']
+    stamps = np.asarray(pub['stamp'], np.float64)
+    seqs_r = np.asarray(res['recv']['seq'], np.int64)
+    t_recv = np.asarray(res['recv']['t'], np.float64)
+    ok = (seqs_r >= 0) & (seqs_r < len(stamps))
+    seqs_r, t_recv = seqs_r[ok], t_recv[ok]
+    lat_ms = (t_recv - stamps[seqs_r]) * 1e3
+    t0 = stamps[0] + warmup_s if len(stamps) else 0.0
+    meas = stamps[seqs_r] >= t0
+    return {
+        'stamps': stamps,
+        'seq': seqs_r,
+        't_recv': t_recv,
+        'lat_ms': lat_ms,
+        'measured': meas,
+        't_measure_start': t0,
+        't_measure_end': float(stamps[-1]) if len(stamps) else 0.0,
+    }
+
+
+def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray:
+    """``n`` BGR frames: GTSRB test signs scaled up when the data is there, else textured noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    try:
+        from edge_tl_ros.data import load_gtsrb_npz
+
+        _, test = load_gtsrb_npz()
+        imgs = test.images[rng.choice(len(test), n, replace=False)]
+        return np.stack(
+            [cv2.resize(im[..., ::-1], (width, height), interpolation=cv2.INTER_LINEAR) for im in imgs]
+        )
+    except Exception:  # no data: noise is as good for timing
+        small = rng.integers(0, 256, (n, 24, 32, 3), dtype=np.uint8)
+        return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in small])
+
+
+def session_summary(res: dict, warmup_s: float) -> dict:
+    """The numbers every node benchmark reports for one session (see ``definitions`` in the JSONs)."""
+    j = join_latency(res, warmup_s)
+    pub, recv, node = res['pub'], res['recv'], res['node']
+    m = j['measured']
+    lat = j['lat_ms'][m]
+    t0, t1 = j['t_measure_start'], j['t_measure_end']
+    n_out = int(m.sum())
+    diag = recv.get('diag_last') or {}
+    infers = np.asarray([d for t, d in node.get('infers', []) if t0 <= t <= t1], np.float64)
+    mon = res['monitor']
+    # decomposition from the node's per-frame records: stamp -> taken by the inference thread -> done
+    fr = [f for f in node.get('frames', []) if t0 <= f[1] <= t1]
+    to_node = np.asarray([f[2] - f[1] for f in fr]) * 1e3
+    proc = np.asarray([f[3] for f in fr], np.float64)
+    out = {
+        'published': len(j['stamps']),
+        'input_rate_hz': pub.get('achieved_rate_hz'),
+        'classified': int(len(j['seq'])),
+        'node_received': node.get('received'),
+        'node_processed': node.get('processed'),
+        'node_dropped': node.get('dropped'),
+        'node_rejected': node.get('rejected'),
+        'diag_dropped': int(diag['dropped_frames']) if 'dropped_frames' in diag else None,
+        'lost_before_node': (len(j['stamps']) - node['received'])
+        if node.get('received') is not None
+        else None,
+        'latency': lat_summary(lat),
+        'output_rate_hz': n_out / max(1e-9, t1 - t0) if t1 > t0 else None,
+        'cpu_percent': mon.cpu_percent(t0, t1 + 0.5),
+        'rss_mb_end': mon.rss_at(t1),
+        'node_infer_ms': lat_summary(infers) if infers.size else None,
+        'stamp_to_inference_start_ms': lat_summary(to_node) if to_node.size else None,
+        'node_process_ms': lat_summary(proc) if proc.size else None,
+        'publish_call_ms_p50': pct(pub.get('publish_ms', []), 50),
+    }
+    return out

@@ -1,0 +1,203 @@
+"""node_latency: camera header stamp -> classification receipt, student node vs a naive node.
+
+Three processes on a ROS domain of their own (Fast DDS): the node under test (:mod:`bench.node_runner`:
+``PerceptionNode``, or the tutorial-style :mod:`bench.naive_node`), a publisher of ``bgr8`` frames at
+30 Hz (640x480 and 1280x720) and a receiver of the classifications. Latency = receipt wall time -
+header stamp (publisher's wall time just before ``publish``; same machine, same clock), over frames
+published after the warm-up. Also: output rate, the node's own ``dropped`` (from /diagnostics), CPU%
+of the node process (psutil; 100 = one core).
+
+    python -m bench.node_latency [--quick] [--bundle DIR] [--qos best_effort|reliable] [--results-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from bench import common
+
+NAME = 'node_latency'
+RESOLUTIONS = ((640, 480), (1280, 720))
+
+
+def session(
+    kind: str,
+    bundle: str,
+    width: int,
+    height: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+    qos: str,
+    naive_model: str = 'auto',
+) -> dict:
+    wd = common.new_workdir(f'{NAME}_{kind}_{width}')
+    np.save(wd / 'frames.npy', common.frames_for(width, height))
+    if kind == 'student':
+        node_args = [
+            '--kind',
+            'student',
+            '--ros-args',
+            '-p',
+            f'model_bundle:={bundle}',
+            '-p',
+            f'state_dir:={wd / "state"}',
+            '-p',
+            f'qos_reliability:={qos}',
+            '-p',
+            'diagnostics_period_s:=0.5',
+        ]
+        cls_topic, node_name = '/perception/classification', 'perception'
+    else:
+        node_args = ['--kind', 'naive', '--naive-model', naive_model]
+        cls_topic, node_name = '/naive/classification', 'naive'
+    res = common.run_session(
+        wd,
+        node_args,
+        pub_cfg={
+            'frames_npy': str(wd / 'frames.npy'),
+            'rate_hz': rate,
+            'duration_s': duration + warmup,
+            'qos': 'reliable',
+            'depth': 10,
+        },
+        recv_cfg={'cls_topic': cls_topic, 'node_name': node_name},
+        settle_s=2.0 if kind == 'naive' else 1.2,
+    )
+    s = common.session_summary(res, warmup)
+    s.update(
+        kind=kind,
+        resolution=f'{width}x{height}',
+        width=width,
+        height=height,
+        duration_s=duration,
+        warmup_s=warmup,
+    )
+    if kind == 'naive':
+        s['naive_model'] = res['node'].get('model')
+        s['naive_input_size'] = res['node'].get('input_size')
+        s['naive_compute_p50_ms'] = res['node'].get('compute_p50_ms')
+        s['naive_compute_p99_ms'] = res['node'].get('compute_p99_ms')
+    j = common.join_latency(res, warmup)
+    s['_series'] = (j['stamps'][j['seq']] - j['stamps'][0], j['lat_ms'])
+    return s
+
+
+def run(args) -> dict:
+    t_start = time.monotonic()
+    bundle, binfo = common.resolve_bundle(args.bundle)
+    rate = 30.0
+    if args.quick:
+        plan = [('student', 640, 480, 4, 1.5), ('student', 1280, 720, 3, 1.5), ('naive', 640, 480, 5, 3)]
+    else:
+        plan = [
+            (k, w, h, 30 if k == 'student' else 25, 3 if k == 'student' else 5)
+            for k in ('student', 'naive')
+            for (w, h) in RESOLUTIONS
+        ]
+    runs = []
+    for kind, w, h, dur, warm in plan:
+        print(f'[{NAME}] {kind} {w}x{h} @ {rate:g} Hz for {dur} s (+{warm} s warm-up) ...', flush=True)
+        runs.append(session(kind, str(bundle), w, h, rate, dur, warm, args.qos, args.naive_model))
+    series = {f'{r["kind"]} {r["resolution"]}': r.pop('_series') for r in runs}
+
+    def pick(kind, res='640x480'):
+        return next((r for r in runs if r['kind'] == kind and r['resolution'] == res), None)
+
+    st, nv = pick('student'), pick('naive')
+    p50, p99 = st['latency']['p50_ms'], st['latency']['p99_ms']
+    nv50 = nv['latency']['p50_ms'] if nv else None
+    data = {
+        'p50_ms': p50,
+        'p99_ms': p99,
+        'naive_p50_ms': nv50,
+        'speedup_vs_naive': (nv50 / p50) if (nv50 and p50) else None,
+        'drops': st['diag_dropped'] if st['diag_dropped'] is not None else st['node_dropped'],
+        'headline': 'student vs naive at 640x480, 30 Hz',
+        'targets': {
+            'p50_ms<=5': p50 is not None and p50 <= 5,
+            'p99_ms<=10': p99 is not None and p99 <= 10,
+            'speedup>=10': bool(nv50 and p50 and nv50 / p50 >= 10),
+        },
+        'bundle': binfo,
+        'student_qos': args.qos,
+        'publisher_qos': 'reliable, depth 10',
+        'rate_hz': rate,
+        'runs': runs,
+        'definitions': {
+            'latency': 'receipt wall time in the receiver process - header.stamp (publisher wall time just '
+            'before publish); frames published after the warm-up only; lost frames have none',
+            'drops': "the student node's own dropped_frames from its last /diagnostics message "
+            '(frames replaced in the newest-frame slot before inference), 640x480 run',
+            'lost_before_node': 'published - node received (lost in DDS/transport or DDS queue overwrite)',
+            'cpu_percent': 'node process CPU time / wall time over the measured window, 100 = one core',
+            'node_infer_ms': 'Engine.infer (decode view + preprocess + ORT + head) inside the node',
+            'speedup_vs_naive': 'naive_p50_ms / p50_ms (same run, same publisher, 640x480)',
+        },
+    }
+    path = common.write_result(NAME, data, args, t_start)
+    common.print_table(
+        [
+            {
+                'run': f'{r["kind"]} {r["resolution"]}',
+                'p50_ms': r['latency']['p50_ms'],
+                'p99_ms': r['latency']['p99_ms'],
+                'out_hz': r['output_rate_hz'],
+                'node_drop': r['node_dropped'],
+                'lost': r['lost_before_node'],
+                'cpu%': r['cpu_percent'],
+                'infer_p50': (r['node_infer_ms'] or {}).get('p50_ms'),
+            }
+            for r in runs
+        ],
+        ['run', 'p50_ms', 'p99_ms', 'out_hz', 'node_drop', 'lost', 'cpu%', 'infer_p50'],
+        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
+    )
+    plot(series, args)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def plot(series: dict, args) -> None:
+    plt = common.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, (t, lat) in series.items():
+        if len(lat) == 0:
+            continue
+        xs = np.sort(lat)
+        axes[0].plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+        axes[1].plot(t, lat, '.', ms=2, label=label)
+    axes[0].set_xscale('log')
+    axes[0].set_xlabel('stamp -> classification latency (ms, log)')
+    axes[0].set_ylabel('CDF')
+    axes[0].legend(fontsize=8)
+    axes[1].set_yscale('log')
+    axes[1].set_xlabel('time since first frame (s)')
+    axes[1].set_ylabel('latency (ms, log)')
+    common.savefig(fig, NAME, args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    p.add_argument(
+        '--qos',
+        choices=('best_effort', 'reliable'),
+        default='best_effort',
+        help="student node's qos_reliability (the publisher is reliable, depth 10)",
+    )
+    p.add_argument('--naive-model', default='auto', choices=('auto', 'teacher', 'mobilenet_v3'))
+    return p
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

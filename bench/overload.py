@@ -1,0 +1,212 @@
+"""overload: 640x480 frames at 60 and 120 Hz into the student node (newest-frame slot).
+
+Checks that the output never lags the input by more than one frame, that the node's RSS is flat, and
+that the node's ``dropped`` counter accounts exactly for the frames it received and did not classify.
+
+Lag (per classification of frame k): the number of frames j > k whose header stamp (publish time) is
+earlier than the time the node finished processing frame k (end of ``PerceptionNode._process``, which
+publishes the classification; same wall clock). ``max_lag_frames`` is its maximum over the run after
+the warm-up; 0 = the newest frame was classified, 1 = one newer frame was already waiting. The same with
+the receipt time in the receiver instead (includes the trip back) is ``max_lag_frames_at_receipt``.
+
+    python -m bench.overload [--quick] [--bundle DIR] [--qos best_effort|reliable] [--results-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from bench import common
+
+NAME = 'overload'
+
+
+def lags(stamps: np.ndarray, seqs: np.ndarray, t_done: np.ndarray) -> np.ndarray:
+    """For frame seqs[i] done at t_done[i]: #frames j > seq with stamps[j] < t_done[i]."""
+    published_by = np.searchsorted(stamps, t_done, side='left')  # frames 0..n-1 published before t
+    return np.maximum(0, published_by - (seqs + 1))
+
+
+def session(bundle: str, rate: float, duration: float, warmup: float, qos: str) -> dict:
+    wd = common.new_workdir(f'{NAME}_{int(rate)}')
+    np.save(wd / 'frames.npy', common.frames_for(640, 480))
+    res = common.run_session(
+        wd,
+        [
+            '--kind',
+            'student',
+            '--ros-args',
+            '-p',
+            f'model_bundle:={bundle}',
+            '-p',
+            f'state_dir:={wd / "state"}',
+            '-p',
+            f'qos_reliability:={qos}',
+            '-p',
+            'diagnostics_period_s:=0.5',
+        ],
+        pub_cfg={
+            'frames_npy': str(wd / 'frames.npy'),
+            'rate_hz': rate,
+            'duration_s': duration + warmup,
+            'qos': 'reliable',
+            'depth': 10,
+        },
+        recv_cfg={'cls_topic': '/perception/classification', 'node_name': 'perception'},
+        settle_s=1.2,
+    )
+    s = common.session_summary(res, warmup)
+    j = common.join_latency(res, warmup)
+    stamps = j['stamps']
+    t0 = j['t_measure_start']
+    # node-side: time each frame's processing ended (the classification is published inside)
+    fr = res['node'].get('frames', [])
+    seq_n = np.asarray([int(f[0]) for f in fr], np.int64)
+    done_n = np.asarray([f[2] + f[3] * 1e-3 for f in fr])
+    meas_n = stamps[seq_n] >= t0 if len(seq_n) else np.zeros(0, bool)
+    lag_node = lags(stamps, seq_n[meas_n], done_n[meas_n])
+    meas_r = j['measured']
+    lag_recv = lags(stamps, j['seq'][meas_r], j['t_recv'][meas_r])
+    mon = res['monitor']
+    samples = np.asarray(mon.samples)  # (t, cpu s, rss MB)
+    t_first = stamps[0]
+    after = samples[(samples[:, 0] >= t0) & (samples[:, 0] <= stamps[-1] + 0.5)]
+    rss_warm = float(after[0, 2]) if len(after) else float('nan')
+    rss_end = float(after[-1, 2]) if len(after) else float('nan')
+    slope = (
+        float(np.polyfit((after[:, 0] - after[0, 0]) / 60.0, after[:, 2], 1)[0]) if len(after) > 3 else None
+    )
+    node = res['node']
+    identity = node['received'] - node['processed'] - node['rejected'] - node['dropped']
+    s.update(
+        rate_hz=rate,
+        duration_s=duration,
+        warmup_s=warmup,
+        max_lag_frames=int(lag_node.max()) if lag_node.size else None,
+        lag_histogram={str(k): int(v) for k, v in zip(*np.unique(lag_node, return_counts=True))},
+        max_lag_frames_at_receipt=int(lag_recv.max()) if lag_recv.size else None,
+        lag_at_receipt_histogram={str(k): int(v) for k, v in zip(*np.unique(lag_recv, return_counts=True))},
+        rss_after_warmup_mb=rss_warm,
+        rss_end_mb=rss_end,
+        rss_growth_mb=rss_end - rss_warm,
+        rss_slope_mb_per_min=slope,
+        drops_identity_residual=identity,
+        drops_exact=bool(identity == 0 and s['classified'] == node['processed']),
+        published_minus_classified_minus_rejected=s['published'] - s['classified'] - node['rejected'],
+    )
+    s['_rss'] = (samples[:, 0] - t_first, samples[:, 2])
+    s['_lag'] = lag_node
+    return s
+
+
+def run(args) -> dict:
+    t_start = time.monotonic()
+    bundle, binfo = common.resolve_bundle(args.bundle)
+    duration, warmup = (6, 2) if args.quick else (120, 10)
+    runs = []
+    for rate in (60.0, 120.0):
+        print(f'[{NAME}] 640x480 @ {rate:g} Hz for {duration} s (+{warmup} s warm-up) ...', flush=True)
+        runs.append(session(str(bundle), rate, duration, warmup, args.qos))
+    extras = [(r.pop('_rss'), r.pop('_lag')) for r in runs]
+    valid = [r['max_lag_frames'] for r in runs if r['max_lag_frames'] is not None]
+    data = {
+        'max_lag_frames': max(valid) if valid else None,
+        'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
+        'drops_exact': all(r['drops_exact'] for r in runs),
+        'targets': {'max_lag_frames<=1': bool(valid) and max(valid) <= 1},
+        'bundle': binfo,
+        'student_qos': args.qos,
+        'publisher_qos': 'reliable, depth 10',
+        'runs': runs,
+        'definitions': {
+            'lag': 'per classification of frame k: #frames j>k published (header stamp) before the node '
+            'finished processing frame k (its classification is published at that point); '
+            'max over frames published after the warm-up',
+            'lag_at_receipt': 'the same, with the receipt time in the receiver process',
+            'rss_growth_mb': 'node RSS at the end - RSS right after the warm-up (max over the rates)',
+            'drops_exact': 'node dropped == node received - processed - rejected (no frame unaccounted for '
+            'inside the node) and every processed frame was received by the receiver',
+            'lost_before_node': 'published - node received: frames the node never saw (DDS/transport), '
+            'which the node cannot count',
+        },
+    }
+    path = common.write_result(NAME, data, args, t_start)
+    common.print_table(
+        [
+            {
+                'rate_hz': r['rate_hz'],
+                'in_hz': r['input_rate_hz'],
+                'out_hz': r['output_rate_hz'],
+                'max_lag': r['max_lag_frames'],
+                'max_lag_rx': r['max_lag_frames_at_receipt'],
+                'p50_ms': r['latency']['p50_ms'],
+                'p99_ms': r['latency']['p99_ms'],
+                'published': r['published'],
+                'node_rx': r['node_received'],
+                'processed': r['node_processed'],
+                'dropped': r['node_dropped'],
+                'exact': r['drops_exact'],
+                'rss_growth_mb': r['rss_growth_mb'],
+                'cpu%': r['cpu_percent'],
+            }
+            for r in runs
+        ],
+        [
+            'rate_hz',
+            'in_hz',
+            'out_hz',
+            'max_lag',
+            'max_lag_rx',
+            'p50_ms',
+            'p99_ms',
+            'published',
+            'node_rx',
+            'processed',
+            'dropped',
+            'exact',
+            'rss_growth_mb',
+            'cpu%',
+        ],
+        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
+    )
+    plt = common.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r, ((t, rss), lag) in zip(runs, extras):
+        axes[0].plot(t, rss, label=f'{r["rate_hz"]:g} Hz')
+        u, c = np.unique(lag, return_counts=True)
+        axes[1].bar(u + (0.2 if r['rate_hz'] > 60 else -0.2), c, width=0.4, label=f'{r["rate_hz"]:g} Hz')
+    axes[0].set_xlabel('time since first frame (s)')
+    axes[0].set_ylabel('node RSS (MB)')
+    axes[0].legend()
+    axes[1].set_yscale('log')
+    axes[1].set_xlabel('lag (newer frames already published)')
+    axes[1].set_ylabel('classifications')
+    axes[1].legend()
+    common.savefig(fig, NAME, args)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    p.add_argument(
+        '--qos',
+        choices=('best_effort', 'reliable'),
+        default='best_effort',
+        help="student node's qos_reliability (the publisher is reliable, depth 10)",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

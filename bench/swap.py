@@ -1,0 +1,194 @@
+"""swap: 100 head swaps (HeadRegistry.add + ~/reload_head, alternating two heads) while 640x480 frames
+stream at 30 Hz on a reliable QoS.
+
+Same run, two phases: ``no_swap_s`` of plain streaming, then the swaps every ``period_s``. Reports frames
+published vs classified (0 dropped expected), the time of every ``Engine.swap_head`` call inside the node
+(validation + the one reference assignment the inference thread sees), the inference time of frames
+processed near a swap vs the no-swap phase, and the largest gap between consecutive classifications in
+each phase.
+
+    python -m bench.swap [--quick] [--bundle DIR] [--results-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from bench import common
+
+NAME = 'swap'
+NEAR_S = 0.1  # a frame is "near a swap" if its processing started within 100 ms of a swap_head call
+
+
+def run(args) -> dict:
+    t_start = time.monotonic()
+    bundle, binfo = common.resolve_bundle(args.bundle)
+    n_swaps, period, no_swap = (10, 0.2, 3.0) if args.quick else (100, 0.2, 20.0)
+    warmup = 2.0
+    duration = warmup + no_swap + n_swaps * period + 3.0
+    rate = 30.0
+    wd = common.new_workdir(NAME)
+    np.save(wd / 'frames.npy', common.frames_for(640, 480))
+    state = wd / 'state'
+    print(
+        f'[{NAME}] {n_swaps} swaps every {period} s after {no_swap} s without, 640x480 @ {rate:g} Hz '
+        f'(reliable) ...',
+        flush=True,
+    )
+    res = common.run_session(
+        wd,
+        [
+            '--kind',
+            'student',
+            '--ros-args',
+            '-p',
+            f'model_bundle:={bundle}',
+            '-p',
+            f'state_dir:={state}',
+            '-p',
+            'qos_reliability:=reliable',
+            '-p',
+            'qos_depth:=10',
+            '-p',
+            'diagnostics_period_s:=0.5',
+        ],
+        pub_cfg={
+            'frames_npy': str(wd / 'frames.npy'),
+            'rate_hz': rate,
+            'duration_s': duration,
+            'qos': 'reliable',
+            'depth': 10,
+        },
+        recv_cfg={
+            'cls_topic': '/perception/classification',
+            'node_name': 'perception',
+            'swap': {
+                'bundle': str(bundle),
+                'state_dir': str(state),
+                'n': n_swaps,
+                'period_s': period,
+                'no_swap_s': warmup + no_swap,
+            },
+        },
+        settle_s=1.5,
+    )
+    s = common.session_summary(res, warmup)
+    recv, node = res['recv'], res['node']
+    swaps = recv['swaps']
+    node_swaps = np.asarray(node.get('swaps', []), np.float64).reshape(-1, 2)  # (wall t, ms)
+    t_sw0, t_sw1 = recv['swap_start'], recv['swap_end']
+    j = common.join_latency(res, warmup)
+    stamps, t0 = j['stamps'], j['t_measure_start']
+    # gaps between consecutive classifications (receiver) in each phase
+    tr = np.sort(j['t_recv'][j['measured']])
+    gaps = np.diff(tr) * 1e3
+    mid = tr[1:]
+    in_sw = (mid >= t_sw0) & (mid <= t_sw1 + 0.1) if t_sw0 else np.zeros_like(mid, bool)
+    gap_sw, gap_no = gaps[in_sw], gaps[~in_sw & (mid < (t_sw0 or np.inf))]
+    # inference-thread time per frame near swaps vs in the no-swap phase (node side)
+    fr = [f for f in node.get('frames', []) if f[1] >= t0]
+    ft = np.asarray([f[2] for f in fr])
+    fd = np.asarray([f[3] for f in fr])
+    if len(node_swaps) and len(ft):
+        near = np.min(np.abs(ft[:, None] - node_swaps[None, :, 0]), axis=1) <= NEAR_S
+    else:
+        near = np.zeros(len(ft), bool)
+    before = ft < (t_sw0 or np.inf)
+    ok = sum(1 for x in swaps if x['success'])
+    published = len(stamps)
+    dropped_frames = published - s['classified']
+    swap_ms = node_swaps[:, 1] if len(node_swaps) else np.zeros(0)
+    data = {
+        'dropped_frames': dropped_frames,
+        'max_pause_ms': float(swap_ms.max()) if swap_ms.size else None,
+        'swaps_requested': len(swaps),
+        'swaps_ok': ok,
+        'swap_head_calls': int(len(swap_ms)),
+        'swap_head_ms': common.lat_summary(swap_ms),
+        'reload_service_roundtrip_ms': common.lat_summary([(x['t_done'] - x['t_call']) * 1e3 for x in swaps]),
+        'registry_add_ms': common.lat_summary([(x['t_call'] - x['t_add']) * 1e3 for x in swaps]),
+        'published': published,
+        'classified': s['classified'],
+        'node_dropped': node.get('dropped'),
+        'node_rejected': node.get('rejected'),
+        'lost_before_node': s['lost_before_node'],
+        'gap_ms_no_swaps': common.lat_summary(gap_no),
+        'gap_ms_during_swaps': common.lat_summary(gap_sw),
+        'process_ms_no_swaps': common.lat_summary(fd[before & ~near]),
+        'process_ms_near_swaps': common.lat_summary(fd[near]),
+        'latency': s['latency'],
+        'head_version_end': node.get('head_version'),
+        'failed_swaps': [x['message'] for x in swaps if not x['success']][:5],
+        'bundle': binfo,
+        'rate_hz': rate,
+        'qos': 'reliable (node depth 10, publisher depth 10)',
+        'definitions': {
+            'dropped_frames': 'frames published - classifications received (whole run incl. warm-up)',
+            'max_pause_ms': 'longest Engine.swap_head call in the node (validation + the reference '
+            'assignment); the inference thread holds no lock, so this bounds the time a '
+            'swap can stall it (GIL)',
+            'gap_ms_*': 'time between consecutive classification receipts, swap phase vs the no-swap phase '
+            'before it (nominal 33.3 ms at 30 Hz)',
+            'process_ms_near_swaps': 'PerceptionNode._process time of frames taken within '
+            f'{NEAR_S * 1e3:.0f} ms of a swap_head call, vs frames in the no-swap phase',
+        },
+    }
+    path = common.write_result(NAME, data, args, t_start)
+    common.print_table(
+        [
+            {
+                'swaps_ok': f'{ok}/{len(swaps)}',
+                'published': published,
+                'classified': s['classified'],
+                'dropped': dropped_frames,
+                'swap_head_max_ms': data['max_pause_ms'],
+                'swap_head_p50_ms': data['swap_head_ms']['p50_ms'],
+                'gap_max_no_swap': data['gap_ms_no_swaps']['max_ms'],
+                'gap_max_swaps': data['gap_ms_during_swaps']['max_ms'],
+                'proc_p99_no': data['process_ms_no_swaps']['p99_ms'],
+                'proc_p99_near': data['process_ms_near_swaps']['p99_ms'],
+            }
+        ],
+        [
+            'swaps_ok',
+            'published',
+            'classified',
+            'dropped',
+            'swap_head_max_ms',
+            'swap_head_p50_ms',
+            'gap_max_no_swap',
+            'gap_max_swaps',
+            'proc_p99_no',
+            'proc_p99_near',
+        ],
+        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
+    )
+    plt = common.plt()
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(mid - tr[0], gaps, '.', ms=3, label='gap between classifications')
+    for t, _ in node_swaps:
+        ax.axvline(t - tr[0], color='r', alpha=0.15, lw=0.8)
+    ax.set_xlabel('time (s); red lines = swap_head calls')
+    ax.set_ylabel('gap (ms)')
+    ax.legend()
+    common.savefig(fig, NAME, args)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    return common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

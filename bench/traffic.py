@@ -1,0 +1,227 @@
+"""Camera publisher and classification receiver processes of the node benchmarks.
+
+    python -m bench.traffic CONFIG.json
+
+``role: pub``: publishes ``frames_npy`` (BGR frames, cycled) as sensor_msgs/Image ``bgr8`` on ``image`` at
+``rate_hz`` for ``duration_s``. Each frame's header stamp is the wall time (``time.time()``) just before
+``publish``; ``header.frame_id`` is its sequence number. Messages are built once and only their header
+changes, so publishing costs what a camera driver's publish costs. Writes ``{stamp: [...], ...}``.
+
+``role: recv``: subscribes the node's classification topic and ``/diagnostics``; records (seq, wall
+time of receipt) for every classification. With ``swap`` in the config it also runs the head-swap
+schedule of the ``swap`` benchmark: ``HeadRegistry.add`` (alternating two heads) + ``~/reload_head``.
+Stops and writes its log on SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+
+def _qos(reliability: str, depth: int):
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=depth,
+        durability=DurabilityPolicy.VOLATILE,
+        reliability=(
+            ReliabilityPolicy.RELIABLE if reliability == 'reliable' else ReliabilityPolicy.BEST_EFFORT
+        ),
+    )
+
+
+def run_pub(cfg: dict, node) -> dict:
+    import numpy as np
+    from sensor_msgs.msg import Image
+
+    from edge_tl_ros.imaging import image_fields
+
+    frames = np.load(cfg['frames_npy'])
+    msgs = [Image(**image_fields(f, 'bgr8')) for f in frames]
+    pub = node.create_publisher(
+        Image, cfg.get('topic', 'image'), _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10)))
+    )
+    deadline = time.monotonic() + 60
+    while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pub.get_subscription_count() < 1:
+        raise RuntimeError('no subscriber on the image topic after 60 s')
+    time.sleep(0.3)  # let discovery settle on the reader side too
+    rate = float(cfg['rate_hz'])
+    period = 1.0 / rate
+    n = int(round(float(cfg['duration_s']) * rate))
+    stamps, pub_ms, late = [], [], 0
+    t_next = time.perf_counter()
+    for seq in range(n):
+        now = time.perf_counter()
+        if t_next > now:
+            time.sleep(t_next - now)
+        elif now - t_next > period:  # fell behind by a whole frame: restart the schedule, no burst
+            late += 1
+            t_next = now
+        msg = msgs[seq % len(msgs)]
+        msg.header.frame_id = str(seq)
+        t = time.time()
+        sec = int(t)
+        msg.header.stamp.sec = sec
+        msg.header.stamp.nanosec = int((t - sec) * 1e9)
+        t0 = time.perf_counter()
+        pub.publish(msg)
+        pub_ms.append((time.perf_counter() - t0) * 1e3)
+        stamps.append(sec + msg.header.stamp.nanosec * 1e-9)
+        t_next += period
+    time.sleep(0.2)
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {
+        'stamp': stamps,
+        'publish_ms': pub_ms,
+        'n': n,
+        'rate_hz': rate,
+        'achieved_rate_hz': (len(stamps) - 1) / span if span > 0 else None,
+        'schedule_resets': late,
+        'width': int(frames.shape[2]),
+        'height': int(frames.shape[1]),
+    }
+
+
+class Receiver:
+    def __init__(self, node, cfg: dict):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from vision_msgs.msg import Classification
+
+        self.node = node
+        self.cfg = cfg
+        self.seq, self.t = [], []
+        self.diag = []  # (time, {key: value}) of the node's status
+        self.swaps = []
+        self.swap_start = None
+        self.node_name = cfg.get('node_name', 'perception')
+        node.create_subscription(Classification, cfg['cls_topic'], self._on_cls, 100)
+        node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+
+    def _on_cls(self, msg):
+        t = time.time()
+        try:
+            s = int(msg.header.frame_id)
+        except ValueError:
+            s = -1
+        self.seq.append(s)
+        self.t.append(t)
+
+    def _on_diag(self, msg):
+        t = time.time()
+        for st in msg.status:
+            if self.node_name in st.name:
+                self.diag.append((t, {kv.key: kv.value for kv in st.values}))
+        del self.diag[:-50]
+
+    def swap_loop(self, stop: threading.Event):
+        """After ``no_swap_s`` of classifications: ``n`` swaps every ``period_s`` (alternating heads)."""
+        import numpy as np
+        from std_srvs.srv import Trigger
+
+        from edge_tl_ros.bundle import Head, HeadRegistry, load_bundle
+
+        sw = self.cfg['swap']
+        bundle = load_bundle(sw['bundle'])
+        reg = HeadRegistry(bundle, sw['state_dir'])
+        h0 = bundle.head
+        heads = [
+            Head(h0.weight * np.float32(1.001), h0.bias, h0.class_names),
+            Head(h0.weight, h0.bias + np.float32(1e-3), h0.class_names),
+        ]
+        cli = self.node.create_client(Trigger, sw.get('service', '/perception/reload_head'))
+        if not cli.wait_for_service(timeout_sec=30):
+            raise RuntimeError('reload_head service not available')
+        while not self.t and not stop.is_set():
+            time.sleep(0.01)
+        stop.wait(float(sw['no_swap_s']))
+        self.swap_start = time.time()
+        for i in range(int(sw['n'])):
+            if stop.is_set():
+                break
+            t0 = time.time()
+            reg.add(heads[i % 2], metrics={'bench': 'swap'})
+            t1 = time.time()
+            fut = cli.call_async(Trigger.Request())
+            deadline = time.monotonic() + 10
+            while not fut.done() and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            t2 = time.time()
+            r = fut.result() if fut.done() else None
+            self.swaps.append(
+                {
+                    't_add': t0,
+                    't_call': t1,
+                    't_done': t2,
+                    'success': bool(r and r.success),
+                    'message': r.message if r else 'timeout',
+                }
+            )
+            stop.wait(max(0.0, float(sw['period_s']) - (time.time() - t0)))
+        self.swap_end = time.time()
+
+    def result(self) -> dict:
+        last = self.diag[-1][1] if self.diag else {}
+        return {
+            'seq': self.seq,
+            't': self.t,
+            'diag_last': last,
+            'diag_count': len(self.diag),
+            'swaps': self.swaps,
+            'swap_start': self.swap_start,
+            'swap_end': getattr(self, 'swap_end', None),
+        }
+
+
+def main(argv=None) -> int:
+    cfg_path = (argv or sys.argv[1:])[0]
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node(f'bench_{cfg["role"]}')
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if cfg['role'] == 'pub':
+        out = run_pub(cfg, node)
+    else:
+        recv = Receiver(node, cfg)
+        ex = SingleThreadedExecutor()
+        ex.add_node(node)
+        swapper = None
+        if cfg.get('swap'):
+            swapper = threading.Thread(target=recv.swap_loop, args=(stop,), daemon=True)
+        deadline = time.monotonic() + 60
+        while node.count_publishers(cfg['cls_topic']) < 1 and time.monotonic() < deadline:
+            ex.spin_once(timeout_sec=0.05)
+        if swapper:
+            swapper.start()
+        with open(cfg['ready'], 'w') as f:
+            f.write(str(time.time()))
+        while not stop.is_set():
+            ex.spin_once(timeout_sec=0.05)
+        if swapper:
+            swapper.join(5)
+        out = recv.result()
+    with open(cfg['out'] + '.tmp', 'w') as f:
+        json.dump(out, f)
+    import os
+
+    os.replace(cfg['out'] + '.tmp', cfg['out'])
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
