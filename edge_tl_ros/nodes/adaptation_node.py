@@ -1,0 +1,629 @@
+"""adaptation_node: collects frames and labels on the robot and trains better heads, off the hot path.
+
+Data path:
+  ``image`` (or ``image/compressed``) callback -> a small bounded queue (newest frames win) -> worker
+  thread: decode (zero-copy view) -> own student :class:`Engine` (1 thread, low priority) -> features +
+  probs -> keep it? (labelled, or sampled at ``sample_rate_hz`` and chosen by ``selection``) ->
+  :class:`FrameStore` (crash-safe, bounded).
+  ``labels`` (vision_msgs/Classification: the labelled frame's stamp + results[0].class_id) -> the same
+  worker: label the stored entry with that stamp, or store the recent frame with that stamp, or keep
+  the label briefly (``label_pending_s``) until the frame arrives.
+
+A round (``~/adapt_now``, every ``adapt_every_n_labels`` new labels, or every ``adapt_period_s``) runs
+in a separate, niced process (:func:`edge_tl_ros.adapt.run_round_in_subprocess`) started from a round
+thread, so no callback blocks. An accepted head is written with ``HeadRegistry.add`` (atomic) and
+``<perception_node>/reload_head`` is called asynchronously. A rejected, failed or killed round changes
+nothing. Publishes ``~/status`` (std_msgs/String JSON, latched) and ``/diagnostics``. Never publishes
+frames or features.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import threading
+import time
+
+import cv2
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+from vision_msgs.msg import Classification
+
+from ..adapt import POLICIES, AdaptConfig, Adapter, run_round_in_subprocess
+from ..bundle import BundleError, HeadRegistry, default_model_path, default_state_dir, load_bundle
+from ..engine import Engine, EngineError
+from ..imaging import FrameError, decode_compressed, image_view, to_order
+from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
+
+_NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
+RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
+MAX_PENDING_LABELS = 512
+
+
+def _desc(text: str, read_only: bool = False, int_range=None, float_range=None,
+          choices=None) -> ParameterDescriptor:
+    if choices:
+        text = f'{text} One of: {", ".join(choices)}.'
+    d = ParameterDescriptor(description=text, read_only=read_only)
+    if int_range:
+        d.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
+    if float_range:
+        d.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                     to_value=float(float_range[1]), step=0.0)]
+    return d
+
+
+# name -> (default, descriptor kwargs)
+PARAMETERS = {
+    'model_bundle': ('', dict(text='Student model bundle directory ("" = shipped models/gtsrb_student); '
+                                   'the same as the perception node\'s.', read_only=True)),
+    'teacher_bundle': ('', dict(text='Teacher bundle for pseudo-labels ("" = none).', read_only=True)),
+    'state_dir': ('', dict(text='Directory of head versions, shared with the perception node '
+                                '("" = $ROS_HOME/edge_tl_ros/<bundle name>).', read_only=True)),
+    'store_dir': ('', dict(text='Frame store directory ("" = <state_dir>/store).', read_only=True)),
+    'store_max_entries': (2000, dict(text='Frame store: maximum number of entries (oldest evicted).',
+                                     int_range=(1, 10_000_000))),
+    'store_max_bytes': (256 << 20, dict(text='Frame store: maximum bytes on disk (oldest evicted).',
+                                        int_range=(4096, 1 << 50))),
+    'store_max_age_s': (7 * 86400.0, dict(text='Frame store: entries older than this are evicted '
+                                                '(0 = no age limit).', float_range=(0.0, 1e10))),
+    'crop_size': (64, dict(text='Side length (pixels) of the RGB crops kept in the store (teacher input).',
+                           read_only=True, int_range=(8, 1024))),
+    'sample_rate_hz': (2.0, dict(text='Unlabelled frames evaluated for selection per second (labelled '
+                                      'frames are always taken; 0 = labelled frames only).',
+                                 float_range=(0.0, 1000.0))),
+    'keep_fraction': (0.5, dict(text='Average fraction of sampled unlabelled frames stored.',
+                                float_range=(0.0, 1.0))),
+    'selection': ('informative', dict(text='Which sampled frames to keep: informative prefers low student '
+                                           'confidence, uniform keeps at random.', choices=POLICIES)),
+    'label_sources': (['topic', 'teacher'], dict(text='Labels a round may use (subset of topic, teacher, '
+                                                      'self).')),
+    'self_label_threshold': (0.95, dict(text='Student confidence needed for a self pseudo-label.',
+                                        float_range=(0.0, 1.0))),
+    'adapt_every_n_labels': (50, dict(text='Start a round after this many new labels (0 = off).',
+                                      int_range=(0, 10_000_000))),
+    'adapt_period_s': (0.0, dict(text='Start a round this often (0 = off).', float_range=(0.0, 1e7))),
+    'min_labelled': (30, dict(text='Labelled frames needed before a round trains.',
+                              int_range=(2, 10_000_000))),
+    'holdout_fraction': (0.3, dict(text='Fraction of trusted labels held out to validate a new head.',
+                                   float_range=(0.05, 0.9))),
+    'margin': (0.02, dict(text='Holdout accuracy must improve by at least this much.',
+                          float_range=(-1.0, 1.0))),
+    'anchor_tolerance': (0.05, dict(text='Maximum allowed drop of accuracy on the bundle\'s anchor set.',
+                                    float_range=(0.0, 1.0))),
+    'anchor_replay': (0.5, dict(text='Weight of replayed anchor (source-domain) samples relative to '
+                                     'local ones (0 = no replay).', float_range=(0.0, 100.0))),
+    'l2_to_prior': (0.01, dict(text='Regularisation of the new head toward the current one.',
+                               float_range=(0.0, 1e9))),
+    'allow_new_classes': (False, dict(text='Labels naming classes the head does not know add classes.')),
+    'train_threads': (1, dict(text='BLAS / ONNX Runtime threads of the training process.',
+                              int_range=(1, 64))),
+    'nice_level': (10, dict(text='Niceness added to the training process (0-19).', int_range=(0, 19))),
+    'round_timeout_s': (600.0, dict(text='A round running longer than this is killed.',
+                                    float_range=(1.0, 86400.0))),
+    'perception_node': ('perception', dict(text='Name of the perception node whose <name>/reload_head is '
+                                                'called after an accepted round.')),
+    'use_compressed': (False, dict(text='Subscribe image/compressed instead of image.', read_only=True)),
+    'label_pending_s': (10.0, dict(text='How long a label waits for its frame.',
+                                   float_range=(0.1, 3600.0))),
+    'diagnostics_period_s': (1.0, dict(text='Diagnostics and status publishing period.',
+                                       float_range=(0.1, 60.0), read_only=True)),
+}
+
+# parameter -> AdaptConfig field
+_CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
+                  'label_sources', 'self_label_threshold', 'allow_new_classes', 'anchor_replay')
+
+
+class AdaptationNode(Node):
+    """Frame collection, labels and adaptation rounds; usable in-process (tests) or via ``main``."""
+
+    def __init__(self, node_name: str = 'adaptation', **kwargs):
+        super().__init__(node_name, **kwargs)
+        for name, (default, dkw) in PARAMETERS.items():
+            self.declare_parameter(name, default, _desc(**dkw))
+        err = self._validate({n: self._p(n) for n in PARAMETERS})
+        if err:
+            raise ValueError(err)
+        p = self._p
+        self.bundle = load_bundle(p('model_bundle') or str(default_model_path()))
+        self.state_dir = p('state_dir') or str(default_state_dir(self.bundle.name))
+        self.registry = HeadRegistry(self.bundle, self.state_dir)
+        head, warn = self.registry.load_current_or_fallback()
+        if warn:
+            self.get_logger().warning(warn)
+        self.engine = Engine(self.bundle, 'feature_extractor', num_threads=1, low_priority=True, head=head)
+        size = p('crop_size')
+        self.store = FrameStore(p('store_dir') or f'{self.state_dir}/store', p('store_max_entries'),
+                                p('store_max_bytes'), p('store_max_age_s'), crop_size=(size, size))
+        if self.store.corrupt_removed:
+            self.get_logger().warning(f'frame store: removed {self.store.corrupt_removed} corrupt entries')
+        self.adapter = Adapter(self.bundle, self.registry, self._config())
+        self.teacher = p('teacher_bundle') or None
+        if self.teacher:
+            load_bundle(self.teacher, check_onnx=False)  # fail at start-up, not in the first round
+
+        # worker state (frames/labels are handed over through deques; the worker owns the store writes)
+        self._frames: collections.deque = collections.deque(maxlen=16)
+        self._labels: collections.deque = collections.deque(maxlen=4096)
+        self._recent: collections.OrderedDict = collections.OrderedDict()  # stamp -> msg
+        self._pending: dict[int, tuple[str, float]] = {}  # stamp -> (class name, monotonic time)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_sample = 0.0
+        self.counters = collections.Counter()
+        self.bad_reasons: collections.Counter = collections.Counter()
+        self._since_round = 0  # new trainable frames since the last round started
+        self._round_lock = threading.Lock()
+        self._round_thread: threading.Thread | None = None
+        self.round_running = False
+        self.round_pid: int | None = None
+        self.rounds = 0
+        self.last_round: dict | None = None
+        self.reload: dict | None = None
+        self._reload_clients: dict[str, object] = {}
+
+        in_group = MutuallyExclusiveCallbackGroup()
+        if p('use_compressed'):
+            self.create_subscription(CompressedImage, 'image/compressed', self._on_frame,
+                                     qos_profile_sensor_data, callback_group=in_group)
+        else:
+            self.create_subscription(Image, 'image', self._on_frame, qos_profile_sensor_data,
+                                     callback_group=in_group)
+        label_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                               reliability=ReliabilityPolicy.RELIABLE)
+        self.create_subscription(Classification, 'labels', self._on_label, label_qos,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
+        srv_group = MutuallyExclusiveCallbackGroup()
+        self.create_service(Trigger, '~/adapt_now', self._srv_adapt_now, callback_group=srv_group)
+        self.create_service(Trigger, '~/wipe_store', self._srv_wipe, callback_group=srv_group)
+        self._client_group = ReentrantCallbackGroup()
+        status_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                                reliability=ReliabilityPolicy.RELIABLE,
+                                durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.pub_status = self.create_publisher(String, '~/status', status_qos)
+        self.pub_diag = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        timer_group = MutuallyExclusiveCallbackGroup()
+        self.create_timer(p('diagnostics_period_s'), self._on_timer, callback_group=timer_group)
+        self._last_periodic_round = time.monotonic()
+        self._reload_client()  # discover the perception service early
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._worker = threading.Thread(target=self._run, name='edge_tl_adapt_worker', daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'bundle {self.bundle.name}, head v{self.engine.head.version}, store {self.store.root} '
+            f'({len(self.store)} entries), teacher {self.teacher or "none"}, '
+            f'label sources {list(p("label_sources"))}')
+        self._publish_status()
+
+    # -- parameters --------------------------------------------------------------------------------------
+    def _p(self, name):
+        return self.get_parameter(name).value
+
+    @staticmethod
+    def _validate(values: dict) -> str | None:
+        """Reason why ``values`` (all parameters) are not acceptable, or None."""
+        for name, (_, dkw) in PARAMETERS.items():
+            v = values[name]
+            r = dkw.get('int_range') or dkw.get('float_range')
+            if r is not None and not (r[0] <= v <= r[1]):
+                return f'{name}={v} is outside [{r[0]}, {r[1]}]'
+            if dkw.get('choices') and v not in dkw['choices']:
+                return f'{name}={v!r} is not one of {list(dkw["choices"])}'
+        srcs = list(values['label_sources'])
+        if not srcs or not set(srcs) <= set(LABEL_SOURCES) or len(set(srcs)) != len(srcs):
+            return (f'label_sources={srcs} must be a non-empty list of distinct values from '
+                    f'{list(LABEL_SOURCES)}')
+        if not _NODE_NAME.match(values['perception_node']):
+            return f'perception_node={values["perception_node"]!r} is not a valid node name'
+        try:
+            AdaptConfig(**{f: values[f] for f in _CONFIG_FIELDS}).validate()
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return None
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        values = {n: self._p(n) for n in PARAMETERS}
+        for prm in params:
+            if prm.name in values:
+                values[prm.name] = prm.value
+        err = self._validate(values)
+        if err:
+            return SetParametersResult(successful=False, reason=err)
+        names = {prm.name for prm in params}
+        if names & {'store_max_entries', 'store_max_bytes', 'store_max_age_s'}:
+            self.store.set_caps(values['store_max_entries'], values['store_max_bytes'],
+                                values['store_max_age_s'])
+        if names & set(_CONFIG_FIELDS):
+            self.adapter.config = AdaptConfig(**{f: values[f] for f in _CONFIG_FIELDS})
+        return SetParametersResult(successful=True)
+
+    def _config(self) -> AdaptConfig:
+        return AdaptConfig(**{f: self._p(f) for f in _CONFIG_FIELDS})
+
+    # -- callbacks (never block: hand over to the worker) -------------------------------------------------
+    def _on_frame(self, msg) -> None:
+        self._frames.append(msg)
+        self.counters['frames_received'] += 1
+        self._wake.set()
+
+    def _on_label(self, msg: Classification) -> None:
+        self.counters['labels_received'] += 1
+        if not msg.results or not msg.results[0].class_id:
+            self.counters['labels_bad'] += 1
+            self.get_logger().warning('label message without results[0].class_id ignored',
+                                      throttle_duration_sec=5.0)
+            return
+        self._labels.append((stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec),
+                             str(msg.results[0].class_id)))
+        self._wake.set()
+
+    # -- worker ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:  # Linux: a per-thread nice value; student inference here must not compete with perception
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + self._p('nice_level')))
+        except (OSError, AttributeError):
+            pass
+        while not self._stop.is_set():
+            if not self._wake.wait(0.2):
+                self._expire_pending()
+                continue
+            self._wake.clear()
+            try:
+                self._work()
+            except Exception as e:  # never let one message kill the worker
+                self.counters['worker_errors'] += 1
+                self.get_logger().error(f'adaptation worker: {type(e).__name__}: {e}',
+                                        throttle_duration_sec=5.0)
+            self._maybe_start_round()
+
+    def _work(self) -> None:
+        """Frames -> recent ring (cheap), labels -> store/ring/pending; between the slow steps (student
+        inference + a store write per labelled frame) the queues are drained again so none overflows."""
+        todo: collections.deque = collections.deque()  # (msg, stamp, label)
+        newest = None
+        while not self._stop.is_set():
+            while self._frames:
+                msg = self._frames.popleft()
+                self.counters['frames_handled'] += 1
+                stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+                pending = self._pending.pop(stamp, None)
+                if pending is not None:
+                    todo.append((msg, stamp, pending[0]))
+                else:
+                    self._remember(stamp, msg)
+                    newest = (msg, stamp)
+            while self._labels:
+                stamp, name = self._labels.popleft()
+                msg = self._handle_label(stamp, name)
+                if msg is not None:
+                    todo.append((msg, stamp, name))
+            if not todo:
+                break
+            self._ingest(*todo.popleft())
+        rate = self._p('sample_rate_hz')
+        now = time.monotonic()
+        if newest is not None and rate > 0 and now - self._last_sample >= 1.0 / rate \
+                and newest[1] in self._recent:
+            self._last_sample = now
+            self._ingest(newest[0], newest[1], None)
+        self._expire_pending()
+
+    def _remember(self, stamp: int, msg) -> None:
+        """Keep a reference to a recent frame: its label may still arrive."""
+        self._recent[stamp] = msg
+        while len(self._recent) > RECENT_FRAMES:
+            self._recent.popitem(last=False)
+
+    def _expire_pending(self) -> None:
+        if not self._pending:
+            return
+        ttl = self._p('label_pending_s')
+        now = time.monotonic()
+        for s in [s for s, (_, t) in self._pending.items() if now - t > ttl]:
+            del self._pending[s]
+            self.counters['labels_expired'] += 1
+
+    def _handle_label(self, stamp: int, name: str):
+        """Apply a label; returns the frame message if it still has to be ingested with this label."""
+        if self.store.set_label(stamp, name, 'topic'):
+            self._label_applied(name)
+            return None
+        if stamp in self.store:  # exists, but the rewrite failed (disk) or a better label exists
+            self.counters['labels_not_applied'] += 1
+            return None
+        msg = self._recent.pop(stamp, None)
+        if msg is not None:
+            return msg
+        if len(self._pending) >= MAX_PENDING_LABELS:
+            self._pending.pop(next(iter(self._pending)))
+            self.counters['labels_expired'] += 1
+        self._pending[stamp] = (name, time.monotonic())
+        return None
+
+    def _label_applied(self, name: str) -> None:
+        self.counters['labels_applied'] += 1
+        self._since_round += 1
+        if name not in self.engine.head.class_names:
+            self.counters['labels_unknown_class'] += 1
+
+    def _decode(self, msg):
+        if isinstance(msg, CompressedImage):
+            return decode_compressed(msg.format, msg.data)
+        return image_view(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+
+    def _ingest(self, msg, stamp: int, label: str | None) -> None:
+        """Student features/probs for one frame, then store it if labelled or selected."""
+        try:
+            img, order = self._decode(msg)
+            pred = self.engine.infer(img, order)
+        except FrameError as e:
+            self.counters['frames_bad'] += 1
+            self.bad_reasons[e.reason] += 1
+            self.get_logger().warning(f'bad frame ({self.counters["frames_bad"]} so far): {e}',
+                                      throttle_duration_sec=5.0)
+            return
+        self.counters['frames_evaluated'] += 1
+        if label is None:
+            keep = self.adapter.select(pred.features, pred.probs, policy=self._p('selection'),
+                                       rate=self._p('keep_fraction'))[0]
+            if not keep:
+                return  # still in the recent ring: a late label can take it
+        size = self.store.crop_size
+        h, w = img.shape[:2]
+        interp = cv2.INTER_AREA if h > size[0] or w > size[1] else cv2.INTER_LINEAR
+        crop = cv2.resize(np.ascontiguousarray(img), (size[1], size[0]), interpolation=interp)
+        crop = to_order(crop, order, 'rgb')
+        if self.store.add(stamp, crop, pred.features, pred.probs, label, 'topic' if label else ''):
+            self.counters['frames_stored'] += 1
+            if label:
+                self._label_applied(label)
+            elif self._unlabelled_trainable(pred.probs):
+                self._since_round += 1
+        else:
+            self.counters['frames_not_stored'] += 1
+            self.get_logger().warning(f'frame store write failed ({self.store.dropped} dropped): '
+                                      f'{self.store.last_error}', throttle_duration_sec=10.0)
+
+    def _unlabelled_trainable(self, probs) -> bool:
+        srcs = self.adapter.config.label_sources
+        return (self.teacher is not None and 'teacher' in srcs) or \
+            ('self' in srcs and float(np.max(probs)) >= self.adapter.config.self_label_threshold)
+
+    # -- rounds ------------------------------------------------------------------------------------------
+    def _maybe_start_round(self) -> None:
+        n = self._p('adapt_every_n_labels')
+        if n > 0 and self._since_round >= n:
+            self.start_round('new labels')
+
+    def start_round(self, why: str) -> tuple[bool, str]:
+        """Start a round in the background; returns (started, message)."""
+        with self._round_lock:
+            if self.round_running:
+                return False, 'a round is already running'
+            if self._stop.is_set():
+                return False, 'node is shutting down'
+            self.round_running = True
+            self._since_round = 0
+            self._round_thread = threading.Thread(target=self._round, args=(why,), name='edge_tl_round',
+                                                  daemon=True)
+            self._round_thread.start()
+        return True, f'round started ({why})'
+
+    def _round(self, why: str) -> None:
+        t0 = time.time()
+        try:
+            cfg = self._config()
+            self.get_logger().info(f'adaptation round started ({why}), base head v{self.engine.head.version}')
+            self.round_pid = None
+
+            def started(pid):
+                self.round_pid = pid
+                self._publish_status()
+
+            try:
+                base = self.registry.current_version
+            except BundleError:
+                base = None
+            result = run_round_in_subprocess(
+                self.bundle.root, self.state_dir, self.store.root, cfg, base_version=base,
+                teacher_bundle=self.teacher, nice_level=self._p('nice_level'),
+                threads=self._p('train_threads'), timeout_s=self._p('round_timeout_s'), cancel=self._stop,
+                on_start=started)
+            for stamp, name in result.teacher_labels.items():
+                self.store.set_label(stamp, name, 'teacher')
+            summary = result.summary()
+            summary.update(started=t0, finished=time.time(), trigger=why, committed_version=None)
+            if result.accepted:
+                try:
+                    head = self.adapter.commit(result)  # HeadRegistry.add: atomic file + index
+                except (BundleError, OSError, ValueError) as e:
+                    summary.update(accepted=False, failed=True, reason=f'could not write the head: {e}')
+                    self.get_logger().error(summary['reason'])
+                else:
+                    self.engine.swap_head(head)
+                    summary['committed_version'] = head.version
+                    self.get_logger().info(f'round accepted: head v{head.version} ({result.reason})')
+                    self._request_reload(head.version)
+            else:
+                log = self.get_logger().warning if result.failed else self.get_logger().info
+                log(f'round {"failed" if result.failed else "rejected"}: {result.reason}')
+            self.last_round = summary
+            self.rounds += 1
+        except Exception as e:  # the round thread must always clear round_running
+            self.last_round = {'accepted': False, 'failed': True, 'reason': f'{type(e).__name__}: {e}',
+                               'started': t0, 'finished': time.time(), 'trigger': why, 'metrics': {}}
+            self.get_logger().error(f'adaptation round crashed: {e}')
+        finally:
+            self.round_running = False
+            self.round_pid = None
+            if not self._stop.is_set():
+                self._publish_status()
+
+    def _reload_client(self):
+        name = self._p('perception_node').rstrip('/')
+        cli = self._reload_clients.get(name)
+        if cli is None:
+            cli = self.create_client(Trigger, f'{name}/reload_head', callback_group=self._client_group)
+            self._reload_clients[name] = cli
+        return cli
+
+    def _request_reload(self, version: int) -> None:
+        cli = self._reload_client()
+        self.reload = {'version': version, 'service': cli.srv_name, 'done': False, 'success': None,
+                       'message': 'waiting for the service'}
+        if not cli.wait_for_service(timeout_sec=2.0):
+            self.reload.update(done=True, success=False,
+                               message=f'{cli.srv_name} not available; the perception node loads '
+                                       f'v{version} (the registry\'s current head) when it starts')
+            self.get_logger().warning(self.reload['message'])
+            return
+        future = cli.call_async(Trigger.Request())
+
+        def done(fut, info=self.reload):
+            try:
+                res = fut.result()
+                info.update(done=True, success=bool(res.success), message=res.message)
+            except Exception as e:  # service went away
+                info.update(done=True, success=False, message=f'{type(e).__name__}: {e}')
+            (self.get_logger().info if info['success'] else self.get_logger().warning)(
+                f'{info["service"]}: {info["message"]}')
+            self._publish_status()
+
+        future.add_done_callback(done)
+
+    # -- services ----------------------------------------------------------------------------------------
+    def _srv_adapt_now(self, request, response):
+        response.success, response.message = self.start_round('adapt_now')
+        return response
+
+    def _srv_wipe(self, request, response):
+        n = self.store.wipe()
+        self._pending.clear()
+        self._since_round = 0
+        response.success, response.message = True, f'wiped {n} stored frames'
+        self.get_logger().info(response.message)
+        self._publish_status()
+        return response
+
+    # -- status / diagnostics ----------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        self.store.evict_expired()
+        period = self._p('adapt_period_s')
+        now = time.monotonic()
+        if period > 0 and now - self._last_periodic_round >= period:
+            self._last_periodic_round = now
+            self.start_round('adapt_period_s')
+        self._publish_status()
+        self._publish_diagnostics()
+
+    def status(self) -> dict:
+        try:
+            current = self.registry.current_version
+        except BundleError:
+            current = None
+        return {
+            'node': self.get_fully_qualified_name(), 'bundle': self.bundle.name,
+            'head_version': self.engine.head.version, 'registry_version': current,
+            'store': self.store.stats(), 'label_counts': self.store.label_counts(),
+            'counters': dict(self.counters), 'bad_frames': dict(self.bad_reasons),
+            'frames_dropped': max(0, self.counters['frames_received'] - self.counters['frames_handled']
+                                  - len(self._frames)),
+            'pending_labels': len(self._pending), 'new_since_round': self._since_round,
+            'round': {'running': self.round_running, 'pid': self.round_pid, 'count': self.rounds,
+                      'last': self.last_round},
+            'reload': self.reload, 'teacher': self.teacher,
+        }
+
+    def _publish_status(self) -> None:
+        try:
+            self.pub_status.publish(String(data=json.dumps(self.status(), default=_json_default)))
+        except Exception as e:  # publishing during shutdown
+            self.get_logger().debug(f'status not published: {e}')
+
+    def _publish_diagnostics(self) -> None:
+        s = self.store.stats()
+        st = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: adaptation',
+                              hardware_id=self.bundle.name, level=DiagnosticStatus.OK, message='ok')
+        last = self.last_round or {}
+        if last.get('failed'):
+            st.level, st.message = DiagnosticStatus.WARN, f'last round failed: {last.get("reason")}'
+        elif s['dropped']:
+            st.level = DiagnosticStatus.WARN
+            st.message = f'{s["dropped"]} frames not stored ({s["last_error"]})'
+        elif self.counters['frames_bad']:
+            st.level, st.message = DiagnosticStatus.WARN, f'bad frames: {dict(self.bad_reasons)}'
+        elif self.round_running:
+            st.message = 'round running'
+        kv = {'head_version': self.engine.head.version, 'store_entries': s['entries'],
+              'store_bytes': s['bytes'], 'store_dropped': s['dropped'], 'store_evicted': s['evicted'],
+              'round_running': self.round_running, 'rounds': self.rounds,
+              'last_round_accepted': last.get('accepted'), 'last_round_reason': last.get('reason'),
+              'pending_labels': len(self._pending)}
+        kv.update({f'labels.{k}': v for k, v in s['labels'].items()})
+        kv.update({k: v for k, v in self.counters.items()})
+        st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
+        arr = DiagnosticArray(status=[st])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        try:
+            self.pub_diag.publish(arr)
+        except Exception as e:
+            self.get_logger().debug(f'diagnostics not published: {e}')
+
+    def destroy_node(self):
+        self._stop.set()  # also cancels a running round (its process is killed)
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=2.0)
+        t = self._round_thread
+        if t is not None and t.is_alive():
+            t.join(timeout=5.0)
+        return super().destroy_node()
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = AdaptationNode()
+    except (BundleError, EngineError, ValueError, OSError) as e:
+        rclpy.logging.get_logger('adaptation').fatal(f'cannot start: {e}')
+        rclpy.try_shutdown()
+        return 1
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
