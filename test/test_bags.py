@@ -100,6 +100,19 @@ def test_round_trip(tmp_path, storage, kind):
     assert len(list(read_bag(storage_file(bag)))) == 24
 
 
+def test_type_hashes_in_bag_match_upstream(tmp_path):
+    """The RIHS01 hashes stored in the bag are those of upstream vision_msgs 4.x / sensor_msgs."""
+    from rosbags.rosbag2 import Reader
+
+    frames, labels = frames_and_labels(n=2)
+    bag = write_bag(tmp_path / 'bag', frames, labels, storage='mcap', start_stamp=START)
+    with Reader(bag) as r:
+        digests = {c.msgtype: c.digest for c in r.connections}
+    assert digests == {
+        IMAGE: 'RIHS01_d31d41a9a4c4bc8eae9be757b0beed306564f7526c88ea6a4588fb9582527d47',
+        CLASSIFICATION: 'RIHS01_f74db28d0eaef3afb78f48bf2161cd709a1383a0309d3454383b25be11345143'}
+
+
 def test_pairing_by_header_stamp_not_order(tmp_path):
     """Labels recorded late, out of order, one frame unlabelled, one label without a frame."""
     from rosbags.rosbag2 import Writer
