@@ -271,7 +271,12 @@ class Replayer:
                     if self._clock_pub is not None and (
                             self.rate == 0 or time.monotonic() - self._last_clock >= 1.0 / self.clock_hz):
                         self._publish_clock(m.timestamp, stats)
-                    self._publish(m.topic, m.rawdata)
+                    try:
+                        self._publish(m.topic, m.rawdata)
+                    except Exception:
+                        if self.node.context.ok():
+                            raise
+                        break  # the context was shut down under us (Ctrl-C): stop quietly
                     stats.published[self.out_topic(m.topic)] += 1
                     t_last = m.timestamp
                     played += 1
@@ -291,7 +296,7 @@ class Replayer:
                     self._sleep_until(time.monotonic() + gap / self.rate, stop, bag_ns_at)
         finally:
             stats.wall_time = time.monotonic() - wall_begin
-            stats.stopped = stop.is_set()
+            stats.stopped = stop.is_set() or not self.node.context.ok()
             stats.mode = 'serialized' if (self.serialized and self._raw_ok) else 'deserialized'
             if late:
                 import numpy as np
