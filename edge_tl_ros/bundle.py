@@ -437,6 +437,16 @@ def default_model_path(name: str = 'gtsrb_student') -> Path:
     return Path(__file__).resolve().parent.parent / 'models' / name
 
 
+def resolve_bundle_path(value: str, default_name: str = 'gtsrb_student') -> Path:
+    """A bundle parameter: ``""`` = the shipped default, a bare name = a shipped bundle, else a path."""
+    value = (value or '').strip()
+    if not value:
+        return default_model_path(default_name)
+    if '/' not in value and not Path(value).exists():
+        return default_model_path(value)
+    return Path(value).expanduser()
+
+
 def default_state_dir(bundle_name: str) -> Path:
     """Where adapted heads and the frame store live on the robot (``$ROS_HOME`` or ``~/.ros``)."""
     ros_home = os.environ.get('ROS_HOME') or os.path.join(os.path.expanduser('~'), '.ros')

@@ -136,7 +136,8 @@ class Engine:
         return old
 
     # -- per-frame path --------------------------------------------------------------------------------
-    def preprocess(self, img: np.ndarray, order: str, roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    def preprocess(self, img: np.ndarray, order: str,
+                   roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """ROI crop (view) -> resize (from the buffer) -> colour on the small image -> normalised tensor."""
         if roi is not None:
             x, y, rw, rh = roi
@@ -179,20 +180,22 @@ class Engine:
         x *= self._inv_std
         return x
 
+    def _run_batches(self, images: np.ndarray, order: str, batch_size: int) -> list[np.ndarray]:
+        starts = range(0, len(images), batch_size)
+        batches = (self.prepare_batch(images[i:i + batch_size], order) for i in starts)
+        return [self.session.run([self._out_name], {self._in_name: x})[0] for x in batches]
+
     def features_batch(self, images: np.ndarray, order: str = 'rgb', batch_size: int = 256) -> np.ndarray:
         """Backbone features [N,D] for a batch of images (not available in full mode)."""
         if self.mode == 'full':
             raise EngineError('features are not available in deployment mode full')
-        out = [self.session.run([self._out_name], {self._in_name: self.prepare_batch(images[i:i + batch_size], order)})[0]
-               for i in range(0, len(images), batch_size)]
+        out = self._run_batches(images, order, batch_size)
         return np.concatenate(out) if out else np.zeros((0, self.bundle.feature_size), np.float32)
 
     def predict_batch(self, images: np.ndarray, order: str = 'rgb', batch_size: int = 256) -> np.ndarray:
         """Class probabilities [N,C] for a batch of images with the current head."""
         if self.mode == 'full':
-            out = [self.session.run([self._out_name], {self._in_name: self.prepare_batch(images[i:i + batch_size], order)})[0]
-                   for i in range(0, len(images), batch_size)]
-            return softmax(np.concatenate(out).astype(np.float32))
+            return softmax(np.concatenate(self._run_batches(images, order, batch_size)).astype(np.float32))
         return softmax(self.head.logits(self.features_batch(images, order, batch_size)))
 
 

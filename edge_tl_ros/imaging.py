@@ -51,7 +51,8 @@ def image_view(encoding: str, height: int, width: int, step: int, is_bigendian: 
     spec = ENCODINGS.get(encoding)
     if spec is None:
         raise FrameError('unsupported_encoding',
-                         f'encoding {encoding!r} is not supported (use one of {", ".join(SUPPORTED_ENCODINGS)})')
+                         f'encoding {encoding!r} is not supported '
+                         f'(use one of {", ".join(SUPPORTED_ENCODINGS)})')
     channels, dtype, order = spec
     if height <= 0 or width <= 0:
         raise FrameError('empty_image', f'image is {width}x{height}')
@@ -120,7 +121,8 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return img, 'bgr'
 
 
-def encode_compressed(rgb_or_bgr: np.ndarray, order: str = 'bgr', fmt: str = 'jpeg', quality: int = 90) -> bytes:
+def encode_compressed(rgb_or_bgr: np.ndarray, order: str = 'bgr', fmt: str = 'jpeg',
+                      quality: int = 90) -> bytes:
     """Encode an ``HxWx3`` uint8 image as JPEG or PNG bytes (for bags and tests)."""
     img = rgb_or_bgr if order == 'bgr' else cv2.cvtColor(rgb_or_bgr, cv2.COLOR_RGB2BGR)
     if fmt == 'jpeg':

@@ -113,7 +113,8 @@ def toy_frames(rng: np.random.Generator, n: int, size: int = 16, shifted: bool =
     """``n`` RGB uint8 frames [n,size,size,3] of random toy classes (or the given ``labels``)."""
     if labels is None:
         labels = rng.integers(0, len(TOY_CLASSES), n)
-    base = np.eye(3, dtype=np.float32)[labels] * rng.uniform(0.55, 0.95, (n, 1)) + rng.uniform(0, 0.25, (n, 3))
+    base = np.eye(3, dtype=np.float32)[labels] * rng.uniform(0.55, 0.95, (n, 1))
+    base += rng.uniform(0, 0.25, (n, 3))
     if shifted:
         base = base @ SHIFT.T
     pix = base[:, None, None, :] + rng.normal(0, 0.05, (n, size, size, 3))

@@ -111,8 +111,10 @@ def cmd_up(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser('up', help='run perception + adaptation in one process (like the launch file)',
                        description=__doc__)
-    p.add_argument('--params-file', default=str(default_config()), help='ROS params YAML (default: %(default)s)')
-    p.add_argument('--camera-topic', default='/camera/image', help='camera image topic (default: %(default)s)')
+    p.add_argument('--params-file', default=str(default_config()),
+                   help='ROS params YAML (default: %(default)s)')
+    p.add_argument('--camera-topic', default='/camera/image',
+                   help='camera image topic (default: %(default)s)')
     p.add_argument('--namespace', default='', help='namespace for both nodes')
     p.add_argument('--model-bundle', default='', help='model bundle directory (default: from the YAML)')
     p.add_argument('--state-dir', default='', help='head versions + frame store directory')

@@ -31,7 +31,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 from vision_msgs.msg import Classification, ObjectHypothesis
 
-from ..bundle import BundleError, HeadRegistry, default_model_path, default_state_dir, load_bundle
+from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
 from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
 
@@ -53,7 +53,8 @@ def _desc(text: str, read_only: bool = False, int_range=None, float_range=None,
 
 # name -> (default, descriptor kwargs); the single source for README and config/edge_tl.yaml checks
 PARAMETERS = {
-    'model_bundle': ('', dict(text='Model bundle directory ("" = shipped models/gtsrb_student).',
+    'model_bundle': ('', dict(text='Model bundle directory ("" = shipped gtsrb_student; a bare name = '
+                                   'a shipped bundle).',
                               read_only=True)),
     'state_dir': ('', dict(text='Directory of adapted head versions, shared with the adaptation node '
                                 '("" = $ROS_HOME/edge_tl_ros/<bundle name>).', read_only=True)),
@@ -95,7 +96,7 @@ class PerceptionNode(Node):
         for name, (default, dkw) in PARAMETERS.items():
             self.declare_parameter(name, default, _desc(**dkw))
         p = self._p
-        bundle_path = p('model_bundle') or str(default_model_path())
+        bundle_path = resolve_bundle_path(p('model_bundle'))
         self.bundle = load_bundle(bundle_path)  # raises BundleError with one clear message
         self.registry = HeadRegistry(self.bundle, p('state_dir') or default_state_dir(self.bundle.name))
         self.mode = p('deployment_mode')

@@ -1,0 +1,57 @@
+"""Launch perception_node (+ adaptation_node) with config/edge_tl.yaml.
+
+    ros2 launch edge_tl_ros edge_tl.launch.py camera_topic:=/front_camera/image_raw use_adaptation:=true
+
+The same graph runs in one process without launch_ros as ``edge-tl up`` (same YAML, same remaps).
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch_ros.actions import Node
+
+
+def generate_launch_description():
+    share = get_package_share_directory('edge_tl_ros')
+    default_params = os.path.join(share, 'config', 'edge_tl.yaml')
+
+    camera_topic = LaunchConfiguration('camera_topic')
+    model_bundle = LaunchConfiguration('model_bundle')
+    use_adaptation = LaunchConfiguration('use_adaptation')
+    use_compressed = LaunchConfiguration('use_compressed')
+    namespace = LaunchConfiguration('namespace')
+    params_file = LaunchConfiguration('params_file')
+    state_dir = LaunchConfiguration('state_dir')
+
+    args = [
+        DeclareLaunchArgument('camera_topic', default_value='/camera/image',
+                              description='sensor_msgs/Image topic to classify (+ /compressed)'),
+        DeclareLaunchArgument('model_bundle',
+                              default_value=os.path.join(share, 'models', 'gtsrb_student'),
+                              description='student model bundle directory'),
+        DeclareLaunchArgument('use_adaptation', default_value='true',
+                              description='also run adaptation_node (on-robot head fine-tuning)'),
+        DeclareLaunchArgument('use_compressed', default_value='false',
+                              description='subscribe <camera_topic>/compressed (JPEG/PNG) as well'),
+        DeclareLaunchArgument('namespace', default_value='', description='namespace for both nodes'),
+        DeclareLaunchArgument('params_file', default_value=default_params,
+                              description='ROS parameters YAML for both nodes'),
+        DeclareLaunchArgument('state_dir', default_value='',
+                              description='head versions + frame store '
+                                          '("" = $ROS_HOME/edge_tl_ros/<bundle>)'),
+    ]
+    remaps = [('image', camera_topic),
+              ('image/compressed', PythonExpression(["'", camera_topic, "' + '/compressed'"]))]
+    overrides = {'model_bundle': model_bundle, 'use_compressed': use_compressed, 'state_dir': state_dir}
+
+    perception = Node(package='edge_tl_ros', executable='perception_node', name='perception',
+                      namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
+                      output='screen', emulate_tty=True)
+    adaptation = Node(package='edge_tl_ros', executable='adaptation_node', name='adaptation',
+                      namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
+                      output='screen', emulate_tty=True, condition=IfCondition(use_adaptation))
+    return LaunchDescription(args + [perception, adaptation])

@@ -1,0 +1,166 @@
+"""launch/edge_tl.launch.py structure (launch_ros is not installable here) and `edge-tl up`.
+
+The launch file is executed for real against recording stand-ins of the launch API, so the checks
+see exactly the actions it builds; the nodes are then started with the shipped YAML on real rclpy.
+"""
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / 'launch' / 'edge_tl.launch.py'
+CONFIG = ROOT / 'config' / 'edge_tl.yaml'
+
+
+class _Rec:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class LaunchConfiguration(_Rec):
+    used: set = set()
+
+    def __init__(self, name, *a, **k):
+        super().__init__(name, *a, **k)
+        LaunchConfiguration.used.add(name)
+
+
+def _run_launch_file():
+    mods = {n: types.ModuleType(n) for n in (
+        'launch', 'launch.actions', 'launch.conditions', 'launch.substitutions', 'launch_ros',
+        'launch_ros.actions', 'ament_index_python', 'ament_index_python.packages')}
+    mods['launch'].LaunchDescription = type('LaunchDescription', (_Rec,), {})
+    mods['launch.actions'].DeclareLaunchArgument = type('DeclareLaunchArgument', (_Rec,), {})
+    mods['launch.conditions'].IfCondition = type('IfCondition', (_Rec,), {})
+    mods['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
+    mods['launch.substitutions'].PythonExpression = type('PythonExpression', (_Rec,), {})
+    mods['launch_ros.actions'].Node = type('Node', (_Rec,), {})
+    mods['ament_index_python.packages'].get_package_share_directory = lambda pkg: str(ROOT)
+    saved = {n: sys.modules.get(n) for n in mods}
+    sys.modules.update(mods)
+    try:
+        LaunchConfiguration.used = set()
+        spec = importlib.util.spec_from_file_location('edge_tl_launch', LAUNCH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.generate_launch_description()
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _console_scripts():
+    tree = ast.parse((ROOT / 'setup.py').read_text())
+    scripts = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and '=' in node.value \
+                and ':' in node.value:
+            name, target = (s.strip() for s in node.value.split('=', 1))
+            scripts[name] = target
+    return scripts
+
+
+def test_launch_file_structure():
+    ld = _run_launch_file()
+    actions = ld.args[0]
+    declared = {a.args[0] for a in actions if type(a).__name__ == 'DeclareLaunchArgument'}
+    nodes = [a for a in actions if type(a).__name__ == 'Node']
+    assert {'camera_topic', 'model_bundle', 'use_adaptation', 'use_compressed', 'namespace'} <= declared
+    assert declared == LaunchConfiguration.used, 'every launch argument is used, every use is declared'
+    scripts = _console_scripts()
+    assert {n.kwargs['executable'] for n in nodes} == {'perception_node', 'adaptation_node'}
+    for n in nodes:
+        assert n.kwargs['package'] == 'edge_tl_ros'
+        assert n.kwargs['executable'] in scripts, 'launch references an executable setup.py declares'
+        module, func = scripts[n.kwargs['executable']].split(':')
+        assert callable(getattr(importlib.import_module(module), func))
+        params_file = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'
+                           and a.args[0] == 'params_file').kwargs['default_value']
+        assert Path(params_file).is_file()
+    assert sum(1 for n in nodes if 'condition' in n.kwargs) == 1  # adaptation is optional
+
+
+def _yaml_params():
+    data = yaml.safe_load(CONFIG.read_text())
+    return {key.split('/')[-1]: val['ros__parameters'] for key, val in data.items()}
+
+
+def test_every_yaml_parameter_is_declared_by_its_node(ros_context, tmp_path):
+    from rclpy.parameter import Parameter
+
+    from edge_tl_ros.nodes.adaptation_node import AdaptationNode
+    from edge_tl_ros.nodes.perception_node import PerceptionNode
+    from edge_tl_ros.toy import make_toy_bundle
+
+    toy = make_toy_bundle(tmp_path / 'toy')
+    params = _yaml_params()
+    assert set(params) == {'perception', 'adaptation'}
+    over = [Parameter('model_bundle', value=str(toy)), Parameter('state_dir', value=str(tmp_path / 's'))]
+    for cls, name in ((PerceptionNode, 'perception'), (AdaptationNode, 'adaptation')):
+        extra = [Parameter('teacher_bundle', value='')] if name == 'adaptation' else []
+        node = cls(context=ros_context, cli_args=['--ros-args', '--params-file', str(CONFIG)],
+                   parameter_overrides=over + extra)
+        try:
+            for key, value in params[name].items():
+                assert node.has_parameter(key), f'{name}: {key} in the YAML is not declared'
+                if key not in ('model_bundle', 'state_dir', 'teacher_bundle'):
+                    assert node.get_parameter(key).value == value or \
+                        list(node.get_parameter(key).value) == value, key
+        finally:
+            node.destroy_node()
+
+
+def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
+    """`edge-tl up` (subprocess, shipped YAML) starts both nodes and answers a real frame."""
+    import rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from vision_msgs.msg import Classification
+
+    from edge_tl_ros.imaging import image_fields
+    from edge_tl_ros.toy import make_toy_bundle
+
+    toy = make_toy_bundle(tmp_path / 'toy')
+    env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain), PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'edge_tl_ros.cli', 'up', '--model-bundle', str(toy), '--state-dir',
+         str(tmp_path / 'state'), '--camera-topic', '/cam/image'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = rclpy.create_node('probe', context=ros_context)
+    got = []
+    node.create_subscription(Classification, '/perception/classification', got.append, 10)
+    pub = node.create_publisher(Image, '/cam/image',
+                                QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[..., 1] = 210
+    try:
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline and proc.poll() is None:
+            msg = Image(**image_fields(img, 'rgb8'))
+            msg.header.stamp.sec = 42
+            pub.publish(msg)
+            rclpy.spin_once(node, timeout_sec=0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        assert got, 'no classification from edge-tl up'
+        assert got[0].results[0].class_id == 'green' and got[0].header.stamp.sec == 42
+        names = {n for n, _ in node.get_node_names_and_namespaces()}
+        assert {'perception', 'adaptation'} <= names
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        node.destroy_node()
