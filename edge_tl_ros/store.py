@@ -3,15 +3,14 @@
 Layout: ``<root>/f_<stamp_ns:020d>.npz``, one file per entry, keyed by the frame's header stamp (ns).
 Each file is an uncompressed npz (no pickle) written with :func:`~edge_tl_ros.atomic.atomic_write_bytes`
 (unique temp file + fsync + rename), so a reader -- this process after a crash, or a second process --
-only ever sees complete entries. An entry holds
+only ever sees complete entries. An entry holds four arrays (few arrays = fast scans):
 
+    meta        uint8 [J]    UTF-8 JSON: stamp (the frame's header stamp in ns, the key labels refer to),
+                             created (wall-clock write time, for age eviction), label (class name,
+                             '' = unlabelled), source ('' | 'topic' | 'teacher' | 'self'), top, conf
+    features    float32 [D]  the student backbone's features of the frame
+    probs       float32 [C]  the student's class probabilities
     crop        uint8 [K]    PNG bytes of a small RGB crop (cv2.imencode)
-    features    float32 [D]  the student backbone's features of that crop
-    probs       float32 [C]  the student's class probabilities; top (int64) and conf (float32)
-    label       str          class name, '' = unlabelled
-    source      str          '' | 'topic' | 'teacher' | 'self'
-    stamp       int64        the frame's header stamp in ns (the key labels refer to)
-    created     float64      wall-clock time the entry was written (age eviction)
 
 Bounds (count, bytes, age) hold at all times: room is made (oldest ``created`` first) *before* a new
 file is written. A write that fails with OSError (ENOSPC, EFBIG, EDQUOT, EIO) drops that entry, is
@@ -23,6 +22,7 @@ temp files of crashed writers are deleted. Nothing in the store is ever publishe
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import threading
@@ -33,13 +33,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_bytes, load_npz, npz_bytes
+from .atomic import atomic_write_bytes, npz_bytes
 
 LABEL_SOURCES = ('topic', 'teacher', 'self')
 # a label from a more trusted source is never overwritten by a less trusted one
 SOURCE_RANK = {'': 0, 'self': 1, 'teacher': 2, 'topic': 3}
 _NAME = re.compile(r'^f_(\d{1,20})\.npz$')
-_REQUIRED = ('crop', 'features', 'probs', 'top', 'conf', 'label', 'source', 'stamp', 'created')
+_REQUIRED = ('meta', 'features', 'probs', 'crop')
+_META_KEYS = ('stamp', 'created', 'label', 'source', 'top', 'conf')
 STALE_TMP_S = 60.0  # temp files older than this at start-up belong to a crashed writer
 
 
@@ -48,8 +49,8 @@ class _Meta:
     path: Path
     size: int
     created: float
-    label: str
-    source: str
+    label: str | None  # None: not read yet (read-only stores scan names only)
+    source: str | None
 
 
 @dataclass
@@ -78,7 +79,10 @@ class FrameStore:
 
     ``max_age_s <= 0`` disables age eviction. ``crop_size`` is the (height, width) crops are stored at.
     ``readonly=True`` opens an existing store for reading only (a round's worker process): nothing is
-    deleted, evicted or written.
+    deleted, evicted or written, and the start-up scan only lists files (corrupt entries are skipped
+    when :meth:`entries` reads them).
+    A second process may write into the same directory (unique temp names, atomic renames); this
+    instance sees its entries after :meth:`rescan`, and the caps apply to the entries it knows.
     """
 
     def __init__(self, root: str | os.PathLike, max_entries: int = 2000, max_bytes: int = 64 << 20,
@@ -137,6 +141,12 @@ class FrameStore:
                     m = _NAME.match(name)
                     if not m:
                         continue
+                    if self.readonly:  # a round's worker: entries() validates what it reads
+                        try:
+                            index[int(m.group(1))] = _Meta(p, p.stat().st_size, 0.0, None, None)
+                        except OSError:
+                            pass
+                        continue
                     meta = self._read_meta(p, int(m.group(1)))
                     if meta is None:
                         self.corrupt_removed += 1
@@ -153,14 +163,13 @@ class FrameStore:
 
     @staticmethod
     def _read_meta(path: Path, stamp: int) -> _Meta | None:
+        z = _read(path, ('meta',))
+        if z is None or z['meta']['stamp'] != stamp:
+            return None
+        m = z['meta']
         try:
-            z = load_npz(path)
-            if any(k not in z for k in _REQUIRED) or int(z['stamp']) != stamp:
-                return None
-            if z['features'].ndim != 1 or z['crop'].dtype != np.uint8:
-                return None
-            return _Meta(path, path.stat().st_size, float(z['created']), str(z['label']), str(z['source']))
-        except (ValueError, OSError):
+            return _Meta(path, path.stat().st_size, float(m['created']), str(m['label']), str(m['source']))
+        except OSError:
             return None
 
     # -- bounds ----------------------------------------------------------------------------------------
@@ -235,11 +244,10 @@ class FrameStore:
         probs = np.asarray(probs, np.float32).reshape(-1)
         created = time.time() if created is None else float(created)
         top = int(np.argmax(probs)) if probs.size else -1
-        data = npz_bytes(
-            crop=self.encode_crop(image_rgb), features=np.asarray(features, np.float32).reshape(-1),
-            probs=probs, top=np.int64(top), conf=np.float32(probs[top] if probs.size else 0.0),
-            label=np.str_(label or ''), source=np.str_(source if label else ''), stamp=np.int64(stamp_ns),
-            created=np.float64(created))
+        meta = {'stamp': stamp_ns, 'created': created, 'label': label or '',
+                'source': source if label else '', 'top': top,
+                'conf': float(probs[top]) if probs.size else 0.0}
+        data = _pack(meta, np.asarray(features, np.float32).reshape(-1), probs, self.encode_crop(image_rgb))
         return self._write(stamp_ns, data, created, label or '', source if label else '')
 
     def _write(self, stamp_ns: int, data: bytes, created: float, label: str, source: str) -> bool:
@@ -284,14 +292,12 @@ class FrameStore:
                 return False
             if not force and SOURCE_RANK.get(meta.source, 0) > SOURCE_RANK[source]:
                 return False
-            try:
-                z = load_npz(meta.path)
-            except ValueError:
+            z = _read(meta.path, _REQUIRED)
+            if z is None:
                 self._index.pop(stamp_ns, None)  # vanished (another process evicted it) or corrupt
                 return False
-            z['label'] = np.str_(label)
-            z['source'] = np.str_(source)
-            data = npz_bytes(**z)
+            z['meta'].update(label=label, source=source)
+            data = _pack(z['meta'], z['features'], z['probs'], z['crop'])
             # the rewrite may grow the entry by a few bytes: make room as for a new entry (never evicting
             # this one), then replace the file atomically; on failure the old file is intact
             self._index.pop(stamp_ns)
@@ -334,7 +340,8 @@ class FrameStore:
         with self._lock:
             out = {'unlabelled': 0, **{s: 0 for s in LABEL_SOURCES}}
             for m in self._index.values():
-                out[m.source or 'unlabelled'] = out.get(m.source or 'unlabelled', 0) + 1
+                k = 'unknown' if m.source is None else (m.source or 'unlabelled')
+                out[k] = out.get(k, 0) + 1
             return out
 
     def stats(self) -> dict:
@@ -346,17 +353,16 @@ class FrameStore:
                     'corrupt_removed': self.corrupt_removed,
                     'label_errors': self.label_errors, 'last_error': self.last_error}
 
-    def _load_entries(self, stamps) -> list[dict]:
+    def _load_entries(self, stamps, keys=('meta', 'features', 'probs')) -> list[dict]:
         out = []
         with self._lock:
             metas = [(s, self._index.get(s)) for s in stamps]
         for s, meta in metas:
             if meta is None:
                 continue
-            try:
-                z = load_npz(meta.path)
-            except ValueError:
-                continue  # evicted by another process since the scan
+            z = _read(meta.path, keys)
+            if z is None or z['meta']['stamp'] != s:
+                continue  # evicted by another process since the scan, or corrupt
             out.append(z)
         return out
 
@@ -368,24 +374,26 @@ class FrameStore:
         """
         with self._lock:
             stamps = [s for s, m in sorted(self._index.items())
-                      if (not labelled_only or m.label) and (sources is None or m.source in sources)]
+                      if (not labelled_only or m.label is None or m.label)
+                      and (sources is None or m.source is None or m.source in sources)]
         zs = self._load_entries(stamps)
         if feature_size is None and zs:
             feature_size = int(zs[-1]['features'].shape[0])
-        zs = [z for z in zs if z['features'].shape[0] == feature_size
-              and (not labelled_only or str(z['label']))
-              and (sources is None or str(z['source']) in sources)]
+        zs = [z for z in zs if z['features'].shape == (feature_size,)
+              and (not labelled_only or z['meta']['label'])
+              and (sources is None or z['meta']['source'] in sources)]
         d = feature_size or 0
+        ms = [z['meta'] for z in zs]
         return StoreArrays(
-            stamps=np.array([int(z['stamp']) for z in zs], np.int64),
+            stamps=np.array([int(m['stamp']) for m in ms], np.int64),
             features=(np.stack([z['features'] for z in zs]).astype(np.float32) if zs
                       else np.zeros((0, d), np.float32)),
             probs=[z['probs'] for z in zs],
-            top=np.array([int(z['top']) for z in zs], np.int64),
-            conf=np.array([float(z['conf']) for z in zs], np.float32),
-            labels=[str(z['label']) or None for z in zs],
-            sources=[str(z['source']) for z in zs],
-            created=np.array([float(z['created']) for z in zs], np.float64))
+            top=np.array([int(m['top']) for m in ms], np.int64),
+            conf=np.array([float(m['conf']) for m in ms], np.float32),
+            labels=[str(m['label']) or None for m in ms],
+            sources=[str(m['source']) for m in ms],
+            created=np.array([float(m['created']) for m in ms], np.float64))
 
     def labelled(self, sources=None, feature_size: int | None = None) -> StoreArrays:
         """Labelled entries (from ``sources``, default all) as arrays."""
@@ -393,17 +401,41 @@ class FrameStore:
 
     def crops(self, stamps) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB crops ``[K, h, w, 3]`` of the given stamps and the stamps actually found."""
-        zs = self._load_entries([int(s) for s in stamps])
+        zs = self._load_entries([int(s) for s in stamps], keys=('meta', 'crop'))
         imgs, found = [], []
         for z in zs:
             img = cv2.imdecode(z['crop'], cv2.IMREAD_COLOR)
             if img is None:
                 continue
             imgs.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-            found.append(int(z['stamp']))
+            found.append(int(z['meta']['stamp']))
         if not imgs:
             h, w = self.crop_size
             return np.zeros((0, h, w, 3), np.uint8), np.zeros(0, np.int64)
         shape = imgs[0].shape
         keep = [i for i, im in enumerate(imgs) if im.shape == shape]
         return np.stack([imgs[i] for i in keep]), np.array([found[i] for i in keep], np.int64)
+
+
+def _pack(meta: dict, features: np.ndarray, probs: np.ndarray, crop: np.ndarray) -> bytes:
+    return npz_bytes(meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), features=features,
+                     probs=probs, crop=crop)
+
+
+def _read(path: Path, keys) -> dict | None:
+    """The arrays ``keys`` of an entry (``meta`` decoded), or None if it is missing, truncated or corrupt."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not set(_REQUIRED) <= set(z.files):
+                return None
+            out = {k: z[k] for k in keys}
+        if 'meta' in out:
+            meta = json.loads(out['meta'].tobytes().decode())
+            if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
+                return None
+            out['meta'] = meta
+        if 'features' in out and (out['features'].ndim != 1 or out['features'].dtype != np.float32):
+            return None
+        return out
+    except Exception:  # OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeError, ...
+        return None
