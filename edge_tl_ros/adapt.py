@@ -428,6 +428,8 @@ def _worker_init(nice_level: int, threads: int) -> None:
 def _round_job(job: dict) -> RoundResult:
     from .bundle import load_bundle
 
+    startup = time.time() - job['spawned_at'] if job.get('spawned_at') else None
+    t0 = time.perf_counter()
     bundle = load_bundle(job['bundle_path'], check_onnx=False)
     registry = HeadRegistry(bundle, job['state_dir'])
     if job.get('base_version') is None:
@@ -437,6 +439,7 @@ def _round_job(job: dict) -> RoundResult:
     cfg = AdaptConfig(**job['config'])
     store = FrameStore(job['store_root'], readonly=True)
     arr = store.entries(feature_size=head.feature_size)
+    t_load = time.perf_counter() - t0
     teacher_labels: dict[int, str] = {}
     if job.get('teacher_bundle') and 'teacher' in cfg.label_sources:
         labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1))
@@ -444,7 +447,9 @@ def _round_job(job: dict) -> RoundResult:
         arr = overlay_labels(arr, teacher_labels)
     result = Adapter(bundle, registry, cfg).run_round(arr, head)
     result.teacher_labels = teacher_labels
-    result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0),
+    result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0), 'load_seconds': round(t_load, 3),
+                                'startup_seconds': None if startup is None else round(startup, 3),
+                                'job_seconds': round(time.perf_counter() - t0, 3),
                                 'blas_threads': os.environ.get('OPENBLAS_NUM_THREADS'),
                                 'teacher_labels': len(teacher_labels)}
     return result
@@ -489,6 +494,8 @@ def run_round_in_subprocess(bundle_path, state_dir, store_root, config: AdaptCon
     proc = ctx.Process(target=_round_worker, args=(send, int(nice_level), int(threads), job), daemon=True,
                        name='edge_tl_adapt_round')
     t0 = time.monotonic()
+    t_spawn = time.time()
+    job['spawned_at'] = t_spawn
     # BLAS reads its thread count at import: the spawned interpreter inherits these at exec time
     with _ENV_LOCK:
         saved = {k: os.environ.get(k) for k in _THREAD_VARS}
