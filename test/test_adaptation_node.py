@@ -202,6 +202,17 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         io.node.destroy_node()
 
 
+def test_bad_teacher_degrades_and_bad_parameters_refuse_start(ros_context, toy, tmp_path):
+    node = make_node(ros_context, toy, tmp_path / 'state', teacher_bundle=str(tmp_path / 'no_teacher'))
+    try:
+        s = node.status()
+        assert s['teacher'] is None and 'teacher_bundle unusable' in s['teacher_error']
+    finally:
+        node.destroy_node()
+    with pytest.raises(ValueError, match='label_sources'):
+        make_node(ros_context, toy, tmp_path / 'state', label_sources=['topic', 'oracle'])
+
+
 def _accuracy(io, stamps, labels):
     got = [io.cls.get(s) for s in stamps]
     pairs = [(g, TOY_CLASSES[y]) for g, y in zip(got, labels) if g is not None]

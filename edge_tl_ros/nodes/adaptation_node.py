@@ -43,7 +43,7 @@ from std_srvs.srv import Trigger
 from vision_msgs.msg import Classification
 
 from ..adapt import POLICIES, AdaptConfig, Adapter, run_round_in_subprocess
-from ..bundle import BundleError, HeadRegistry, default_model_path, default_state_dir, load_bundle
+from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import Engine, EngineError
 from ..imaging import FrameError, decode_compressed, image_view, to_order
 from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
@@ -68,9 +68,11 @@ def _desc(text: str, read_only: bool = False, int_range=None, float_range=None,
 
 # name -> (default, descriptor kwargs)
 PARAMETERS = {
-    'model_bundle': ('', dict(text='Student model bundle directory ("" = shipped models/gtsrb_student); '
-                                   'the same as the perception node\'s.', read_only=True)),
-    'teacher_bundle': ('', dict(text='Teacher bundle for pseudo-labels ("" = none).', read_only=True)),
+    'model_bundle': ('', dict(text='Student model bundle: a directory or the name of a shipped bundle '
+                                   '("" = gtsrb_student); the same as the perception node\'s.',
+                              read_only=True)),
+    'teacher_bundle': ('', dict(text='Teacher bundle for pseudo-labels: a directory or the name of a '
+                                     'shipped bundle ("" = none).', read_only=True)),
     'state_dir': ('', dict(text='Directory of head versions, shared with the perception node '
                                 '("" = $ROS_HOME/edge_tl_ros/<bundle name>).', read_only=True)),
     'store_dir': ('', dict(text='Frame store directory ("" = <state_dir>/store).', read_only=True)),
@@ -139,7 +141,7 @@ class AdaptationNode(Node):
         if err:
             raise ValueError(err)
         p = self._p
-        self.bundle = load_bundle(p('model_bundle') or str(default_model_path()))
+        self.bundle = load_bundle(resolve_bundle_path(p('model_bundle')))
         self.state_dir = p('state_dir') or str(default_state_dir(self.bundle.name))
         self.registry = HeadRegistry(self.bundle, self.state_dir)
         head, warn = self.registry.load_current_or_fallback()
@@ -152,9 +154,15 @@ class AdaptationNode(Node):
         if self.store.corrupt_removed:
             self.get_logger().warning(f'frame store: removed {self.store.corrupt_removed} corrupt entries')
         self.adapter = Adapter(self.bundle, self.registry, self._config())
-        self.teacher = p('teacher_bundle') or None
-        if self.teacher:
-            load_bundle(self.teacher, check_onnx=False)  # fail at start-up, not in the first round
+        self.teacher: str | None = None
+        self.teacher_error: str | None = None
+        if p('teacher_bundle'):
+            try:  # check now, not in the first round; a bad teacher costs its labels, not the node
+                tb = load_bundle(resolve_bundle_path(p('teacher_bundle')))
+                self.teacher = str(tb.root)
+            except BundleError as e:
+                self.teacher_error = f'teacher_bundle unusable, running without teacher labels: {e}'
+                self.get_logger().error(self.teacher_error)
 
         # worker state (frames/labels are handed over through deques; the worker owns the store writes)
         self._frames: collections.deque = collections.deque(maxlen=16)
@@ -546,7 +554,7 @@ class AdaptationNode(Node):
             'pending_labels': len(self._pending), 'new_since_round': self._since_round,
             'round': {'running': self.round_running, 'pid': self.round_pid, 'count': self.rounds,
                       'last': self.last_round},
-            'reload': self.reload, 'teacher': self.teacher,
+            'reload': self.reload, 'teacher': self.teacher, 'teacher_error': self.teacher_error,
         }
 
     def _publish_status(self) -> None:
@@ -565,6 +573,8 @@ class AdaptationNode(Node):
         elif s['dropped']:
             st.level = DiagnosticStatus.WARN
             st.message = f'{s["dropped"]} frames not stored ({s["last_error"]})'
+        elif self.teacher_error:
+            st.level, st.message = DiagnosticStatus.WARN, self.teacher_error
         elif self.counters['frames_bad']:
             st.level, st.message = DiagnosticStatus.WARN, f'bad frames: {dict(self.bad_reasons)}'
         elif self.round_running:
