@@ -26,13 +26,13 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 from vision_msgs.msg import Classification, ObjectHypothesis  # noqa: E402
 
 from edge_tl_ros.bundle import HeadRegistry, load_bundle  # noqa: E402
-from edge_tl_ros.imaging import image_fields  # noqa: E402
+from edge_tl_ros.imaging import encode_compressed, image_fields  # noqa: E402
 from edge_tl_ros.nodes.adaptation_node import AdaptationNode  # noqa: E402
 from edge_tl_ros.store import FrameStore  # noqa: E402
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames  # noqa: E402
@@ -211,6 +211,41 @@ def test_bad_teacher_degrades_and_bad_parameters_refuse_start(ros_context, toy, 
         node.destroy_node()
     with pytest.raises(ValueError, match='label_sources'):
         make_node(ros_context, toy, tmp_path / 'state', label_sources=['topic', 'oracle'])
+
+
+def test_compressed_sampling_late_labels_and_auto_round(ros_context, toy, tmp_path):
+    """image/compressed; unlabelled frames sampled + kept (uniform, all); labels arrive later; the
+    adapt_every_n_labels trigger starts a round by itself."""
+    ctx = ros_context
+    node = make_node(ctx, toy, tmp_path / 'state', use_compressed=True, sample_rate_hz=1000.0,
+                     selection='uniform', keep_fraction=1.0, adapt_every_n_labels=6, min_labelled=2)
+    io = IO(ctx)
+    pub = io.node.create_publisher(CompressedImage, 'image/compressed',
+                                   QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+    ex, _ = spin(ctx, node, io.node)
+    try:
+        assert wait_for(lambda: pub.get_subscription_count(), 10)
+        imgs, y = toy_frames(np.random.default_rng(2), 6, shifted=True)
+        msgs = []
+        for i, img in enumerate(imgs):
+            m = CompressedImage(format='png', data=encode_compressed(img, 'rgb', 'png'))
+            m.header.stamp.sec = 7000 + i
+            msgs.append(m)
+            pub.publish(m)
+            time.sleep(0.1)  # > 1 / sample_rate: every frame is sampled
+        assert wait_for(lambda: len(node.store) == 6, 10), node.status()
+        assert node.store.label_counts()['unlabelled'] == 6
+        for m, lab in zip(msgs, y):
+            io.pub_lab.publish(Classification(header=m.header, results=[
+                ObjectHypothesis(class_id=TOY_CLASSES[lab], score=1.0)]))
+        assert wait_for(lambda: node.store.label_counts()['topic'] == 6, 10), node.status()
+        assert wait_for(lambda: node.rounds == 1, 30), node.status()
+        assert node.last_round['trigger'] == 'new labels' and not node.last_round['accepted']
+        assert HeadRegistry(load_bundle(toy), tmp_path / 'state').current_version == 0
+    finally:
+        ex.shutdown()
+        node.destroy_node()
+        io.node.destroy_node()
 
 
 def _accuracy(io, stamps, labels):
