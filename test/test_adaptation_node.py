@@ -62,7 +62,7 @@ class IO:
         self.pub_img = self.node.create_publisher(Image, 'image', rel)
         self.pub_lab = self.node.create_publisher(Classification, 'labels', rel)
         self.status = []
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+        latched = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.node.create_subscription(String, f'{adaptation}/status',
                                       lambda m: self.status.append(json.loads(m.data)), latched)
@@ -304,8 +304,9 @@ def test_end_to_end_with_perception_kill_and_restart(ros_context, ros_domain, to
         adapt.destroy_node()
         io.status.clear()
         proc = _start_adaptation_process(ros_domain, toy, state, log)
-        assert wait_for(lambda: io.last_status() and io.last_status()['head_version'] == 1, 30), \
+        assert wait_for(lambda: io.last_status() and io.last_status()['pid'] == proc.pid, 30), \
             (tmp_path / 'adaptation.log').read_text()
+        assert io.last_status()['head_version'] == 1
         assert io.last_status()['store']['entries'] >= 75  # the store survived the restart
         more, more_y = toy_frames(rng, 20, shifted=True)
         io.send(more, more_y, period=0.02)
@@ -334,7 +335,8 @@ def test_end_to_end_with_perception_kill_and_restart(ros_context, ros_domain, to
         # phase 5: restart again: last accepted head, store intact, rounds work
         io.status.clear()
         proc = _start_adaptation_process(ros_domain, toy, state, log)
-        assert wait_for(lambda: io.last_status() and io.last_status()['head_version'] == 1, 30)
+        assert wait_for(lambda: io.last_status() and io.last_status()['pid'] == proc.pid, 30)
+        assert io.last_status()['head_version'] == 1
         assert io.last_status()['label_counts']['topic'] >= 90
         assert io.call(io.adapt_now).success
         done = wait_for(lambda: (io.last_status()['round']['last'] or {}).get('reason'), 30)

@@ -545,7 +545,7 @@ class AdaptationNode(Node):
         except BundleError:
             current = None
         return {
-            'node': self.get_fully_qualified_name(), 'bundle': self.bundle.name,
+            'node': self.get_fully_qualified_name(), 'pid': os.getpid(), 'bundle': self.bundle.name,
             'head_version': self.engine.head.version, 'registry_version': current,
             'store': self.store.stats(), 'label_counts': self.store.label_counts(),
             'counters': dict(self.counters), 'bad_frames': dict(self.bad_reasons),
