@@ -105,13 +105,16 @@ def _clean(o):
     return o
 
 
-def write_result(name: str, data: dict, args, t_start: float | None = None) -> Path:
+def write_result(
+    name: str, data: dict, args, t_start: float | None = None, module: str | None = None
+) -> Path:
     out = {
         'name': name,
         'quick': bool(args.quick),
         'timestamp': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'command': ' '.join(
-            shlex.quote(a) for a in [Path(sys.executable).name, '-m', f'bench.{name}'] + sys.argv[1:]
+            shlex.quote(a)
+            for a in [Path(sys.executable).name, '-m', f'bench.{module or name}'] + sys.argv[1:]
         )
         if sys.argv and sys.argv[0]
         else None,
@@ -387,15 +390,16 @@ def run_session(
     )
     procs = [node]
     try:
-        if not wait_file(ready, 120, procs):
-            raise RuntimeError(f'node did not start in 120 s:\n{node.tail()}')
-        mon = ProcMonitor(node.pid)
+        # the receiver starts alongside the node (it waits for the classification publisher itself)
         rcfg = dict(recv_cfg, role='recv', out=str(workdir / 'recv.json'), ready=str(workdir / 'recv.ready'))
         (workdir / 'recv_cfg.json').write_text(json.dumps(rcfg))
         recv = Proc(
             ['-m', 'bench.traffic', str(workdir / 'recv_cfg.json')], env, workdir / 'recv.log', 'recv'
         )
         procs.append(recv)
+        if not wait_file(ready, 120, procs):
+            raise RuntimeError(f'node did not start in 120 s:\n{node.tail()}')
+        mon = ProcMonitor(node.pid)
         if not wait_file(workdir / 'recv.ready', 60, procs):
             raise RuntimeError(f'receiver not ready in 60 s:\n{recv.tail()}')
         pcfg = dict(pub_cfg, role='pub', out=str(workdir / 'pub.json'))
@@ -454,10 +458,11 @@ def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray
 
     rng = np.random.default_rng(seed)
     try:
-        from edge_tl_ros.data import load_gtsrb_npz
+        from edge_tl_ros.data import find_gtsrb_npz
 
-        _, test = load_gtsrb_npz()
-        imgs = test.images[rng.choice(len(test), n, replace=False)]
+        with np.load(find_gtsrb_npz(), allow_pickle=False) as z:
+            x = z['X_test']  # only this array is read
+        imgs = x[rng.choice(len(x), n, replace=False)]
         return np.stack(
             [cv2.resize(im[..., ::-1], (width, height), interpolation=cv2.INTER_LINEAR) for im in imgs]
         )

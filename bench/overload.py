@@ -105,7 +105,7 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str) 
 def run(args) -> dict:
     t_start = time.monotonic()
     bundle, binfo = common.resolve_bundle(args.bundle)
-    duration, warmup = (6, 2) if args.quick else (120, 10)
+    duration, warmup = (4, 1.5) if args.quick else (120, 10)
     runs = []
     for rate in (60.0, 120.0):
         print(f'[{NAME}] 640x480 @ {rate:g} Hz for {duration} s (+{warmup} s warm-up) ...', flush=True)

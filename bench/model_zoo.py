@@ -1,0 +1,292 @@
+"""model_zoo: teacher vs student(s) on the GTSRB test set: accuracy, GFLOPs, params, batch-1 latency.
+
+Variants (each only when its files exist): the teacher bundle (models/gtsrb_teacher) and the student
+bundle (models/gtsrb_student), each as ONNX Runtime fp32 (``full.onnx`` if present, else backbone +
+numpy head), ORT int8 (``backbone.int8.onnx`` + head) and torch eager (the same architecture from
+``edge_tl_ros.training.models.build_model``; its weights are untrained, so torch eager rows report latency
+only). Accuracy: top-1 on the GTSRB official test set (12630 images; 1000 with --quick) through
+``Engine.predict_batch``. Latency: one preprocessed 1x3xHxW tensor, model call only, median/p99 over
+repeated runs on 1 and 2 threads. GFLOPs and params come from the manifests when they record them,
+else they are counted from the ONNX graph (Conv/Gemm/MatMul multiply-accumulates x 2; initializers).
+The distillation ablation recorded in the student manifest is copied as is.
+
+    python -m bench.model_zoo [--quick] [--student DIR] [--teacher DIR] [--data PATH] [--results-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import common
+
+NAME = 'model_zoo'
+
+
+def onnx_cost(path) -> dict:
+    """MACs (Conv, Gemm, MatMul) of one image and parameter count of an ONNX model."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    m = onnx.load(str(path))
+    for inp in m.graph.input:  # batch 1
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].ClearField('dim_param')
+            dims[0].dim_value = 1
+    m = shape_inference.infer_shapes(m)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    inits = {t.name: t for t in m.graph.initializer}
+    for t in m.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    macs = 0
+    for n in m.graph.node:
+        if n.op_type == 'Conv' and n.output[0] in shapes and n.input[1] in shapes:
+            out = shapes[n.output[0]]
+            w = shapes[n.input[1]]  # [Cout, Cin/g, kh, kw]
+            macs += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+        elif n.op_type in ('Gemm', 'MatMul') and n.output[0] in shapes and n.input[0] in shapes:
+            a = shapes[n.input[0]]
+            macs += int(np.prod(shapes[n.output[0]][1:] or [1])) * int(a[-1] if a else 0)
+    params = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (1, 10, 11, 16)))
+    params_q = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (2, 3)))
+    del numpy_helper
+    return {'macs': macs, 'gflops': 2 * macs / 1e9, 'params_float': params, 'params_int8': params_q}
+
+
+def _find(d, words, prefix=''):
+    """Manifest entries whose key contains one of ``words`` (recursive), as {dotted key: value}."""
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f'{prefix}{k}'
+            if any(w in str(k).lower() for w in words):
+                out[key] = v
+            else:
+                out.update(_find(v, words, key + '.'))
+    return out
+
+
+def _manifest_number(m: dict, words) -> float | None:
+    for k, v in _find(m, words).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def time_ort(engine, reps: int) -> dict:
+    x = np.random.default_rng(0).standard_normal(engine._x.shape).astype(np.float32)
+    sess, name_in = engine.session, engine._in_name
+    for _ in range(max(3, reps // 10)):
+        sess.run(None, {name_in: x})
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, {name_in: x})
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return common.lat_summary(ts)
+
+
+def time_torch(model, size: int, threads: int, reps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.randn(1, 3, size, size)
+    model.eval()
+    ts = []
+    with torch.no_grad():
+        for _ in range(max(3, reps // 10)):
+            model(x)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return common.lat_summary(ts)
+
+
+def variants(root: Path, role: str):
+    """(label, engine kwargs) for the ORT variants of a bundle."""
+    from edge_tl_ros.bundle import load_bundle
+
+    b = load_bundle(root)
+    out = [
+        (
+            f'{role} ORT fp32',
+            dict(mode='full' if b.path('full') else 'feature_extractor', use_int8=False),
+            b.path('full') or b.path('backbone'),
+        )
+    ]
+    if b.path('backbone_int8'):
+        out.append(
+            (f'{role} ORT int8', dict(mode='feature_extractor', use_int8=True), b.path('backbone_int8'))
+        )
+    return b, out
+
+
+def run(args) -> dict:
+    t_start = time.monotonic()
+    try:
+        from edge_tl_ros.data import load_gtsrb_npz
+
+        _, test = load_gtsrb_npz(args.data)
+    except (FileNotFoundError, OSError) as e:
+        return common.skipped(NAME, f'GTSRB data absent: {e}', args, t_start)
+    from edge_tl_ros.bundle import BundleError
+    from edge_tl_ros.engine import Engine
+
+    roots = [
+        ('teacher', Path(args.teacher)),
+        ('student', Path(args.student or args.bundle or common.STUDENT)),
+    ]
+    present, missing = [], []
+    for role, root in roots:
+        try:
+            present.append((role, root, *variants(root, role)))
+        except BundleError as e:
+            missing.append(f'{role}: {e}')
+    if not any(r == 'student' for r, *_ in present):
+        return common.skipped(
+            NAME, 'trained student bundle absent (' + '; '.join(missing) + ')', args, t_start
+        )
+    n_eval = 1000 if args.quick else len(test)
+    reps = 20 if args.quick else 200
+    idx = np.random.default_rng(0).permutation(len(test))[:n_eval]
+    images, labels = test.images[idx], test.labels[idx]
+    rows = []
+    for role, root, b, vs in present:
+        m = b.manifest
+        mflops = _manifest_number(m, ('gflops',))
+        mparams = _manifest_number(m, ('params',))
+        h, w = b.input_size
+        for label, kw, onnx_path in vs:
+            print(f'[{NAME}] {label} ({b.name}, {h}x{w}) ...', flush=True)
+            eng = Engine(b, kw['mode'], num_threads=2, use_int8=kw['use_int8'])
+            t0 = time.perf_counter()
+            probs = eng.predict_batch(images, 'rgb', batch_size=256)
+            eval_s = time.perf_counter() - t0
+            acc = float(np.mean(np.argmax(probs, 1) == labels))
+            cost = onnx_cost(onnx_path)
+            lat = {}
+            for th in (1, 2):
+                e = Engine(b, kw['mode'], num_threads=th, use_int8=kw['use_int8'])
+                lat[f'{th}t'] = time_ort(e, reps)
+            rows.append(
+                {
+                    'model': label,
+                    'bundle': b.name,
+                    'architecture': m.get('architecture'),
+                    'input_size': h,
+                    'accuracy': acc,
+                    'n_test': int(n_eval),
+                    'gflops': mflops if mflops is not None and 'int8' not in label else cost['gflops'],
+                    'gflops_source': 'manifest'
+                    if mflops is not None and 'int8' not in label
+                    else 'onnx graph',
+                    'params': mparams if mparams is not None else cost['params_float'] + cost['params_int8'],
+                    'onnx_cost': cost,
+                    'latency_ms': lat['1t']['p50_ms'],
+                    'latency_1t': lat['1t'],
+                    'latency_2t': lat['2t'],
+                    'eval_images_per_s': n_eval / eval_s,
+                }
+            )
+        # torch eager, same architecture, untrained weights: latency only
+        try:
+            from edge_tl_ros.training.models import build_model
+
+            model = build_model(m.get('architecture'), len(b.class_names), input_size=h, pretrained=False)
+            lat = {f'{th}t': time_torch(model, h, th, max(5, reps // 4)) for th in (1, 2)}
+            rows.append(
+                {
+                    'model': f'{role} torch eager',
+                    'bundle': b.name,
+                    'architecture': m.get('architecture'),
+                    'input_size': h,
+                    'accuracy': None,
+                    'accuracy_note': 'untrained weights: latency only',
+                    'gflops': rows[-1]['gflops'],
+                    'params': rows[-1]['params'],
+                    'latency_ms': lat['1t']['p50_ms'],
+                    'latency_1t': lat['1t'],
+                    'latency_2t': lat['2t'],
+                }
+            )
+        except Exception as e:  # torch or the architecture builder unavailable
+            print(f'[{NAME}] {role} torch eager skipped: {type(e).__name__}: {e}')
+    student = next(b for r, _, b, _ in present if r == 'student')
+    ablation = _find(student.manifest, ('ablation', 'distill'))
+    per_model = {
+        r['model']: {'accuracy': r['accuracy'], 'gflops': r['gflops'], 'latency_ms': r['latency_ms']}
+        for r in rows
+    }
+    data = {
+        'models': per_model,
+        'rows': rows,
+        'distillation_ablation': ablation or None,
+        'missing': missing,
+        'n_test': int(n_eval),
+        'definitions': {
+            'latency_ms': 'batch 1, model call only (ORT session.run or torch forward), p50 on '
+            '1 thread; latency_2t on 2 threads',
+            'accuracy': 'top-1 on the GTSRB official test set (a seeded subset with --quick)',
+            'gflops': '2 x multiply-accumulates of one image',
+        },
+    }
+    path = common.write_result(NAME, data, args, t_start)
+    common.print_table(
+        [
+            {
+                'model': r['model'],
+                'in': r['input_size'],
+                'acc': r['accuracy'],
+                'gflops': r['gflops'],
+                'params_M': (r['params'] or 0) / 1e6,
+                'p50_1t_ms': r['latency_1t']['p50_ms'],
+                'p99_1t_ms': r['latency_1t']['p99_ms'],
+                'p50_2t_ms': r['latency_2t']['p50_ms'],
+            }
+            for r in rows
+        ],
+        ['model', 'in', 'acc', 'gflops', 'params_M', 'p50_1t_ms', 'p99_1t_ms', 'p50_2t_ms'],
+        title=f'{NAME} ({common.machine_info()["cores"]} cores; {n_eval} test images)',
+    )
+    plt = common.plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r['accuracy'] is not None:
+            ax.scatter(r['latency_1t']['p50_ms'], r['accuracy'] * 100)
+            ax.annotate(r['model'], (r['latency_1t']['p50_ms'], r['accuracy'] * 100), fontsize=8)
+    ax.set_xscale('log')
+    ax.set_xlabel('batch-1 latency, 1 thread (ms, log)')
+    ax.set_ylabel('GTSRB test accuracy (%)')
+    common.savefig(fig, NAME, args)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    p.add_argument(
+        '--student', default=None, help='student bundle (default --bundle, else models/gtsrb_student)'
+    )
+    p.add_argument('--teacher', default=str(common.TEACHER))
+    p.add_argument(
+        '--data', default=None, help='gtsrb32.npz or its folder (default $EDGE_TL_DATA / ../shared/data)'
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

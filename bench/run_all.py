@@ -1,0 +1,111 @@
+"""Run the benchmark suite and print a summary table of all results.
+
+    python -m bench.run_all [--quick] [--only NAME ...] [--results-dir DIR] [--bundle DIR]
+
+Each benchmark runs in its own process (``python -m bench.<name>``) and writes ``<results-dir>/<name>.json``
+(+ a PNG); this writes ``summary.json`` beside them. Full suite: about 20 min on 2 cores; ``--quick``
+(CI: checks the code works and writes valid results, not speed): about 3 min, into bench/results/quick.
+Benchmarks that need trained models or data absent here write ``{"skipped": reason}``.
+Exit status 1 if a benchmark failed (crashed or wrote no result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench import common
+
+BENCHMARKS = ('node_latency', 'overload', 'swap', 'adaptation_interference', 'model_zoo', 'adaptation')
+REQUIRED = {
+    'node_latency': ('p50_ms', 'p99_ms', 'naive_p50_ms', 'speedup_vs_naive', 'drops'),
+    'overload': ('max_lag_frames', 'rss_growth_mb'),
+    'swap': ('dropped_frames', 'max_pause_ms'),
+    'adaptation_interference': ('p99_ratio',),
+    'model_zoo': ('models',),
+    'adaptation': ('gap_recovered', 'round_seconds'),
+}
+TIMEOUT_S = {'quick': 240, 'full': 1200}
+
+
+def summarize(name: str, d: dict) -> str:
+    if 'skipped' in d:
+        return f'skipped: {d["skipped"]}'
+    f = {k: d.get(k) for k in REQUIRED[name]}
+    if name == 'model_zoo':
+        return '; '.join(
+            f'{m}: acc {v["accuracy"] if v["accuracy"] is None else round(v["accuracy"], 4)}, '
+            f'{v["latency_ms"]:.3g} ms'
+            for m, v in d['models'].items()
+        )
+
+    def fmt(v):
+        return f'{v:.3g}' if isinstance(v, float) else str(v)
+
+    return ', '.join(f'{k}={fmt(v)}' for k, v in f.items())
+
+
+def main(argv=None) -> int:
+    p = common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    p.add_argument('--only', nargs='+', choices=BENCHMARKS, default=None)
+    args = p.parse_args(argv)
+    out_dir = common.results_dir(args)
+    names = args.only or list(BENCHMARKS)
+    rows, status = [], {}
+    t_all = time.monotonic()
+    for name in names:
+        cmd = [sys.executable, '-m', f'bench.{name}', '--results-dir', str(out_dir)]
+        cmd += ['--quick'] if args.quick else []
+        cmd += ['--bundle', args.bundle] if args.bundle else []
+        print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)
+        path = out_dir / f'{name}.json'
+        before = path.stat().st_mtime if path.exists() else None
+        t0 = time.monotonic()
+        try:
+            rc = subprocess.run(
+                cmd,
+                cwd=str(common.REPO),
+                env=common.ros_env(),
+                timeout=TIMEOUT_S['quick' if args.quick else 'full'],
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = 'timeout'
+        dt = time.monotonic() - t0
+        fresh = path.exists() and path.stat().st_mtime != before
+        if rc == 0 and fresh:
+            d = json.loads(path.read_text())
+            st = 'skipped' if 'skipped' in d else 'ok'
+            rows.append({'benchmark': name, 'status': st, 'seconds': dt, 'result': summarize(name, d)})
+        else:
+            st = 'FAILED'
+            rows.append(
+                {
+                    'benchmark': name,
+                    'status': st,
+                    'seconds': dt,
+                    'result': f'exit {rc}, fresh result: {fresh}',
+                }
+            )
+        status[name] = st
+    print()
+    m = common.machine_info()
+    common.print_table(
+        rows,
+        ['benchmark', 'status', 'seconds', 'result'],
+        title=f'edge_tl_ros benchmarks ({"quick" if args.quick else "full"}; {m["cores"]} cores, '
+        f'{m["cpu_model"]}, python {m["python"]}, onnxruntime {m["onnxruntime"]}, '
+        f'load {m["load_avg_1m"]:.1f})',
+    )
+    common.write_result(
+        'summary', {'benchmarks': rows, 'total_s': time.monotonic() - t_all}, args, module='run_all'
+    )
+    return 1 if any(s == 'FAILED' for s in status.values()) else 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The benchmark suite runs end to end (``python -m bench.run_all --quick``) and writes valid results.
+
+Checks that the code works and the JSON files are complete and well-formed; it never asserts speed
+(CI machines are shared and slow). Benchmarks that need trained models or data absent here must write
+``{"skipped": reason}``, so this keeps passing without them.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('rclpy')
+pytest.importorskip('psutil')
+pytest.importorskip('matplotlib')
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.run_all import BENCHMARKS, REQUIRED  # noqa: E402
+
+COMMON_KEYS = ('name', 'quick', 'timestamp', 'command', 'machine')
+MACHINE_KEYS = ('cores', 'cpu_model', 'python', 'onnxruntime')
+
+
+def _no_nan(c):
+    raise ValueError(f'non-finite number {c} in a result file')
+
+
+def _numbers(x, path=''):
+    """Every number inside ``x`` with its path."""
+    if isinstance(x, bool):
+        return
+    if isinstance(x, (int, float)):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _numbers(v, f'{path}.{k}')
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f'{path}[{i}]')
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_valid_results(tmp_path):
+    out = tmp_path / 'results'
+    proc = subprocess.run([sys.executable, '-m', 'bench.run_all', '--quick', '--results-dir', str(out)],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    for name in BENCHMARKS:
+        path = out / f'{name}.json'
+        assert path.is_file(), f'{name}: no result file\n{log}'
+        d = json.loads(path.read_text(), parse_constant=_no_nan)
+        for k in COMMON_KEYS:
+            assert k in d, f'{name}: missing {k}'
+        assert d['name'] == name and d['quick'] is True
+        for k in MACHINE_KEYS:
+            assert k in d['machine'], f'{name}: machine lacks {k}'
+        assert isinstance(d['machine']['cores'], int) and d['machine']['cores'] >= 1
+        for p, v in _numbers(d):
+            assert math.isfinite(v), f'{name}{p} = {v}'
+        if 'skipped' in d:
+            assert isinstance(d['skipped'], str) and d['skipped'], name
+            continue
+        for k in REQUIRED[name]:
+            assert k in d, f'{name}: missing required key {k}'
+        if name == 'model_zoo':
+            assert d['models'], 'model_zoo lists no models'
+            for model, m in d['models'].items():
+                assert set(m) >= {'accuracy', 'gflops', 'latency_ms'}, model
+                assert _is_number(m['latency_ms']) and _is_number(m['gflops']), model
+                assert m['accuracy'] is None or 0.0 <= m['accuracy'] <= 1.0, model
+        else:
+            for k in REQUIRED[name]:
+                assert _is_number(d[k]), f'{name}.{k} = {d[k]!r} is not a finite number'
+    summary = json.loads((out / 'summary.json').read_text(), parse_constant=_no_nan)
+    assert [r['benchmark'] for r in summary['benchmarks']] == list(BENCHMARKS)
+    assert all(r['status'] in ('ok', 'skipped') for r in summary['benchmarks'])
+    # the node benchmarks need no trained model (they fall back to a toy bundle): they must really run
+    for name in ('node_latency', 'overload', 'swap'):
+        d = json.loads((out / f'{name}.json').read_text())
+        assert 'skipped' not in d, name
+        assert (out / f'{name}.png').is_file(), name
+    nl = json.loads((out / 'node_latency.json').read_text())
+    assert nl['runs'][0]['classified'] > 0
+    ov = json.loads((out / 'overload.json').read_text())
+    assert all(r['node_processed'] > 0 for r in ov['runs'])
+    sw = json.loads((out / 'swap.json').read_text())
+    assert sw['swaps_ok'] == sw['swaps_requested'] > 0
