@@ -125,6 +125,7 @@ def test_every_yaml_parameter_is_declared_by_its_node(ros_context, tmp_path):
 def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
     """`edge-tl up` (subprocess, shipped YAML) starts both nodes and answers a real frame."""
     import rclpy
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Classification
@@ -139,6 +140,8 @@ def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
          str(tmp_path / 'state'), '--camera-topic', '/cam/image'],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node = rclpy.create_node('probe', context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
     got = []
     node.create_subscription(Classification, '/perception/classification', got.append, 10)
     pub = node.create_publisher(Image, '/cam/image',
@@ -151,7 +154,7 @@ def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
             msg = Image(**image_fields(img, 'rgb8'))
             msg.header.stamp.sec = 42
             pub.publish(msg)
-            rclpy.spin_once(node, timeout_sec=0.2)
+            executor.spin_once(timeout_sec=0.2)
         assert proc.poll() is None, proc.stdout.read()
         assert got, 'no classification from edge-tl up'
         assert got[0].results[0].class_id == 'green' and got[0].header.stamp.sec == 42

@@ -30,8 +30,7 @@ import cv2
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -47,23 +46,11 @@ from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, 
 from ..engine import Engine, EngineError
 from ..imaging import FrameError, decode_compressed, image_view, to_order
 from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
+from .params import declare_all
 
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
 RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
 MAX_PENDING_LABELS = 512
-
-
-def _desc(text: str, read_only: bool = False, int_range=None, float_range=None,
-          choices=None) -> ParameterDescriptor:
-    if choices:
-        text = f'{text} One of: {", ".join(choices)}.'
-    d = ParameterDescriptor(description=text, read_only=read_only)
-    if int_range:
-        d.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
-    if float_range:
-        d.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                     to_value=float(float_range[1]), step=0.0)]
-    return d
 
 
 # name -> (default, descriptor kwargs)
@@ -135,8 +122,7 @@ class AdaptationNode(Node):
 
     def __init__(self, node_name: str = 'adaptation', **kwargs):
         super().__init__(node_name, **kwargs)
-        for name, (default, dkw) in PARAMETERS.items():
-            self.declare_parameter(name, default, _desc(**dkw))
+        declare_all(self, PARAMETERS)
         err = self._validate({n: self._p(n) for n in PARAMETERS})
         if err:
             raise ValueError(err)

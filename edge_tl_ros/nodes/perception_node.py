@@ -21,8 +21,7 @@ import time
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -34,21 +33,9 @@ from vision_msgs.msg import Classification, ObjectHypothesis
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
 from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
+from .params import declare_all
 
 LATENCY_WINDOW = 1024
-
-
-def _desc(text: str, read_only: bool = False, int_range=None, float_range=None,
-          choices=None) -> ParameterDescriptor:
-    if choices:
-        text = f'{text} One of: {", ".join(choices)}.'
-    d = ParameterDescriptor(description=text, read_only=read_only)
-    if int_range:
-        d.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
-    if float_range:
-        d.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                     to_value=float(float_range[1]), step=0.0)]
-    return d
 
 
 # name -> (default, descriptor kwargs); the single source for README and config/edge_tl.yaml checks
@@ -93,8 +80,7 @@ class PerceptionNode(Node):
 
     def __init__(self, node_name: str = 'perception', **kwargs):
         super().__init__(node_name, **kwargs)
-        for name, (default, dkw) in PARAMETERS.items():
-            self.declare_parameter(name, default, _desc(**dkw))
+        declare_all(self, PARAMETERS)
         p = self._p
         bundle_path = resolve_bundle_path(p('model_bundle'))
         self.bundle = load_bundle(bundle_path)  # raises BundleError with one clear message
