@@ -246,8 +246,14 @@ def teacher_info() -> dict | None:
 
 
 # -- ROS processes -------------------------------------------------------------------------------------
-def ros_env(domain: int | None = None) -> dict:
-    """Environment for benchmark processes: Fast DDS, localhost only, a domain of this run's own."""
+DDS_PROFILES = {'default': None, 'large_shm': REPO / 'bench' / 'fastdds_large_shm.xml'}
+
+
+def ros_env(domain: int | None = None, dds: str = 'default') -> dict:
+    """Environment for benchmark processes: Fast DDS, localhost only, a domain of this run's own.
+
+    ``dds='large_shm'`` loads bench/fastdds_large_shm.xml (16 MiB shared-memory segment) in every process.
+    """
     env = dict(os.environ)
     env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
     if 'ROS_LOCALHOST_ONLY' not in env:
@@ -255,6 +261,8 @@ def ros_env(domain: int | None = None) -> dict:
     # tests use 1..100; benchmarks 120..219, spread by pid so concurrent runs do not see each other
     env['ROS_DOMAIN_ID'] = str(domain if domain is not None else 120 + (os.getpid() * 7) % 100)
     env['PYTHONUNBUFFERED'] = '1'
+    if DDS_PROFILES[dds] is not None:
+        env['FASTDDS_DEFAULT_PROFILES_FILE'] = env['FASTRTPS_DEFAULT_PROFILES_FILE'] = str(DDS_PROFILES[dds])
     env['PYTHONPATH'] = str(REPO) + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
     return env
 
