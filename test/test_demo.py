@@ -1,0 +1,47 @@
+"""`edge-tl demo` end to end on a tiny GTSRB-layout npz and the toy bundle (real bags, real nodes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames
+
+
+def test_demo_runs_end_to_end(tmp_path, ros_domain):
+    rng = np.random.default_rng(0)
+    x, y = toy_frames(rng, 400, size=16)
+    npz = tmp_path / 'toy_gtsrb.npz'
+    np.savez(npz, X_train=x[:10], y_train=y[:10].astype(np.uint8), X_test=x, y_test=y.astype(np.uint8),
+             class_names=np.array(TOY_CLASSES))
+    toy = make_toy_bundle(tmp_path / 'toy')
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'edge_tl_ros.cli', 'demo', '--data', str(npz), '--model-bundle', str(toy),
+           '--teacher-bundle', '', '--label-sources', 'topic', '--shift', 'fog', '--severity', '3',
+           '--source-frames', '40', '--adapt-frames', '120', '--eval-frames', '40', '--fps', '60',
+           '--upscale', '24', '--adapt-every', '40', '--out', str(out), '--cache', str(tmp_path / 'cache')]
+    env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain))
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert 'edge_tl_ros demo summary' in run.stdout
+    s = json.loads((out / 'demo_summary.json').read_text())
+    assert [p['frames'] for p in s['phases']] == [40, 40, 120, 40]
+    assert all(p['classified'] == p['frames'] for p in s['phases'])  # nothing lost on the way
+    assert s['dropped'] == 0 and s['rejected'] == 0 and s['frames'] == 240
+    assert s['accuracy_source'] > 0.95  # the toy head is right on clean toy frames
+    assert len(s['rounds']) >= 1 and all(r['reason'] for r in s['rounds'])
+    assert s['label_counts']['topic'] >= 60
+    assert (out / 'demo_accuracy.png').stat().st_size > 10_000
+    # bags are cached: a second run reuses them
+    run2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run2.returncode == 0 and 'using cached bags' in run2.stdout
+
+
+def test_demo_without_data_says_where_to_get_it(tmp_path):
+    run = subprocess.run([sys.executable, '-m', 'edge_tl_ros.cli', 'demo', '--data', str(tmp_path / 'none'),
+                          '--out', str(tmp_path / 'o'), '--cache', str(tmp_path / 'c')],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert 'download-gtsrb' in run.stderr and 'EDGE_TL_DATA' in run.stderr
