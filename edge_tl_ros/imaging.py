@@ -75,8 +75,9 @@ def image_view(encoding: str, height: int, width: int, step: int, is_bigendian: 
     if step % itemsize:
         raise FrameError('bad_step', f'step {step} is not a multiple of {itemsize} for {encoding}')
     dt = np.dtype(dtype).newbyteorder('>' if is_bigendian else '<')
-    flat = np.frombuffer(buf, dtype=np.uint8, count=height * step).view(dt)
-    arr = flat.reshape(height, step // itemsize)[:, :width * channels].reshape(height, width, channels)
+    # a strided view like the 8-bit case: the last row needs no padding (len(buf) >= need suffices)
+    arr = np.ndarray((height, width, channels), dtype=dt, buffer=buf, offset=0,
+                     strides=(step, channels * itemsize, itemsize))
     return (arr >> 8).astype(np.uint8), order
 
 
@@ -102,8 +103,55 @@ def claimed_format(fmt: str) -> str | None:
     return None
 
 
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT/JPG/DAC)
+
+
+def compressed_size(fmt: str, data) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG/PNG header without decoding, or None if the header is unreadable."""
+    b = memoryview(data).cast('B')
+    n = len(b)
+    if fmt == 'png':  # signature, then the IHDR chunk: length, 'IHDR', width, height (big-endian)
+        if n < 24 or bytes(b[12:16]) != b'IHDR':
+            return None
+        return int.from_bytes(b[20:24], 'big'), int.from_bytes(b[16:20], 'big')
+    i = 2  # JPEG: walk the marker segments after SOI up to the first start-of-frame
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return None
+        m = b[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if m in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        seg = (b[i + 2] << 8) | b[i + 3]
+        if m in _JPEG_SOF:
+            if i + 9 > n or seg < 7:
+                return None
+            return (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
+        if seg < 2:
+            return None
+        i += 2 + seg
+    return None
+
+
+def _complete(fmt: str, data) -> bool:
+    """A JPEG ends with EOI (trailing zero padding allowed), a PNG with its IEND chunk."""
+    tail = bytes(memoryview(data).cast('B')[-64:])
+    if fmt == 'png':
+        return b'IEND' in tail[-16:]
+    return tail.rstrip(b'\x00').endswith(b'\xff\xd9')
+
+
 def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Decode a CompressedImage payload to ``(HxWx3 uint8 BGR array, 'bgr')``."""
+    """Decode a CompressedImage payload to ``(HxWx3 uint8 BGR array, 'bgr')``.
+
+    The size in the JPEG/PNG header is checked against ``max_pixels`` *before* decoding (a small
+    payload can claim a huge image), and truncated payloads are refused without calling the decoder.
+    """
     if len(data) == 0:
         raise FrameError('empty_image', 'compressed image has no data')
     actual = sniff_format(data)
@@ -112,6 +160,16 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
         raise FrameError('corrupt_compressed', f'payload is neither JPEG nor PNG (format {fmt!r})')
     if claimed is not None and claimed != actual:
         raise FrameError('format_mismatch', f'format says {claimed!r} but the payload is {actual}')
+    size = compressed_size(actual, data)
+    if size is None:
+        raise FrameError('corrupt_compressed', f'{actual} header is unreadable (no image size)')
+    if size[0] * size[1] == 0:
+        raise FrameError('empty_image', f'{actual} header says {size[1]}x{size[0]}')
+    if size[0] * size[1] > max_pixels:
+        raise FrameError('too_large', f'{actual} header says {size[1]}x{size[0]}, more than '
+                                      f'max_pixels={max_pixels}')
+    if not _complete(actual, data):
+        raise FrameError('corrupt_compressed', f'{actual} payload is truncated (no end marker)')
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
