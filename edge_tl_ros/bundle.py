@@ -19,6 +19,8 @@ clear message on any mismatch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import time
@@ -178,7 +180,11 @@ def read_manifest(root: str | os.PathLike) -> dict:
     try:
         manifest = yaml.safe_load(mpath.read_text())
     except yaml.YAMLError as e:
-        raise BundleError(f'{mpath}: invalid YAML: {e}') from e
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise BundleError(f'{mpath}: invalid YAML{where}: {getattr(e, "problem", None) or e}') from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f'{mpath}: cannot read the manifest ({type(e).__name__}: {e})') from e
     if not isinstance(manifest, dict):
         raise BundleError(f'{mpath}: manifest must be a mapping')
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -381,46 +387,83 @@ class HeadRegistry:
                 continue
         return self.bundle.head, 'no usable adapted head, using the bundle head (v0)'
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Serialise read-modify-write of ``index.json`` across threads and processes (``flock`` on
+        ``heads/.lock``; released by the kernel if the holder dies). Without a writable directory there
+        is nothing to serialise: the write that follows fails with the real error."""
+        fd = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:
+                fd = os.open(self.dir / '.lock', os.O_RDONLY)
+            except OSError:
+                fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
     def add(self, head: Head, metrics: dict | None = None, activate: bool = True) -> Head:
-        """Write ``head`` as the next version (atomic), register it, and make it current."""
+        """Write ``head`` as the next version (atomic), register it, and make it current.
+
+        Safe against concurrent writers (threads or processes) and write failures (ENOSPC, EROFS, ...):
+        on any error the index and the current head are unchanged and no new file is left behind.
+        """
         self.check_compatible(head)
-        idx = self._read_index()
-        version = max([0] + [int(v) for v in idx['versions']]) + 1
-        head = Head(head.weight, head.bias, head.class_names, version)
-        p = self.path_of(version)
-        head.save(p)
-        idx['versions'][str(version)] = {
-            'file': p.name, 'sha256': sha256_file(p), 'created': time.time(),
-            'metrics': metrics or {}, 'num_classes': head.num_classes}
-        if activate:
-            idx['accepted'].append(version)
-            idx['current'] = version
-        atomic_write_json(self.index_path, idx)
+        with self._locked():
+            idx = self._read_index()
+            version = max([0] + [int(v) for v in idx['versions']]) + 1
+            head = Head(head.weight, head.bias, head.class_names, version)
+            p = self.path_of(version)
+            data = head.to_bytes()
+            atomic_write_bytes(p, data)
+            idx['versions'][str(version)] = {
+                'file': p.name, 'sha256': hashlib.sha256(data).hexdigest(), 'created': time.time(),
+                'metrics': metrics or {}, 'num_classes': head.num_classes}
+            if activate:
+                idx['accepted'].append(version)
+                idx['current'] = version
+            try:
+                atomic_write_json(self.index_path, idx)
+            except BaseException:
+                try:  # not registered: do not leave an orphan version file behind
+                    p.unlink()
+                except OSError:
+                    pass
+                raise
         return head
 
     def activate(self, version: int) -> Head:
         """Make a registered version current (validating it first)."""
-        head = self.load(version)
-        idx = self._read_index()
-        if version not in idx['accepted']:
-            idx['accepted'].append(version)
-        idx['current'] = version
-        atomic_write_json(self.index_path, idx)
+        with self._locked():
+            head = self.load(version)
+            idx = self._read_index()
+            if version not in idx['accepted']:
+                idx['accepted'].append(version)
+            idx['current'] = version
+            atomic_write_json(self.index_path, idx)
         return head
 
     def rollback(self) -> Head:
         """Return to the previous accepted version. Raises BundleError if already at the first one."""
-        idx = self._read_index()
-        acc = idx['accepted']
-        cur = idx['current']
-        pos = acc.index(cur) if cur in acc else len(acc)
-        if pos == 0:
-            raise BundleError('already at the first accepted head (v0); nothing to roll back to')
-        prev = acc[pos - 1]
-        head = self.load(prev)
-        idx['accepted'] = acc[:pos]
-        idx['current'] = prev
-        atomic_write_json(self.index_path, idx)
+        with self._locked():
+            idx = self._read_index()
+            acc = idx['accepted']
+            cur = idx['current']
+            pos = acc.index(cur) if cur in acc else len(acc)
+            if pos == 0:
+                raise BundleError('already at the first accepted head (v0); nothing to roll back to')
+            prev = acc[pos - 1]
+            head = self.load(prev)
+            idx['accepted'] = acc[:pos]
+            idx['current'] = prev
+            atomic_write_json(self.index_path, idx)
         return head
 
 
