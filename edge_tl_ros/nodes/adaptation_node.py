@@ -32,6 +32,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
@@ -46,7 +47,7 @@ from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, 
 from ..engine import Engine, EngineError
 from ..imaging import FrameError, decode_compressed, image_view, to_order
 from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
-from .params import declare_all
+from .params import declare_all, one_line
 
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
 RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
@@ -303,6 +304,7 @@ class AdaptationNode(Node):
                     newest = (msg, stamp)
             while self._labels:
                 stamp, name = self._labels.popleft()
+                self.counters['labels_handled'] += 1
                 msg = self._handle_label(stamp, name)
                 if msg is not None:
                     todo.append((msg, stamp, name))
@@ -365,10 +367,12 @@ class AdaptationNode(Node):
         try:
             img, order = self._decode(msg)
             pred = self.engine.infer(img, order)
-        except FrameError as e:
+        except Exception as e:  # FrameError, or anything else one odd frame triggers: count it, go on
+            reason = e.reason if isinstance(e, FrameError) else 'inference_error'
             self.counters['frames_bad'] += 1
-            self.bad_reasons[e.reason] += 1
-            self.get_logger().warning(f'bad frame ({self.counters["frames_bad"]} so far): {e}',
+            self.bad_reasons[reason] += 1
+            self.get_logger().warning(f'bad frame ({self.counters["frames_bad"]} so far): '
+                                      f'{e if isinstance(e, FrameError) else f"{type(e).__name__}: {e}"}',
                                       throttle_duration_sec=5.0)
             return
         self.counters['frames_evaluated'] += 1
@@ -509,8 +513,14 @@ class AdaptationNode(Node):
         n = self.store.wipe()
         self._pending.clear()
         self._since_round = 0
-        response.success, response.message = True, f'wiped {n} stored frames'
-        self.get_logger().info(response.message)
+        left = len(list(self.store.root.glob('f_*.npz'))) if self.store.root.is_dir() else 0
+        if left:  # e.g. a read-only file system: say so, never report a wipe that did not happen
+            response.success = False
+            response.message = f'could not delete {left} stored frames: {self.store.last_error}'
+            self.get_logger().error(response.message)
+        else:
+            response.success, response.message = True, f'wiped {n} stored frames'
+            self.get_logger().info(response.message)
         self._publish_status()
         return response
 
@@ -537,6 +547,9 @@ class AdaptationNode(Node):
             'counters': dict(self.counters), 'bad_frames': dict(self.bad_reasons),
             'frames_dropped': max(0, self.counters['frames_received'] - self.counters['frames_handled']
                                   - len(self._frames)),
+            # labels that overflowed the queue (a label flood): received - malformed - handled - queued
+            'labels_dropped': max(0, self.counters['labels_received'] - self.counters['labels_bad']
+                                  - self.counters['labels_handled'] - len(self._labels)),
             'pending_labels': len(self._pending), 'new_since_round': self._since_round,
             'round': {'running': self.round_running, 'pid': self.round_pid, 'count': self.rounds,
                       'last': self.last_round},
@@ -572,6 +585,8 @@ class AdaptationNode(Node):
               'pending_labels': len(self._pending)}
         kv.update({f'labels.{k}': v for k, v in s['labels'].items()})
         kv.update({k: v for k, v in self.counters.items()})
+        kv['labels_dropped'] = max(0, self.counters['labels_received'] - self.counters['labels_bad']
+                                   - self.counters['labels_handled'] - len(self._labels))
         st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = self.get_clock().now().to_msg()
@@ -581,13 +596,15 @@ class AdaptationNode(Node):
             self.get_logger().debug(f'diagnostics not published: {e}')
 
     def destroy_node(self):
-        self._stop.set()  # also cancels a running round (its process is killed)
-        self._wake.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=2.0)
-        t = self._round_thread
-        if t is not None and t.is_alive():
-            t.join(timeout=5.0)
+        # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
+        if hasattr(self, '_worker'):
+            self._stop.set()  # also cancels a running round (its process is killed)
+            self._wake.set()
+            if self._worker.is_alive():
+                self._worker.join(timeout=2.0)
+            t = self._round_thread
+            if t is not None and t.is_alive():
+                t.join(timeout=5.0)
         return super().destroy_node()
 
 
@@ -605,8 +622,8 @@ def main(args=None) -> int:
     rclpy.init(args=args)
     try:
         node = AdaptationNode()
-    except (BundleError, EngineError, ValueError, OSError) as e:
-        rclpy.logging.get_logger('adaptation').fatal(f'cannot start: {e}')
+    except (BundleError, EngineError, ValueError, OSError, ParameterException) as e:
+        rclpy.logging.get_logger('adaptation').fatal(f'cannot start: {one_line(e)}')
         rclpy.try_shutdown()
         return 1
     executor = MultiThreadedExecutor(num_threads=4)

@@ -23,3 +23,8 @@ def declare_all(node, parameters: dict) -> None:
     """Declare ``{name: (default, describe-kwargs)}`` on ``node``."""
     for name, (default, kwargs) in parameters.items():
         node.declare_parameter(name, default, describe(**kwargs))
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one log line (start-up failures: a clear message, no traceback)."""
+    return ' | '.join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__

@@ -23,6 +23,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -33,7 +34,7 @@ from vision_msgs.msg import Classification, ObjectHypothesis
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
 from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
-from .params import declare_all
+from .params import declare_all, one_line
 
 LATENCY_WINDOW = 1024
 
@@ -333,10 +334,12 @@ class PerceptionNode(Node):
         self.pub_diag.publish(arr)
 
     def destroy_node(self):
-        self._stop.set()
-        self._wake.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=2.0)
+        # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
+        if hasattr(self, '_worker'):
+            self._stop.set()
+            self._wake.set()
+            if self._worker.is_alive():
+                self._worker.join(timeout=2.0)
         return super().destroy_node()
 
 
@@ -344,8 +347,9 @@ def main(args=None) -> int:
     rclpy.init(args=args)
     try:
         node = PerceptionNode()
-    except (BundleError, EngineError, ValueError) as e:
-        rclpy.logging.get_logger('perception').fatal(f'cannot start: {e}')
+    except (BundleError, EngineError, ValueError, OSError, ParameterException) as e:
+        # one line, no traceback: what is wrong and where
+        rclpy.logging.get_logger('perception').fatal(f'cannot start: {one_line(e)}')
         rclpy.try_shutdown()
         return 1
     executor = MultiThreadedExecutor(num_threads=3)
