@@ -52,6 +52,9 @@ def session(
             'diagnostics_period_s:=0.5',
         ]
         cls_topic, node_name = '/perception/classification', 'perception'
+    elif kind == 'echo':
+        node_args = ['--kind', 'echo', '--ros-args', '-p', f'qos_reliability:={qos}']
+        cls_topic, node_name = '/perception/classification', 'perception'
     else:
         node_args = ['--kind', 'naive', '--naive-model', naive_model]
         cls_topic, node_name = '/naive/classification', 'naive'
@@ -97,6 +100,7 @@ def run(args) -> dict:
         plan = [('student', 640, 480, 3, 1, 'default'), ('naive', 640, 480, 4, 2, 'default')]
     else:
         plan = [('student', w, h, 20, 3, dds) for dds in ('default', 'large_shm') for (w, h) in RESOLUTIONS]
+        plan += [('echo', 640, 480, 15, 2, dds) for dds in ('default', 'large_shm')]
         plan += [('naive', w, h, 20, 5, 'default') for (w, h) in RESOLUTIONS]
     runs = []
     for kind, w, h, dur, warm, dds in plan:
@@ -122,6 +126,9 @@ def run(args) -> dict:
         'speedup_vs_naive': (nv50 / p50) if (nv50 and p50) else None,
         'drops': st['diag_dropped'] if st['diag_dropped'] is not None else st['node_dropped'],
         'headline': 'student vs naive at 640x480, 30 Hz, default Fast DDS transports (as shipped)',
+        'transport_floor_640': {
+            dds: (pick('echo', dds=dds) or {}).get('latency') for dds in ('default', 'large_shm')
+        },
         'large_shm_640': {
             k: (pick('student', dds='large_shm') or {}).get(k)
             for k in ('latency', 'published', 'node_received', 'lost_before_node')
@@ -147,6 +154,8 @@ def run(args) -> dict:
             'stamp_to_inference_start_ms': 'header stamp -> the inference thread takes the frame (node side: '
             'transport + deserialisation + executor + slot wait)',
             'node_process_ms': 'PerceptionNode._process per frame (decode + infer + publish)',
+            'transport_floor_640': 'latency of the echo node (same processes, QoS and topics; answers each '
+            'frame at once, no inference): what DDS + rclpy cost a Python node for a 640x480 frame',
             'cpu_percent': 'node process CPU time / wall time over the measured window, 100 = one core',
             'node_infer_ms': 'Engine.infer (decode view + preprocess + ORT + head) inside the node',
             'speedup_vs_naive': 'naive_p50_ms / p50_ms (same run, same publisher, 640x480)',

@@ -1,14 +1,17 @@
 """The node under test, in its own process: ``PerceptionNode`` (as ``perception_node.main`` runs it) or
-the naive baseline (:mod:`bench.naive_node`).
+the naive baseline (:mod:`bench.naive_node`), or an ``echo`` node (subscribes ``image`` with the
+student's QoS and publishes an empty classification with the frame's header at once: the transport
+floor of a Python node, no inference).
 
     python -m bench.node_runner --kind student --stats-out S.json --ready-file R \
         --ros-args -p model_bundle:=models/gtsrb_student -p qos_reliability:=best_effort
 
 Same executor as ``perception_node.main`` (MultiThreadedExecutor, 3 threads). The benchmark adds
 instrumentation only from outside the node: ``Engine.swap_head`` and ``Engine.infer`` are wrapped to
-record (wall time, duration) of every call, and ``PerceptionNode._process`` (the inference thread's
-per-frame work) to record when each frame left the slot. On SIGINT it writes ``node.stats()`` plus
-those records to ``--stats-out``.
+record (wall time, duration) of every call, ``PerceptionNode._process`` (the inference thread's
+per-frame work) to record when each frame left the slot, and the image subscription's callback to
+record when each frame arrived. Records go to pre-allocated arrays (RSS stays flat). On SIGINT it
+writes ``node.stats()`` plus those records to ``--stats-out``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,39 @@ import signal
 import sys
 import time
 
+import numpy as np
 
-def _instrument(engine, swaps: list, infers: list) -> None:
-    orig_swap, orig_infer = engine.swap_head, engine.infer
+
+class Records:
+    """Pre-allocated (and pre-touched) record arrays, so recording does not grow the node's RSS."""
+
+    def __init__(self, rows: int, cols: int):
+        self.a = np.full((rows, cols), np.nan)  # np.full writes every page now
+        self.n = 0
+
+    def add(self, *row) -> None:
+        i = self.n
+        if i < len(self.a):
+            self.a[i] = row
+            self.n = i + 1
+
+    def tolist(self) -> list:
+        return self.a[: self.n].tolist()
+
+
+def _seq(msg) -> int:
+    try:
+        return int(msg.header.frame_id)
+    except ValueError:
+        return -1
+
+
+def _instrument(node, rec: dict) -> None:
+    """Wrap, from outside: Engine.swap_head / Engine.infer (wall time, ms), PerceptionNode._process
+    (seq, header stamp, wall time the inference thread took the frame, ms) and the image subscription
+    callback (seq, wall time of arrival)."""
+    engine = node.engine
+    orig_swap, orig_infer, orig_process = engine.swap_head, engine.infer, node._process
 
     def swap_head(head):
         t = time.time()
@@ -29,7 +62,7 @@ def _instrument(engine, swaps: list, infers: list) -> None:
         try:
             return orig_swap(head)
         finally:
-            swaps.append((t, (time.perf_counter_ns() - t0) * 1e-6))
+            rec['swaps'].add(t, (time.perf_counter_ns() - t0) * 1e-6)
 
     def infer(img, order, roi=None):
         t = time.time()
@@ -37,28 +70,61 @@ def _instrument(engine, swaps: list, infers: list) -> None:
         try:
             return orig_infer(img, order, roi)
         finally:
-            infers.append((t, (time.perf_counter_ns() - t0) * 1e-6))
-
-    engine.swap_head = swap_head
-    engine.infer = infer
-
-
-def _instrument_process(node, frames: list) -> None:
-    """Record (frame_id, header stamp, wall time the inference thread took the frame, duration ms)."""
-    orig = node._process
+            rec['infers'].add(t, (time.perf_counter_ns() - t0) * 1e-6)
 
     def process(msg, t_in):
         t = time.time()
         t0 = time.perf_counter_ns()
         try:
-            return orig(msg, t_in)
+            return orig_process(msg, t_in)
         finally:
             st = msg.header.stamp
-            frames.append(
-                (msg.header.frame_id, st.sec + st.nanosec * 1e-9, t, (time.perf_counter_ns() - t0) * 1e-6)
-            )
+            rec['frames'].add(_seq(msg), st.sec + st.nanosec * 1e-9, t, (time.perf_counter_ns() - t0) * 1e-6)
 
+    engine.swap_head = swap_head
+    engine.infer = infer
     node._process = process
+    for sub in node.subscriptions:
+        if sub.topic_name.endswith('/image'):
+            orig_cb = sub.callback
+
+            def on_frame(msg, _cb=orig_cb):
+                rec['arrivals'].add(_seq(msg), time.time())
+                return _cb(msg)
+
+            sub.callback = on_frame
+
+
+def EchoNode():
+    """A node that answers every frame at once (name ``perception``, same topics and input QoS)."""
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from vision_msgs.msg import Classification
+
+    class _Echo(Node):
+        def __init__(self):
+            super().__init__('perception')
+            self.declare_parameter('qos_reliability', 'best_effort')
+            rel = self.get_parameter('qos_reliability').value
+            qos = QoSProfile(
+                depth=1,
+                reliability=ReliabilityPolicy.RELIABLE
+                if rel == 'reliable'
+                else ReliabilityPolicy.BEST_EFFORT,
+            )
+            self.pub = self.create_publisher(Classification, '~/classification', 10)
+            self.create_subscription(Image, 'image', self._on, qos)
+            self.received = 0
+
+        def _on(self, msg):
+            self.received += 1
+            self.pub.publish(Classification(header=msg.header))
+
+        def stats(self):
+            return {'received': self.received, 'processed': self.received, 'dropped': 0, 'rejected': 0}
+
+    return _Echo()
 
 
 def main(argv=None) -> int:
@@ -68,10 +134,11 @@ def main(argv=None) -> int:
         i = argv.index('--ros-args')
         argv, ros_args = argv[:i], argv[i:]
     ap = argparse.ArgumentParser()
-    ap.add_argument('--kind', choices=('student', 'naive'), default='student')
+    ap.add_argument('--kind', choices=('student', 'naive', 'echo'), default='student')
     ap.add_argument('--stats-out', required=True)
     ap.add_argument('--ready-file', required=True)
     ap.add_argument('--naive-model', default='auto', help='naive baseline model: auto, teacher, mobilenet_v3')
+    ap.add_argument('--record-rows', type=int, default=40000, help='capacity of the per-frame records')
     a = ap.parse_args(argv)
 
     import threading
@@ -81,13 +148,20 @@ def main(argv=None) -> int:
     from rclpy.signals import SignalHandlerOptions
 
     rclpy.init(args=['node_runner', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
-    swaps, infers, frames = [], [], []
+    rows = a.record_rows
+    rec = {
+        'swaps': Records(1000, 2),
+        'infers': Records(rows, 2),
+        'frames': Records(rows, 4),
+        'arrivals': Records(rows, 2),
+    }
     if a.kind == 'student':
         from edge_tl_ros.nodes.perception_node import PerceptionNode
 
         node = PerceptionNode()
-        _instrument(node.engine, swaps, infers)
-        _instrument_process(node, frames)
+        _instrument(node, rec)
+    elif a.kind == 'echo':
+        node = EchoNode()
     else:
         from bench.naive_node import NaiveNode
 
@@ -107,9 +181,8 @@ def main(argv=None) -> int:
             break
     executor.shutdown(timeout_sec=2)
     stats = node.stats()
-    stats['swaps'] = swaps
-    stats['infers'] = infers
-    stats['frames'] = frames
+    for k, r in rec.items():
+        stats[k] = r.tolist()
     with open(a.stats_out, 'w') as f:
         json.dump(stats, f)
     node.destroy_node()
