@@ -28,8 +28,10 @@ def test_demo_runs_end_to_end(tmp_path, ros_domain):
     assert 'edge_tl_ros demo summary' in run.stdout
     s = json.loads((out / 'demo_summary.json').read_text())
     assert [p['frames'] for p in s['phases']] == [40, 40, 120, 40]
-    assert all(p['classified'] == p['frames'] for p in s['phases'])  # nothing lost on the way
-    assert s['dropped'] == 0 and s['rejected'] == 0 and s['frames'] == 240
+    # every frame was either classified or counted as dropped (newest-frame policy under CPU load)
+    assert s['received'] == 240 and s['rejected'] == 0
+    assert s['frames'] + s['dropped'] == 240 and s['frames'] >= 200
+    assert sum(p['classified'] for p in s['phases']) == s['frames']
     assert s['accuracy_source'] > 0.95  # the toy head is right on clean toy frames
     assert len(s['rounds']) >= 1 and all(r['reason'] for r in s['rounds'])
     assert s['label_counts']['topic'] >= 60
