@@ -355,3 +355,37 @@ def test_end_to_end_with_perception_kill_and_restart(ros_context, ros_domain, to
         ex.shutdown()
         perc.destroy_node()
         io.node.destroy_node()
+
+
+def test_incremental_mode_reuses_perception_features(ros_context, toy, tmp_path):
+    """perception in deployment_mode incremental publishes ~/features; the adaptation node stores those
+    (matched by stamp) instead of running its own backbone, and a round still trains on them."""
+    from edge_tl_ros.nodes.perception_node import PerceptionNode
+    from edge_tl_ros.toy import toy_features
+
+    ctx = ros_context
+    state = tmp_path / 'state'
+    perc = PerceptionNode(context=ctx, parameter_overrides=[
+        Parameter('model_bundle', value=str(toy)), Parameter('state_dir', value=str(state)),
+        Parameter('qos_reliability', value='reliable'), Parameter('qos_depth', value=50),
+        Parameter('deployment_mode', value='incremental')])
+    adapt = make_node(ctx, toy, state, use_perception_features=True)
+    io = IO(ctx)
+    ex, _ = spin(ctx, perc, adapt, io.node)
+    try:
+        assert wait_for(lambda: io.pub_img.get_subscription_count() >= 2
+                        and adapt.count_publishers('/perception/features') >= 1, 10)
+        imgs, y = toy_frames(np.random.default_rng(3), 60, shifted=True)
+        io.send(imgs, y, period=0.03)
+        assert wait_for(lambda: adapt.store.label_counts()['topic'] >= 50, 15), adapt.status()
+        assert adapt.counters['features_reused'] >= 40, dict(adapt.counters)
+        feats = adapt.store.labelled().features
+        # the stored features are the perception backbone's: equal to the toy backbone in numpy
+        ref = toy_features(imgs)
+        assert min(np.abs(ref - f).max(axis=1).min() for f in feats[:10]) < 1e-4
+        assert io.call(io.adapt_now).success
+        assert wait_for(lambda: perc.head_version == 1, 30), adapt.status()
+    finally:
+        ex.shutdown(timeout_sec=2)
+        for n in (perc, adapt, io.node):
+            n.destroy_node()

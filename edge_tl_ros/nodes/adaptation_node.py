@@ -4,7 +4,8 @@ Data path:
   ``image`` (or ``image/compressed``) callback -> a small bounded queue (newest frames win) -> worker
   thread: decode (zero-copy view) -> own student :class:`Engine` (1 thread, low priority) -> features +
   probs -> keep it? (labelled, or sampled at ``sample_rate_hz`` and chosen by ``selection``) ->
-  :class:`FrameStore` (crash-safe, bounded).
+  :class:`FrameStore` (crash-safe, bounded). With ``use_perception_features`` (perception in deployment
+  mode ``incremental``) the backbone features come from ``<perception_node>/features`` by stamp instead.
   ``labels`` (vision_msgs/Classification: the labelled frame's stamp + results[0].class_id) -> the same
   worker: label the stored entry with that stamp, or store the recent frame with that stamp, or keep
   the label briefly (``label_pending_s``) until the frame arrives.
@@ -44,7 +45,7 @@ from vision_msgs.msg import Classification
 
 from ..adapt import POLICIES, AdaptConfig, Adapter, run_round_in_subprocess
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
-from ..engine import Engine, EngineError
+from ..engine import Engine, EngineError, Prediction, softmax
 from ..imaging import FrameError, decode_compressed, image_view, to_order
 from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
 from .params import declare_all, one_line
@@ -107,6 +108,9 @@ PARAMETERS = {
     'perception_node': ('perception', dict(text='Name of the perception node whose <name>/reload_head is '
                                                 'called after an accepted round.')),
     'use_compressed': (False, dict(text='Subscribe image/compressed instead of image.', read_only=True)),
+    'use_perception_features': (False, dict(
+        text='Take backbone features from <perception_node>/features (perception in deployment_mode '
+             'incremental), matched by frame stamp, instead of running the backbone here.', read_only=True)),
     'label_pending_s': (10.0, dict(text='How long a label waits for its frame.',
                                    float_range=(0.1, 3600.0))),
     'diagnostics_period_s': (1.0, dict(text='Diagnostics and status publishing period.',
@@ -178,6 +182,11 @@ class AdaptationNode(Node):
         else:
             self.create_subscription(Image, 'image', self._on_frame, qos_profile_sensor_data,
                                      callback_group=in_group)
+        self._perception_features: collections.OrderedDict = collections.OrderedDict()  # stamp -> [D]
+        self._use_pf = p('use_perception_features')
+        if self._use_pf:
+            self.create_subscription(Image, f'{p("perception_node").rstrip("/")}/features',
+                                     self._on_features, 10, callback_group=in_group)
         label_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                                reliability=ReliabilityPolicy.RELIABLE)
         self.create_subscription(Classification, 'labels', self._on_label, label_qos,
@@ -254,6 +263,25 @@ class AdaptationNode(Node):
         self._frames.append(msg)
         self.counters['frames_received'] += 1
         self._wake.set()
+
+    def _on_features(self, msg: Image) -> None:
+        """Pooled features from the perception node (incremental mode), kept briefly by stamp."""
+        if msg.encoding != '32FC1' or msg.height != 1 or msg.width != self.bundle.feature_size:
+            self.counters['features_bad'] += 1
+            return
+        stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        self._perception_features[stamp] = np.frombuffer(msg.data, np.float32, count=msg.width)
+        while len(self._perception_features) > RECENT_FRAMES:
+            self._perception_features.popitem(last=False)
+
+    def _wait_perception_features(self, stamp: int, timeout: float = 0.25):
+        """The perception node's features for ``stamp`` (they trail the frame by one inference)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            feats = self._perception_features.pop(stamp, None)
+            if feats is not None or time.monotonic() > deadline or self._stop.is_set():
+                return feats
+            time.sleep(0.005)
 
     def _on_label(self, msg: Classification) -> None:
         self.counters['labels_received'] += 1
@@ -366,7 +394,13 @@ class AdaptationNode(Node):
         """Student features/probs for one frame, then store it if labelled or selected."""
         try:
             img, order = self._decode(msg)
-            pred = self.engine.infer(img, order)
+            feats = self._wait_perception_features(stamp) if self._use_pf else None
+            if feats is not None:  # the perception node already ran the backbone on this frame
+                head = self.engine.head
+                pred = Prediction(softmax(head.logits(feats)[None])[0], feats, head)
+                self.counters['features_reused'] += 1
+            else:
+                pred = self.engine.infer(img, order)
         except Exception as e:  # FrameError, or anything else one odd frame triggers: count it, go on
             reason = e.reason if isinstance(e, FrameError) else 'inference_error'
             self.counters['frames_bad'] += 1
