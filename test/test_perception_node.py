@@ -200,7 +200,10 @@ def test_bad_frames_are_counted_and_node_keeps_serving(ros_context, bundle_dir, 
 def test_burst_drops_old_frames_and_builds_no_backlog(ros_context, bundle_dir, tmp_path):
     h = Harness(ros_context, bundle_dir, tmp_path / 'state', qos_depth=1)
     try:
-        big = np.ascontiguousarray(np.broadcast_to(np.array(COLOURS['red'], np.uint8), (720, 1280, 3)))
+        # a model slower than the camera (20 ms per frame) makes the burst certain to outrun inference
+        infer = h.node.engine.infer
+        h.node.engine.infer = lambda *a, **k: (time.sleep(0.02), infer(*a, **k))[1]
+        big = np.ascontiguousarray(np.broadcast_to(np.array(COLOURS['red'], np.uint8), (480, 640, 3)))
         n = 150
         msgs = [h.image_msg(big) for _ in range(n)]
         for m in msgs:

@@ -29,12 +29,9 @@ import time
 
 import cv2
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
@@ -45,10 +42,10 @@ from vision_msgs.msg import Classification
 
 from ..adapt import POLICIES, AdaptConfig, Adapter, run_round_in_subprocess
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
-from ..engine import Engine, EngineError, Prediction, softmax
+from ..engine import Engine, Prediction, softmax
 from ..imaging import FrameError, decode_compressed, image_view, to_order
 from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
-from .params import declare_all, one_line
+from .params import declare_all, run_node
 
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
 RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
@@ -653,23 +650,7 @@ def _json_default(o):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = AdaptationNode()
-    except (BundleError, EngineError, ValueError, OSError, ParameterException) as e:
-        rclpy.logging.get_logger('adaptation').fatal(f'cannot start: {one_line(e)}')
-        rclpy.try_shutdown()
-        return 1
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(AdaptationNode, 'adaptation', num_threads=4, args=args)
 
 
 if __name__ == '__main__':

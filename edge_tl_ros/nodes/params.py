@@ -28,3 +28,32 @@ def declare_all(node, parameters: dict) -> None:
 def one_line(err: BaseException) -> str:
     """An exception as one log line (start-up failures: a clear message, no traceback)."""
     return ' | '.join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
+def run_node(factory, name: str, num_threads: int = 3, args=None) -> int:
+    """``main()`` of a node: start-up errors give one log line and exit 1; spin on a MultiThreadedExecutor."""
+    import rclpy
+    from rclpy.exceptions import ParameterException
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    from ..bundle import BundleError
+    from ..engine import EngineError
+
+    rclpy.init(args=args)
+    try:
+        node = factory()
+    except (BundleError, EngineError, ValueError, OSError, ParameterException) as e:
+        # one line, no traceback: what is wrong and where
+        rclpy.logging.get_logger(name).fatal(f'cannot start: {one_line(e)}')
+        rclpy.try_shutdown()
+        return 1
+    executor = MultiThreadedExecutor(num_threads=num_threads)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

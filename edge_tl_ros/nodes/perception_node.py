@@ -19,12 +19,9 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -34,7 +31,7 @@ from vision_msgs.msg import Classification, ObjectHypothesis
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
 from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
-from .params import declare_all, one_line
+from .params import declare_all, run_node
 
 LATENCY_WINDOW = 1024
 
@@ -261,32 +258,26 @@ class PerceptionNode(Node):
         self.engine.swap_head(head)  # validates, then one reference assignment
 
     def _srv_reload(self, request, response):
-        if self.mode == 'full':
-            response.success, response.message = False, 'deployment_mode full cannot swap heads'
-            return response
-        try:
-            head = self.registry.load()
-            self._swap(head)
-            response.success, response.message = True, f'head v{head.version} loaded'
-            self.get_logger().info(response.message)
-        except (BundleError, EngineError, OSError) as e:
-            response.success = False
-            response.message = f'refused, keeping head v{self.head_version}: {e}'
-            self.get_logger().error(response.message)
-        return response
+        return self._head_service(response, self.registry.load, 'head v{} loaded', 'refused')
 
     def _srv_rollback(self, request, response):
+        return self._head_service(response, self.registry.rollback, 'rolled back to head v{}',
+                                  'rollback refused')
+
+    def _head_service(self, response, get_head, ok: str, refused: str):
+        """Validate the head ``get_head`` returns, swap it in; on any error keep the current head."""
         if self.mode == 'full':
             response.success, response.message = False, 'deployment_mode full cannot swap heads'
             return response
         try:
-            head = self.registry.rollback()
+            head = get_head()
             self._swap(head)
-            response.success, response.message = True, f'rolled back to head v{head.version}'
+            response.success, response.message = True, ok.format(head.version)
             self.get_logger().info(response.message)
         except (BundleError, EngineError, OSError) as e:
             response.success = False
-            response.message = f'rollback refused, keeping head v{self.head_version}: {e}'
+            response.message = f'{refused}, keeping head v{self.head_version}: {e}'
+            self.get_logger().error(response.message)
         return response
 
     # -- diagnostics ---------------------------------------------------------------------------------------
@@ -344,24 +335,7 @@ class PerceptionNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = PerceptionNode()
-    except (BundleError, EngineError, ValueError, OSError, ParameterException) as e:
-        # one line, no traceback: what is wrong and where
-        rclpy.logging.get_logger('perception').fatal(f'cannot start: {one_line(e)}')
-        rclpy.try_shutdown()
-        return 1
-    executor = MultiThreadedExecutor(num_threads=3)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(PerceptionNode, 'perception', num_threads=3, args=args)
 
 
 if __name__ == '__main__':
