@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -425,12 +426,15 @@ def run_session(
         node_rc = node.stop()
         pub.stop()
         res = {
+            'workdir': str(workdir),
             'pub': json.loads((workdir / 'pub.json').read_text()),
             'recv': json.loads((workdir / 'recv.json').read_text()),
             'node': json.loads(stats_path.read_text()) if stats_path.exists() else {},
             'node_rc': node_rc,
             'monitor': mon,
         }
+        if not os.environ.get('BENCH_KEEP'):  # logs stay only when something failed (or BENCH_KEEP=1)
+            shutil.rmtree(workdir, ignore_errors=True)
         return res
     finally:
         for pr in reversed(procs):

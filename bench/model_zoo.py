@@ -139,9 +139,13 @@ def run(args) -> dict:
     from edge_tl_ros.bundle import BundleError
     from edge_tl_ros.engine import Engine
 
-    roots = [
-        ('teacher', Path(args.teacher)),
-        ('student', Path(args.student or args.bundle or common.STUDENT)),
+    students = args.student or ([args.bundle] if args.bundle else None)
+    if not students:  # every student bundle under models/ (gtsrb_student first)
+        students = [str(common.STUDENT)] + sorted(
+            str(d) for d in common.STUDENT.parent.glob('*student*') if d.is_dir() and d != common.STUDENT
+        )
+    roots = [('teacher', Path(args.teacher))] + [
+        ('student' if i == 0 else Path(s).name, Path(s)) for i, s in enumerate(students)
     ]
     present, missing = [], []
     for role, root in roots:
@@ -160,8 +164,15 @@ def run(args) -> dict:
     rows = []
     for role, root, b, vs in present:
         m = b.manifest
-        mflops = _manifest_number(m, ('gflops',))
-        mparams = _manifest_number(m, ('params',))
+        fl = m.get('flops') if isinstance(m.get('flops'), dict) else {}
+        mflops = (
+            fl.get('gflops')
+            if isinstance(fl.get('gflops'), (int, float))
+            else _manifest_number(m, ('gflops',))
+        )
+        mparams = (
+            m.get('params') if isinstance(m.get('params'), (int, float)) else _manifest_number(m, ('params',))
+        )
         h, w = b.input_size
         for label, kw, onnx_path in vs:
             print(f'[{NAME}] {label} ({b.name}, {h}x{w}) ...', flush=True)
@@ -220,6 +231,9 @@ def run(args) -> dict:
             print(f'[{NAME}] {role} torch eager skipped: {type(e).__name__}: {e}')
     student = next(b for r, _, b, _ in present if r == 'student')
     ablation = _find(student.manifest, ('ablation', 'distill'))
+    test_metrics = (student.manifest.get('metrics') or {}).get('test')
+    if ablation and test_metrics:
+        ablation['student_manifest_metrics.test'] = test_metrics
     per_model = {
         r['model']: {'accuracy': r['accuracy'], 'gflops': r['gflops'], 'latency_ms': r['latency_ms']}
         for r in rows
@@ -274,7 +288,10 @@ def parser() -> argparse.ArgumentParser:
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     p.add_argument(
-        '--student', default=None, help='student bundle (default --bundle, else models/gtsrb_student)'
+        '--student',
+        nargs='+',
+        default=None,
+        help='student bundle(s) (default --bundle, else models/gtsrb_student and every models/*student* dir)',
     )
     p.add_argument('--teacher', default=str(common.TEACHER))
     p.add_argument(

@@ -86,8 +86,10 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
     samples = np.asarray(mon.samples)  # (t, cpu s, rss MB)
     t_first = stamps[0]
     after = samples[(samples[:, 0] >= t0) & (samples[:, 0] <= stamps[-1] + 0.5)]
-    rss_warm = float(after[0, 2]) if len(after) else float('nan')
-    rss_end = float(after[-1, 2]) if len(after) else float('nan')
+    # medians over the first / last 10% (>= 4 samples) after the warm-up: robust to transient spikes
+    k = max(4, len(after) // 10)
+    rss_warm = float(np.median(after[:k, 2])) if len(after) else float('nan')
+    rss_end = float(np.median(after[-k:, 2])) if len(after) else float('nan')
     slope = (
         float(np.polyfit((after[:, 0] - after[0, 0]) / 60.0, after[:, 2], 1)[0]) if len(after) > 3 else None
     )
@@ -150,7 +152,9 @@ def run(args) -> dict:
             'dds': 'large_shm (default here) = bench/fastdds_large_shm.xml, so the node receives the '
             'offered rate (with the default 512 KiB shared-memory segment most 640x480 frames are lost '
             'before the node, see node_latency); --dds default runs the shipped transports',
-            'rss_growth_mb': 'node RSS at the end - RSS right after the warm-up (max over the rates)',
+            'rss_growth_mb': 'node RSS at the end - RSS right after the warm-up (medians of the last / '
+            'first 10% of the 0.5 s samples after the warm-up; max over the rates); '
+            'rss_slope_mb_per_min: least squares',
             'drops_exact': 'node dropped == node received - processed - rejected (no frame unaccounted for '
             'inside the node) and every processed frame was received by the receiver',
             'lost_before_node': 'published - node received: frames the node never saw (DDS/transport), '

@@ -100,9 +100,25 @@ def run(args) -> dict:
     ok = sum(1 for x in swaps if x['success'])
     published = len(stamps)
     dropped_frames = published - s['classified']
+    missing = sorted(set(range(published)) - set(int(q) for q in j['seq']))
+    t_sw_end = (t_sw1 or 0) + 0.1
+
+    def phase(q):
+        t = stamps[q]
+        return (
+            'during_swaps'
+            if t_sw0 and t_sw0 <= t <= t_sw_end
+            else ('before_swaps' if not t_sw0 or t < t_sw0 else 'after_swaps')
+        )
+
+    missing_by_phase = {}
+    for q in missing:
+        missing_by_phase[phase(q)] = missing_by_phase.get(phase(q), 0) + 1
     swap_ms = node_swaps[:, 1] if len(node_swaps) else np.zeros(0)
     data = {
         'dropped_frames': dropped_frames,
+        'dropped_frames_by_phase': missing_by_phase,
+        'dropped_seqs': missing[:50],
         'max_pause_ms': float(swap_ms.max()) if swap_ms.size else None,
         'swaps_requested': len(swaps),
         'swaps_ok': ok,
@@ -126,7 +142,8 @@ def run(args) -> dict:
         'rate_hz': rate,
         'qos': 'reliable (node depth 10, publisher depth 10)',
         'definitions': {
-            'dropped_frames': 'frames published - classifications received (whole run incl. warm-up)',
+            'dropped_frames': 'frames published - classifications received (whole run incl. warm-up); '
+            'dropped_frames_by_phase: when those frames were published (before/during/after the swaps)',
             'max_pause_ms': 'longest Engine.swap_head call in the node (validation + the reference '
             'assignment); the inference thread holds no lock, so this bounds the time a '
             'swap can stall it (GIL)',
