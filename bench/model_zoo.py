@@ -27,35 +27,47 @@ NAME = 'model_zoo'
 
 
 def onnx_cost(path) -> dict:
-    """MACs (Conv, Gemm, MatMul) of one image and parameter count of an ONNX model."""
+    """MACs (Conv, Gemm, MatMul) of one image and parameter count of an ONNX model.
+
+    Tensor shapes come from one ONNX Runtime run on a zero image with every operand exposed as an output
+    (static shape inference cannot follow the computed ``Pad`` of "same"-padded exports).
+    """
     import onnx
-    from onnx import numpy_helper, shape_inference
+    import onnxruntime as ort
 
     m = onnx.load(str(path))
-    for inp in m.graph.input:  # batch 1
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].ClearField('dim_param')
-            dims[0].dim_value = 1
-    m = shape_inference.infer_shapes(m)
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     inits = {t.name: t for t in m.graph.initializer}
-    for t in m.graph.initializer:
-        shapes[t.name] = list(t.dims)
+    ops = [n for n in m.graph.node if n.op_type in ('Conv', 'Gemm', 'MatMul')]
+    known = set(inits) | {i.name for i in m.graph.input} | {o.name for o in m.graph.output}
+    want = {x for n in ops for x in (n.output[0], *n.input[:2]) if x and x not in known}
+    for name in sorted(want):
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=['CPUExecutionProvider'])
+    inp = sess.get_inputs()[0]
+    x = np.zeros([1 if not isinstance(d, int) else d for d in inp.shape], np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    shapes = {k: list(v.shape) for k, v in zip(names, sess.run(names, {inp.name: x}))}
+    shapes.update({k: list(t.dims) for k, t in inits.items()})
     macs = 0
-    for n in m.graph.node:
-        if n.op_type == 'Conv' and n.output[0] in shapes and n.input[1] in shapes:
-            out = shapes[n.output[0]]
-            w = shapes[n.input[1]]  # [Cout, Cin/g, kh, kw]
-            macs += int(np.prod(out[1:])) * int(np.prod(w[1:]))
-        elif n.op_type in ('Gemm', 'MatMul') and n.output[0] in shapes and n.input[0] in shapes:
+    for n in ops:
+        out = shapes.get(n.output[0])
+        if out is None:
+            continue
+        if n.op_type == 'Conv' and n.input[1] in shapes:
+            macs += int(np.prod(out[1:])) * int(np.prod(shapes[n.input[1]][1:]))  # W: [Cout, Cin/g, kh, kw]
+        elif n.op_type in ('Gemm', 'MatMul') and n.input[0] in shapes:
             a = shapes[n.input[0]]
-            macs += int(np.prod(shapes[n.output[0]][1:] or [1])) * int(a[-1] if a else 0)
+            k = (
+                a[-1]
+                if not (n.op_type == 'Gemm' and any(at.name == 'transA' and at.i for at in n.attribute))
+                else a[0]
+            )
+            macs += int(np.prod(out[1:] or [1])) * int(k)
     params = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (1, 10, 11, 16)))
     params_q = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (2, 3)))
-    del numpy_helper
     return {'macs': macs, 'gflops': 2 * macs / 1e9, 'params_float': params, 'params_int8': params_q}
 
 
