@@ -50,6 +50,7 @@ from .params import declare_all, run_node
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
 RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
 MAX_PENDING_LABELS = 512
+RELOAD_TIMEOUT_S = 10.0  # a reload_head call without an answer (perception killed mid-call) gives up
 
 
 # name -> (default, descriptor kwargs)
@@ -170,6 +171,7 @@ class AdaptationNode(Node):
         self.rounds = 0
         self.last_round: dict | None = None
         self.reload: dict | None = None
+        self._reload_pending = None  # (future, client, monotonic time sent) of an unanswered reload call
         self._reload_clients: dict[str, object] = {}
 
         in_group = MutuallyExclusiveCallbackGroup()
@@ -522,8 +524,11 @@ class AdaptationNode(Node):
             self.get_logger().warning(self.reload['message'])
             return
         future = cli.call_async(Trigger.Request())
+        self._reload_pending = (future, cli, time.monotonic())
 
         def done(fut, info=self.reload):
+            if info['done']:  # already given up on (timeout)
+                return
             try:
                 res = fut.result()
                 info.update(done=True, success=bool(res.success), message=res.message)
@@ -556,7 +561,28 @@ class AdaptationNode(Node):
         return response
 
     # -- status / diagnostics ----------------------------------------------------------------------------
+    def _check_reload_timeout(self) -> None:
+        """A perception node that dies after taking the request never answers (its service can stay
+        discovered for a while): give up after RELOAD_TIMEOUT_S, say so, and drop the pending request."""
+        pending = self._reload_pending
+        if pending is None:
+            return
+        future, cli, t = pending
+        if future.done():
+            self._reload_pending = None
+        elif time.monotonic() - t > RELOAD_TIMEOUT_S:
+            self._reload_pending = None
+            info = self.reload
+            info.update(done=True, success=False,
+                        message=f'{cli.srv_name} did not answer in {RELOAD_TIMEOUT_S:.0f} s; the '
+                                f'perception node loads v{info["version"]} (the registry\'s current head) '
+                                'when it starts')
+            self.get_logger().warning(info['message'])
+            cli.remove_pending_request(future)
+            future.cancel()
+
     def _on_timer(self) -> None:
+        self._check_reload_timeout()
         self.store.evict_expired()
         period = self._p('adapt_period_s')
         now = time.monotonic()
