@@ -9,6 +9,8 @@ in their diagnostics.
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 
@@ -138,12 +140,25 @@ def compressed_size(fmt: str, data) -> tuple[int, int] | None:
     return None
 
 
+_CHUNK = struct.Struct('>I4s')  # PNG chunk: length, type
+
+
 def _complete(fmt: str, data) -> bool:
-    """A JPEG ends with EOI (trailing zero padding allowed), a PNG with its IEND chunk."""
-    tail = bytes(memoryview(data).cast('B')[-64:])
+    """A JPEG ends with EOI (trailing zero padding allowed); a PNG is a chain of chunks that each fit in
+    the payload, ending with IEND. (A corrupt chunk length makes OpenCV allocate up to 4 GB and spend
+    seconds on a 128-byte payload: checked here, before the decoder sees it.)"""
+    b = memoryview(data).cast('B')
     if fmt == 'png':
-        return b'IEND' in tail[-16:]
-    return tail.rstrip(b'\x00').endswith(b'\xff\xd9')
+        n, pos, unpack = len(b), 8, _CHUNK.unpack_from
+        while pos + 12 <= n:
+            length, kind = unpack(b, pos)
+            pos += 12 + length
+            if pos > n:
+                return False
+            if kind == b'IEND':
+                return True
+        return False
+    return bytes(b[-64:]).rstrip(b'\x00').endswith(b'\xff\xd9')
 
 
 def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
@@ -169,7 +184,7 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
         raise FrameError('too_large', f'{actual} header says {size[1]}x{size[0]}, more than '
                                       f'max_pixels={max_pixels}')
     if not _complete(actual, data):
-        raise FrameError('corrupt_compressed', f'{actual} payload is truncated (no end marker)')
+        raise FrameError('corrupt_compressed', f'{actual} payload is truncated or its structure is corrupt')
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
