@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edge_tl_ros.imaging import (SUPPORTED_ENCODINGS, FrameError, compressed_size, decode_compressed,
-                                 encode_compressed, image_view)
+                                 encode_compressed, image_fields, image_view)
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle
 
 # sensor_msgs/image_encodings.hpp (ROS 2 Jazzy/Rolling), in the header's order
@@ -116,6 +116,17 @@ def test_huge_frames_rejected_without_allocating_them():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f'{peak / 2**20:.1f} MiB allocated while rejecting'
+    # a 128-byte PNG whose IDAT length field says 3.2 GB: refused at once, nothing allocated (OpenCV's own
+    # allocations are not traced: the process' peak RSS must not move, and it must be fast)
+    import resource
+    bomb = next(f[2] for f in compressed_faults() if f[0] == 'png chunk length 3 GB')
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for _ in range(20):
+        with pytest.raises(FrameError):
+            decode_compressed('png', bomb)
+    assert time.perf_counter() - t0 < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0 < 100 * 1024  # KiB
 
 
 def compressed_faults():
@@ -133,6 +144,9 @@ def compressed_faults():
     for frac in (0.3, 0.6, 0.9):
         out.append((f'jpeg truncated {frac}', 'jpeg', jpg[:int(len(jpg) * frac)], 'corrupt_compressed'))
         out.append((f'png truncated {frac}', 'png', png[:int(len(png) * frac)], 'corrupt_compressed'))
+    bomb = bytearray(png)  # IDAT chunk length -> 3.2 GB (OpenCV would allocate it and spend seconds)
+    bomb[33:37] = (0xC2000000).to_bytes(4, 'big')
+    out.append(('png chunk length 3 GB', 'png', bytes(bomb), 'corrupt_compressed'))
     out.append(('jpeg without EOI', 'jpeg', jpg[:-2], 'corrupt_compressed'))
     out.append(('png without IEND', 'png', png[:-12], 'corrupt_compressed'))
     return out
@@ -175,7 +189,8 @@ def test_fuzz_never_raises_anything_but_frame_error(tmp_path):
         if i % 4 == 0:
             del b[int(rng.integers(1, len(b))):]
         try:
-            img, order = decode_compressed(('jpeg', 'png')[i % 2], bytes(b))
+            # max_pixels small: a flipped size field within the limit is decoded (slow at 16 MP)
+            img, order = decode_compressed(('jpeg', 'png')[i % 2], bytes(b), max_pixels=64 * 64)
             eng.infer(img, order)
             ok += 1
         except FrameError:
@@ -286,15 +301,33 @@ def test_adaptation_node_counts_bad_frames_and_loses_no_label(ros_context, tmp_p
         raw.append((Image(height=2, width=2, encoding='mono16', step=8,
                           data=np.full(6, 40000, '<u2').tobytes()), None))  # valid: last row unpadded
         good_stamps = []
+
+        def deliver(img_msg, done):
+            # the node's image subscription is sensor-data QoS (best effort, depth 5): on a busy machine a
+            # frame can be lost before the node sees it; send it again (same stamp) until it is handled
+            for _ in range(5):
+                io.pub_img.publish(img_msg)
+                if wait_for(done, 2):
+                    return
+            raise AssertionError(f'frame {img_msg.header.stamp.sec} never handled: {node.counters}')
+
         for k, (msg, reason) in enumerate(raw):
             # a labelled bad frame, then a labelled good frame: the good one's label must land
             msg.header.stamp.sec, msg.header.stamp.nanosec = 50_000 + k, 0
             io.pub_lab.publish(Classification(header=msg.header,
                                               results=[ObjectHypothesis(class_id='red', score=1.0)]))
-            io.pub_img.publish(msg)
-            time.sleep(0.01)  # the node's image subscription is sensor-data QoS (best effort, depth 5)
-            good = io.send([solid(TOY_CLASSES[k % 3], 16, 16)], [k % 3], period=0.01)[0]
-            good_stamps.append((good, TOY_CLASSES[k % 3]))
+            n_bad = node.counters['frames_bad']
+            n_topic = node.store.label_counts()['topic']
+            deliver(msg, (lambda n=n_bad: node.counters['frames_bad'] == n + 1) if reason else
+                    (lambda n=n_topic: node.store.label_counts()['topic'] == n + 1))
+            k_cls = k % 3
+            good = Image(**image_fields(solid(TOY_CLASSES[k_cls], 16, 16), 'rgb8'))
+            good.header.stamp.sec, good.header.stamp.nanosec = 60_000 + k, 0
+            io.pub_lab.publish(Classification(header=good.header, results=[
+                ObjectHypothesis(class_id=TOY_CLASSES[k_cls], score=1.0)]))
+            n_topic = node.store.label_counts()['topic']
+            deliver(good, lambda n=n_topic: node.store.label_counts()['topic'] == n + 1)
+            good_stamps.append(((60_000 + k, 0), TOY_CLASSES[k_cls]))
         # malformed labels are counted too
         io.pub_lab.publish(Classification())
         io.pub_lab.publish(Classification(results=[ObjectHypothesis(class_id='', score=1.0)]))
