@@ -326,14 +326,18 @@ def wait_file(path: Path, timeout: float, procs=()) -> bool:
 
 
 class ProcMonitor:
-    """Samples CPU time and RSS of a process (psutil) every ``period`` s in a thread."""
+    """Samples CPU time and memory of a process every ``period`` s in a thread.
+
+    ``samples``: (wall time, cpu seconds, RSS MB, RssAnon MB, RssShmem MB). RssAnon (heap, stacks) is what
+    a leak grows; RssShmem counts the DDS shared-memory segments' pages as the process touches them.
+    """
 
     def __init__(self, pid: int, period: float = 0.5):
         import psutil
 
         self.proc = psutil.Process(pid)
         self.period = period
-        self.samples: list[tuple[float, float, float]] = []  # (wall time, cpu seconds, rss MB)
+        self.samples: list[tuple] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -344,7 +348,16 @@ class ProcMonitor:
             rss = self.proc.memory_info().rss / 2**20
         except Exception:  # process gone
             return None
-        s = (time.time(), ct.user + ct.system, rss)
+        anon = shm = float('nan')
+        try:
+            for line in open(f'/proc/{self.proc.pid}/status'):
+                if line.startswith('RssAnon:'):
+                    anon = int(line.split()[1]) / 1024
+                elif line.startswith('RssShmem:'):
+                    shm = int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        s = (time.time(), ct.user + ct.system, rss, anon, shm)
         self.samples.append(s)
         return s
 

@@ -101,6 +101,7 @@ def run(args) -> dict:
     else:
         plan = [('student', w, h, 20, 3, dds) for dds in ('default', 'large_shm') for (w, h) in RESOLUTIONS]
         plan += [('echo', 640, 480, 15, 2, dds) for dds in ('default', 'large_shm')]
+        plan += [('echo', 1280, 720, 15, 2, 'large_shm')]
         plan += [('naive', w, h, 20, 5, 'default') for (w, h) in RESOLUTIONS]
     runs = []
     for kind, w, h, dur, warm, dds in plan:
@@ -126,8 +127,9 @@ def run(args) -> dict:
         'speedup_vs_naive': (nv50 / p50) if (nv50 and p50) else None,
         'drops': st['diag_dropped'] if st['diag_dropped'] is not None else st['node_dropped'],
         'headline': 'student vs naive at 640x480, 30 Hz, default Fast DDS transports (as shipped)',
-        'transport_floor_640': {
-            dds: (pick('echo', dds=dds) or {}).get('latency') for dds in ('default', 'large_shm')
+        'transport_floor': {
+            f'{res} {dds}': (pick('echo', res, dds) or {}).get('latency')
+            for res, dds in (('640x480', 'default'), ('640x480', 'large_shm'), ('1280x720', 'large_shm'))
         },
         'large_shm_640': {
             k: (pick('student', dds='large_shm') or {}).get(k)
@@ -154,8 +156,8 @@ def run(args) -> dict:
             'stamp_to_inference_start_ms': 'header stamp -> the inference thread takes the frame (node side: '
             'transport + deserialisation + executor + slot wait)',
             'node_process_ms': 'PerceptionNode._process per frame (decode + infer + publish)',
-            'transport_floor_640': 'latency of the echo node (same processes, QoS and topics; answers each '
-            'frame at once, no inference): what DDS + rclpy cost a Python node for a 640x480 frame',
+            'transport_floor': 'latency of the echo node (same processes, QoS and topics; answers each '
+            'frame at once, no inference): what DDS + rclpy cost a Python node for that frame size',
             'cpu_percent': 'node process CPU time / wall time over the measured window, 100 = one core',
             'node_infer_ms': 'Engine.infer (decode view + preprocess + ORT + head) inside the node',
             'speedup_vs_naive': 'naive_p50_ms / p50_ms (same run, same publisher, 640x480)',

@@ -90,6 +90,9 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
     k = max(4, len(after) // 10)
     rss_warm = float(np.median(after[:k, 2])) if len(after) else float('nan')
     rss_end = float(np.median(after[-k:, 2])) if len(after) else float('nan')
+    anon_warm = float(np.median(after[:k, 3])) if len(after) else float('nan')
+    anon_end = float(np.median(after[-k:, 3])) if len(after) else float('nan')
+    shm_growth = float(np.median(after[-k:, 4]) - np.median(after[:k, 4])) if len(after) else float('nan')
     slope = (
         float(np.polyfit((after[:, 0] - after[0, 0]) / 60.0, after[:, 2], 1)[0]) if len(after) > 3 else None
     )
@@ -109,6 +112,8 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
         rss_end_mb=rss_end,
         rss_growth_mb=rss_end - rss_warm,
         rss_slope_mb_per_min=slope,
+        rss_anon_growth_mb=anon_end - anon_warm,
+        rss_shmem_growth_mb=shm_growth,
         drops_identity_residual=identity,
         drops_exact=bool(identity == 0 and s['classified'] == node['processed']),
         published_minus_classified_minus_rejected=s['published'] - s['classified'] - node['rejected'],
@@ -154,7 +159,8 @@ def run(args) -> dict:
             'before the node, see node_latency); --dds default runs the shipped transports',
             'rss_growth_mb': 'node RSS at the end - RSS right after the warm-up (medians of the last / '
             'first 10% of the 0.5 s samples after the warm-up; max over the rates); '
-            'rss_slope_mb_per_min: least squares',
+            'rss_slope_mb_per_min: least squares; rss_anon_growth_mb / rss_shmem_growth_mb: the same for '
+            'RssAnon (heap: what a leak grows) and RssShmem (DDS shared-memory pages touched) from /proc',
             'drops_exact': 'node dropped == node received - processed - rejected (no frame unaccounted for '
             'inside the node) and every processed frame was received by the receiver',
             'lost_before_node': 'published - node received: frames the node never saw (DDS/transport), '
@@ -179,6 +185,7 @@ def run(args) -> dict:
                 'dropped': r['node_dropped'],
                 'exact': r['drops_exact'],
                 'rss_growth_mb': r['rss_growth_mb'],
+                'anon_growth_mb': r['rss_anon_growth_mb'],
                 'cpu%': r['cpu_percent'],
             }
             for r in runs
@@ -198,6 +205,7 @@ def run(args) -> dict:
             'dropped',
             'exact',
             'rss_growth_mb',
+            'anon_growth_mb',
             'cpu%',
         ],
         title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
