@@ -92,6 +92,19 @@ def main(argv=None) -> int:
                 }
             )
         status[name] = st
+    for name in BENCHMARKS:  # --only: list the other benchmarks' existing results too
+        path = out_dir / f'{name}.json'
+        if name not in names and path.exists():
+            d = json.loads(path.read_text())
+            rows.append(
+                {
+                    'benchmark': name,
+                    'status': f'earlier ({d.get("timestamp")})',
+                    'seconds': d.get('duration_s'),
+                    'result': summarize(name, d),
+                }
+            )
+    rows.sort(key=lambda r: BENCHMARKS.index(r['benchmark']))
     print()
     m = common.machine_info()
     common.print_table(
