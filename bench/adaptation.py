@@ -100,6 +100,7 @@ def round_seconds(student_root, teacher_root, images, labels, class_names, wd: P
     return {
         'round_seconds': wall,
         'round_only_seconds': r.metrics.get('seconds'),
+        'worker': r.metrics.get('worker'),
         'frames': len(images),
         'teacher_labelling': bool(teacher_root),
         'accepted': r.accepted,
