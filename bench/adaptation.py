@@ -284,6 +284,7 @@ def run(args) -> dict:
             'gap_recovered': '(adapted - source_only) / (oracle - source_only)',
         },
     }
+    common.cleanup(wd)
     path = common.write_result(NAME, data, args, t_start)
     rows = []
     for e in results:

@@ -194,6 +194,7 @@ def run(args) -> dict:
             'round_wall_s': 'wall time of run_round_in_subprocess (spawn + imports + round), reported in ms',
         },
     }
+    common.cleanup(wd)
     path = common.write_result(NAME, data, args, t_start)
     common.print_table(
         [

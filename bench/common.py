@@ -383,6 +383,12 @@ class ProcMonitor:
         return s[-1][2] if s else float('nan')
 
 
+def cleanup(workdir: Path) -> None:
+    """Remove a benchmark's scratch directory (kept with BENCH_KEEP=1)."""
+    if not os.environ.get('BENCH_KEEP'):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def new_workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f'{name}_', dir=tmp_root()))
 
