@@ -247,13 +247,13 @@ def teacher_info() -> dict | None:
 
 
 # -- ROS processes -------------------------------------------------------------------------------------
-DDS_PROFILES = {'default': None, 'large_shm': REPO / 'bench' / 'fastdds_large_shm.xml'}
+DDS_PROFILES = {'default': None, 'large_shm': REPO / 'config' / 'fastdds_large_shm.xml'}
 
 
 def ros_env(domain: int | None = None, dds: str = 'default') -> dict:
     """Environment for benchmark processes: Fast DDS, localhost only, a domain of this run's own.
 
-    ``dds='large_shm'`` loads bench/fastdds_large_shm.xml (16 MiB shared-memory segment) in every process.
+    ``dds='large_shm'`` loads config/fastdds_large_shm.xml (16 MiB shared-memory segment) in every process.
     """
     env = dict(os.environ)
     env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')

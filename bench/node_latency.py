@@ -152,7 +152,7 @@ def run(args) -> dict:
             '(frames replaced in the newest-frame slot before inference), 640x480 run',
             'lost_before_node': 'published - node received (lost in DDS/transport or DDS queue overwrite)',
             'dds': 'default = Fast DDS built-in transports (512 KiB shared-memory segment); large_shm = '
-            'bench/fastdds_large_shm.xml (16 MiB segment, 4 MiB UDP buffers) in all three processes',
+            'config/fastdds_large_shm.xml (16 MiB segment, 4 MiB UDP buffers) in all three processes',
             'stamp_to_inference_start_ms': 'header stamp -> the inference thread takes the frame (node side: '
             'transport + deserialisation + executor + slot wait)',
             'node_process_ms': 'PerceptionNode._process per frame (decode + infer + publish)',

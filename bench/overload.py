@@ -154,7 +154,7 @@ def run(args) -> dict:
             'queue_lag': 'per classification of frame k: #frames j>k that had arrived at the node (image '
             'subscription callback) before the node finished processing frame k: the part of the lag that is '
             'the node\'s own queueing (newest-frame slot); frames in transit are not counted',
-            'dds': 'large_shm (default here) = bench/fastdds_large_shm.xml, so the node receives the '
+            'dds': 'large_shm (default here) = config/fastdds_large_shm.xml, so the node receives the '
             'offered rate (with the default 512 KiB shared-memory segment most 640x480 frames are lost '
             'before the node, see node_latency); --dds default runs the shipped transports',
             'rss_growth_mb': 'node RSS at the end - RSS right after the warm-up (medians of the last / '

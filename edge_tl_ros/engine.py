@@ -148,6 +148,11 @@ class Engine:
         if img.ndim == 3 and img.shape[2] == 1:
             img = img[:, :, 0]
         h, w = self.input_hw
+        # INTER_AREA on a non-integer scale from a large frame costs ms (15 ms from 1080p to 32x32);
+        # a strided view first (still >= 2x2 samples per output pixel, no copy) brings it to ~0.2 ms
+        s = min(img.shape[0] // (2 * h), img.shape[1] // (2 * w))
+        if s > 1:
+            img = img[::s, ::s]
         interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
         small = cv2.resize(img, (w, h), interpolation=interp)
         small = to_order(small, order, self.color_order)

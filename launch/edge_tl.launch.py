@@ -9,7 +9,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
@@ -26,6 +26,7 @@ def generate_launch_description():
     namespace = LaunchConfiguration('namespace')
     params_file = LaunchConfiguration('params_file')
     state_dir = LaunchConfiguration('state_dir')
+    fastdds_profile = LaunchConfiguration('fastdds_profile')
 
     args = [
         DeclareLaunchArgument('camera_topic', default_value='/camera/image',
@@ -43,6 +44,10 @@ def generate_launch_description():
         DeclareLaunchArgument('state_dir', default_value='',
                               description='head versions + frame store '
                                           '("" = $ROS_HOME/edge_tl_ros/<bundle>)'),
+        DeclareLaunchArgument('fastdds_profile',
+                              default_value=os.path.join(share, 'config', 'fastdds_large_shm.xml'),
+                              description='Fast DDS profile for the nodes (16 MiB shared-memory segment: '
+                                          'camera-sized frames; the camera driver needs it too)'),
     ]
     remaps = [('image', camera_topic),
               ('image/compressed', PythonExpression(["'", camera_topic, "' + '/compressed'"]))]
@@ -54,4 +59,5 @@ def generate_launch_description():
     adaptation = Node(package='edge_tl_ros', executable='adaptation_node', name='adaptation',
                       namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
                       output='screen', emulate_tty=True, condition=IfCondition(use_adaptation))
-    return LaunchDescription(args + [perception, adaptation])
+    env = SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile)
+    return LaunchDescription(args + [env, perception, adaptation])

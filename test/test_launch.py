@@ -40,6 +40,7 @@ def _run_launch_file():
         'launch_ros.actions', 'ament_index_python', 'ament_index_python.packages')}
     mods['launch'].LaunchDescription = type('LaunchDescription', (_Rec,), {})
     mods['launch.actions'].DeclareLaunchArgument = type('DeclareLaunchArgument', (_Rec,), {})
+    mods['launch.actions'].SetEnvironmentVariable = type('SetEnvironmentVariable', (_Rec,), {})
     mods['launch.conditions'].IfCondition = type('IfCondition', (_Rec,), {})
     mods['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
     mods['launch.substitutions'].PythonExpression = type('PythonExpression', (_Rec,), {})
@@ -90,6 +91,11 @@ def test_launch_file_structure():
                            and a.args[0] == 'params_file').kwargs['default_value']
         assert Path(params_file).is_file()
     assert sum(1 for n in nodes if 'condition' in n.kwargs) == 1  # adaptation is optional
+    env = [a for a in actions if type(a).__name__ == 'SetEnvironmentVariable']
+    assert env and env[0].args[0] == 'FASTDDS_DEFAULT_PROFILES_FILE'
+    profile = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'
+                   and a.args[0] == 'fastdds_profile').kwargs['default_value']
+    assert Path(profile).is_file() and '<segment_size>' in Path(profile).read_text()
 
 
 def _yaml_params():
