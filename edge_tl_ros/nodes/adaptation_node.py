@@ -491,8 +491,12 @@ class AdaptationNode(Node):
                     self.get_logger().info(f'round accepted: head v{head.version} ({result.reason})')
                     self._request_reload(head.version)
             else:
-                log = self.get_logger().warning if result.failed else self.get_logger().info
-                log(f'round {"failed" if result.failed else "rejected"}: {result.reason}')
+                # one call site per severity: rclpy raises "Logger severity cannot be changed between
+                # calls" when the same line logs at two severities (it crashed every later round)
+                if result.failed:
+                    self.get_logger().warning(f'round failed: {result.reason}')
+                else:
+                    self.get_logger().info(f'round rejected: {result.reason}')
             self.last_round = summary
             self.rounds += 1
         except Exception as e:  # the round thread must always clear round_running
@@ -534,8 +538,10 @@ class AdaptationNode(Node):
                 info.update(done=True, success=bool(res.success), message=res.message)
             except Exception as e:  # service went away
                 info.update(done=True, success=False, message=f'{type(e).__name__}: {e}')
-            (self.get_logger().info if info['success'] else self.get_logger().warning)(
-                f'{info["service"]}: {info["message"]}')
+            if info['success']:  # one call site per severity (see _round)
+                self.get_logger().info(f'{info["service"]}: {info["message"]}')
+            else:
+                self.get_logger().warning(f'{info["service"]}: {info["message"]}')
             self._publish_status()
 
         future.add_done_callback(done)
