@@ -381,3 +381,36 @@ def test_engine_provider_fallback_and_unknown(tmp_path):
     with pytest.raises(EngineError, match="unknown execution provider 'npu'"):
         Engine(b, provider='npu')
 
+
+
+def test_bundle_damaged_while_the_adaptation_node_runs(ros_context, tmp_path):
+    """The bundle's head file is damaged under a running adaptation node: its rounds fail with the reason
+    (the worker validates the bundle), the node keeps going, and once the file is back rounds work again.
+    (Regression: a rejected round followed by a failed one logged from one call site at two severities,
+    rclpy raised "Logger severity cannot be changed" and every later round crashed uncounted.)"""
+    from test_adaptation_node import make_node, spin, wait_for
+
+    toy = make_toy_bundle(tmp_path / 'toy')
+    node = make_node(ros_context, toy, tmp_path / 'state')
+    ex, _ = spin(ros_context, node)
+    head = toy / 'head.npz'
+    good = head.read_bytes()
+    try:
+        reasons = []
+        for k, damaged in enumerate((False, True, True, False)):
+            head.write_bytes(good[:100] if damaged else good)
+            assert node.start_round('test')[0]
+            assert wait_for(lambda: node.rounds == k + 1 and not node.round_running, 60), node.status()
+            last = node.last_round
+            reasons.append(last['reason'])
+            assert not last['accepted']
+            if damaged:
+                assert last['failed'] and 'sha256 mismatch' in last['reason'], last
+            else:
+                assert not last.get('failed') and 'not enough labelled frames' in last['reason'], last
+        assert not any('Logger severity' in r for r in reasons), reasons
+        assert node.engine.head.version == 0
+    finally:
+        head.write_bytes(good)
+        ex.shutdown()
+        node.destroy_node()
