@@ -318,7 +318,7 @@ def teacher_logits_cached(
 class StudentConfig:
     arch: str = 'seed_cnn'
     input_size: int = 32
-    epochs: float = 15.0
+    epochs: float = 20.0
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 5e-4
