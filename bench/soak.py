@@ -13,7 +13,8 @@ open file descriptors of both nodes every 2 s (psutil). The adaptation node star
 and hot-swaps accepted heads into the perception node.
 
 Result (``bench/results/soak.json``; ``--quick``: 60 s, rounds every 20 s, ``bench/results/quick``):
-``rss_growth_mb`` / ``fd_growth`` (max over the two nodes of end - after warm-up; medians of the samples in
+``rss_growth_mb`` / ``rss_anon_growth_mb`` (heap only, without DDS shared-memory pages) /
+``fd_growth`` (max over the two nodes of end - after warm-up; medians of the samples in
 the first / last 10 % after the warm-up, warm-up = 20 % of the run, at least 10 s), ``published``,
 ``classified``, ``dropped`` (the perception node's own overload counter: frames replaced in its
 newest-frame slot), ``rounds`` (+ accepted), and the accounting ``unaccounted = published - classified -
@@ -82,9 +83,11 @@ class Driver:
         from edge_tl_ros.imaging import image_fields
 
         from rclpy.context import Context
+        from rclpy.signals import SignalHandlerOptions
 
         self.ctx = Context()
-        rclpy.init(context=self.ctx, domain_id=ctx_domain)
+        # Ctrl-C / SIGTERM must reach run()'s finally (which stops the node processes), not only rclpy
+        rclpy.init(context=self.ctx, domain_id=ctx_domain, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node('soak_driver', context=self.ctx)
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.pub = self.node.create_publisher(Image, 'image', qos)
@@ -149,14 +152,28 @@ class Driver:
         self.ctx.try_shutdown()
 
 
+def _rss_split(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssShmem) in MB from /proc: heap/stacks (what a leak grows) and DDS shared-memory pages."""
+    anon = shm = float('nan')
+    try:
+        for line in open(f'/proc/{pid}/status'):
+            if line.startswith('RssAnon:'):
+                anon = int(line.split()[1]) / 1024
+            elif line.startswith('RssShmem:'):
+                shm = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return anon, shm
+
+
 class Sampler:
-    """RSS (MB) and open fds of the node processes every SAMPLE_S seconds."""
+    """RSS, RssAnon, RssShmem (MB) and open fds of the node processes every SAMPLE_S seconds."""
 
     def __init__(self, procs: dict):
         import psutil
 
         self.ps = {name: psutil.Process(p.pid) for name, p in procs.items()}
-        self.samples = {name: [] for name in procs}  # (monotonic t, rss MB, fds, cpu s)
+        self.samples = {name: [] for name in procs}  # (monotonic t, rss MB, fds, cpu s, anon MB, shm MB)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -167,7 +184,7 @@ class Sampler:
                 try:
                     ct = p.cpu_times()
                     self.samples[name].append((time.monotonic(), p.memory_info().rss / 2**20, p.num_fds(),
-                                               ct.user + ct.system))
+                                               ct.user + ct.system, *_rss_split(p.pid)))
                 except Exception:  # the process died: the result says so
                     pass
             self._stop.wait(SAMPLE_S)
@@ -186,6 +203,11 @@ class Sampler:
         return {'samples': int(len(s)), 'rss_after_warmup_mb': float(np.median(s[:k, 1])),
                 'rss_end_mb': float(np.median(s[-k:, 1])),
                 'rss_growth_mb': float(np.median(s[-k:, 1]) - np.median(s[:k, 1])),
+                'rss_anon_growth_mb': float(np.median(s[-k:, 4]) - np.median(s[:k, 4])),
+                'rss_shmem_growth_mb': float(np.median(s[-k:, 5]) - np.median(s[:k, 5])),
+                'rss_anon_end_mb': float(np.median(s[-k:, 4])),
+                'rss_anon_slope_mb_per_min': (float(np.polyfit((s[:, 0] - s[0, 0]) / 60.0, s[:, 4], 1)[0])
+                                              if len(s) > 3 else None),
                 'rss_max_mb': float(s[:, 1].max()), 'rss_slope_mb_per_min': slope,
                 'fds_after_warmup': int(np.median(s[:k, 2])), 'fds_end': int(np.median(s[-k:, 2])),
                 'fd_growth': int(np.median(s[-k:, 2]) - np.median(s[:k, 2])), 'fds_max': int(s[:, 2].max()),
@@ -218,7 +240,9 @@ def run(args) -> dict:
     perc = common.Proc(['-m', 'edge_tl_ros.nodes.perception_node', '--ros-args', *common_p],
                        env, wd / 'perception.log', 'perception')
     adapt = common.Proc(['-m', 'edge_tl_ros.nodes.adaptation_node', '--ros-args', *common_p,
-                         '-p', f'adapt_period_s:={period}', '-p', 'adapt_every_n_labels:=0'],
+                         '-p', f'adapt_period_s:={period}', '-p', 'adapt_every_n_labels:=0',
+                         *(['-p', f'store_max_entries:={args.store_max_entries}'] if args.store_max_entries
+                           else [])],
                         env, wd / 'adaptation.log', 'adaptation')
     procs = {'perception': perc, 'adaptation': adapt}
     print(f'[{NAME}] {binfo["name"]}: {frames.shape[2]}x{frames.shape[1]} @ {args.rate:g} Hz for '
@@ -259,7 +283,7 @@ def run(args) -> dict:
         status = driver.status
         growth = {n: sampler.growth(n, t_warm) for n in procs}
         cls_t = np.asarray(driver.cls_times)
-        bins = np.arange(t0, t_end - 1e-9, 10.0)
+        bins = np.arange(t0, t_end - 10.0 + 1e-6, 10.0)  # whole 10-s bins of the run (not the settle time)
         per_bin = [int(((cls_t >= b) & (cls_t < b + 10)).sum()) / 10.0 for b in bins]
         frames_in = int(pd.get('frames_in', 0))
         dropped, rejected = int(pd.get('dropped_frames', 0)), int(pd.get('rejected_frames', 0))
@@ -272,6 +296,7 @@ def run(args) -> dict:
             'lost_before_node': seq - frames_in,
             'unaccounted': seq - driver.classified - dropped - rejected - (seq - frames_in),
             'rss_growth_mb': max(g.get('rss_growth_mb', float('inf')) for g in growth.values()),
+            'rss_anon_growth_mb': max(g.get('rss_anon_growth_mb', float('inf')) for g in growth.values()),
             'fd_growth': max(g.get('fd_growth', 10**6) for g in growth.values()),
             'rounds': rounds,
             'rounds_accepted': int(status.get('head_version') or 0),
@@ -292,6 +317,8 @@ def run(args) -> dict:
             'definitions': {
                 'rss_growth_mb': 'max over both nodes of median RSS over the last 10% of 2-s samples minus '
                                  'the median over the first 10% after the warm-up (20% of the run, >= 10 s)',
+                'rss_anon_growth_mb': 'the same for RssAnon (heap, stacks: what a leak grows); the rest of '
+                                      'RSS is mostly DDS shared-memory pages (RssShmem) touched over time',
                 'fd_growth': 'the same for the number of open file descriptors',
                 'dropped': "perception's own count of frames replaced in its newest-frame slot (overload)",
                 'unaccounted': 'published - classified - dropped - rejected - lost_before_node (must be 0)',
@@ -305,9 +332,11 @@ def run(args) -> dict:
         path = common.write_result(NAME, data, args, t_start)
         common.print_table(
             [{'node': n, 'rss_start_mb': g.get('rss_after_warmup_mb'), 'rss_end_mb': g.get('rss_end_mb'),
-              'rss_growth_mb': g.get('rss_growth_mb'), 'fds': g.get('fds_end'),
-              'fd_growth': g.get('fd_growth'), 'cpu%': g.get('cpu_percent')} for n, g in growth.items()],
-            ['node', 'rss_start_mb', 'rss_end_mb', 'rss_growth_mb', 'fds', 'fd_growth', 'cpu%'],
+              'rss_growth_mb': g.get('rss_growth_mb'), 'anon_growth_mb': g.get('rss_anon_growth_mb'),
+              'fds': g.get('fds_end'), 'fd_growth': g.get('fd_growth'), 'cpu%': g.get('cpu_percent')}
+             for n, g in growth.items()],
+            ['node', 'rss_start_mb', 'rss_end_mb', 'rss_growth_mb', 'anon_growth_mb', 'fds', 'fd_growth',
+             'cpu%'],
             title=f'{NAME}: published {seq}, classified {driver.classified}, dropped {dropped}, '
                   f'lost before node {seq - frames_in}, unaccounted {data["unaccounted"]}, rounds {rounds} '
                   f'({data["rounds_accepted"]} accepted), ok {data["ok"]}')
@@ -326,9 +355,10 @@ def _plot(args, sampler, procs, t0, cls_t, t_end) -> None:
     for name in procs:
         s = np.asarray(sampler.samples[name])
         if len(s):
-            axes[0].plot(s[:, 0] - t0, s[:, 1], label=name)
+            axes[0].plot(s[:, 0] - t0, s[:, 1], label=f'{name} RSS')
+            axes[0].plot(s[:, 0] - t0, s[:, 4], '--', label=f'{name} RssAnon')
             axes[1].plot(s[:, 0] - t0, s[:, 2], label=name)
-    edges = np.arange(0, t_end - t0 + 5, 5.0)
+    edges = np.arange(0, t_end - t0 + 1e-6, 5.0)
     counts, _ = np.histogram(cls_t - t0, edges)
     axes[2].step(edges[:-1], counts / 5.0, where='post')
     for ax, yl in zip(axes, ('RSS (MB)', 'open fds', 'classifications / s')):
@@ -346,10 +376,19 @@ def main(argv=None) -> int:
     p.add_argument('--rate', type=float, default=30.0, help='camera frame rate (Hz)')
     p.add_argument('--round-period', type=float, default=None,
                    help='adapt_period_s of the adaptation node (default 60; 20 with --quick)')
+    p.add_argument('--store-max-entries', type=int, default=None,
+                   help='the adaptation node\'s store cap (default: its parameter default, 2000; the 10-min '
+                        'run reaches it after ~8 min)')
     p.add_argument('--dds', choices=tuple(common.DDS_PROFILES), default='large_shm',
                    help='large_shm: the Fast DDS profile with a 16 MiB shared-memory segment (640x480 frames '
                         'reach the nodes); default: the shipped transports')
     args = p.parse_args(argv)
+    import signal
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)  # run()'s finally stops the node processes
     d = run(args)
     return 0 if d.get('ok') else 1
 
