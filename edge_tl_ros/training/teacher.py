@@ -25,8 +25,8 @@ class TeacherConfig:
     arch: str = 'efficientnet_lite0'
     weights: str | None = None  # local state dict (torchvision models / other EfficientNet weights)
     pretrained: bool = True
-    input_size: int = 64
-    epochs: float = 2.5  # at input_size (after the optional low-resolution phase)
+    input_size: int = 48
+    epochs: float = 2.0  # at input_size (after the optional low-resolution phase)
     low_res_size: int = 32  # optional progressive resizing: first epochs at a lower (cheaper) size ...
     low_res_epochs: float = 0.0  # ... then `epochs` at input_size with a lower LR (0 = single phase)
     final_lr_scale: float = 0.25
