@@ -47,6 +47,7 @@ class AdaptConfig:
     l2_to_prior: float = 1e-2  # pull toward the current head (standardised feature units)
     label_sources: tuple = ('topic', 'teacher')  # which labels a round may use
     self_label_threshold: float = 0.95  # student confidence needed for a 'self' pseudo-label
+    teacher_min_confidence: float = 0.9  # teacher confidence needed for a 'teacher' pseudo-label
     allow_new_classes: bool = False  # labels naming classes the head does not know add classes
     seed: int = 0
     anchor_replay: float = 0.5  # total weight of replayed anchor samples relative to local ones; 0 = off
@@ -69,6 +70,7 @@ class AdaptConfig:
             (set(self.label_sources) <= set(LABEL_SOURCES),
              f'label_sources must be a subset of {list(LABEL_SOURCES)}, got {list(self.label_sources)}'),
             (0.0 <= self.self_label_threshold <= 1.0, 'self_label_threshold must be in [0, 1]'),
+            (0.0 <= self.teacher_min_confidence <= 1.0, 'teacher_min_confidence must be in [0, 1]'),
             (self.anchor_replay >= 0, 'anchor_replay must be >= 0'),
             (self.iters >= 1, 'iters must be >= 1'),
             (self.min_holdout >= 1, 'min_holdout must be >= 1'),
@@ -404,10 +406,15 @@ _THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 
 def _worker_init(nice_level: int, threads: int) -> None:
-    """Initializer of the round process: lower priority, bound BLAS threads, die with the parent."""
+    """Initializer of the round process: lower priority, bound BLAS threads, die with the parent.
+
+    ``nice_level`` is the niceness the worker must have (absolute); it normally inherited it already
+    from the thread that started it (see :func:`_start_niced`)."""
     if nice_level:
         try:
-            os.nice(int(nice_level))
+            now = os.getpriority(os.PRIO_PROCESS, 0)
+            if now < nice_level:
+                os.nice(int(nice_level) - now)
         except OSError:
             pass
     from .engine import limit_threads
@@ -423,6 +430,67 @@ def _worker_init(nice_level: int, threads: int) -> None:
             os._exit(1)
     except (OSError, AttributeError):
         pass
+
+
+def _current_nice() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, AttributeError):
+        return 0
+
+
+def _sched_policy_name() -> str:
+    try:
+        return {getattr(os, 'SCHED_IDLE', -1): 'idle', getattr(os, 'SCHED_BATCH', -1): 'batch'}.get(
+            os.sched_getscheduler(0), 'other')
+    except (OSError, AttributeError):
+        return 'unknown'
+
+
+def _start_niced(proc, nice: int, threads: int, sched_idle: bool = False) -> None:
+    """Start ``proc`` (a ``spawn`` process) already at niceness ``nice`` and with ``threads`` BLAS threads.
+
+    On Linux niceness is per thread and a new process inherits it from the thread that starts it, so a
+    short-lived thread lowers its own priority and starts the process: the interpreter start-up and the
+    imports (the costly part of a round on a small CPU) then run niced too, not just the training. An
+    unprivileged thread cannot raise its priority again, hence the throwaway thread. BLAS reads its
+    thread count at import: the spawned interpreter gets these variables at exec time.
+
+    ``sched_idle``: the Linux ``SCHED_IDLE`` policy as well (also inherited): the worker then runs only on
+    CPU time nothing else wants, and any normal thread that wakes up preempts it at once."""
+    err: list[BaseException] = []
+
+    def start():
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except (OSError, AttributeError):
+            pass  # the worker nices itself in _worker_init
+        if sched_idle:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass  # not Linux: niceness only
+        try:
+            with _ENV_LOCK:
+                saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+                os.environ.update({k: str(int(threads)) for k in _THREAD_VARS})
+                try:
+                    proc.start()
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            err.append(e)
+
+    t = threading.Thread(target=start, name='edge_tl_spawn_niced', daemon=True)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
 
 
 def _round_job(job: dict) -> RoundResult:
@@ -442,12 +510,16 @@ def _round_job(job: dict) -> RoundResult:
     t_load = time.perf_counter() - t0
     teacher_labels: dict[int, str] = {}
     if job.get('teacher_bundle') and 'teacher' in cfg.label_sources:
-        labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1))
+        labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1),
+                                 min_confidence=cfg.teacher_min_confidence)
         teacher_labels = labeler.label_store(store, max_frames=job.get('teacher_max_frames'))
         arr = overlay_labels(arr, teacher_labels)
     result = Adapter(bundle, registry, cfg).run_round(arr, head)
     result.teacher_labels = teacher_labels
-    result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0), 'load_seconds': round(t_load, 3),
+    result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0),
+                                'nice_at_start': job.get('nice_at_start'),
+                                'sched_policy': job.get('sched_policy'),
+                                'load_seconds': round(t_load, 3),
                                 'startup_seconds': None if startup is None else round(startup, 3),
                                 'job_seconds': round(time.perf_counter() - t0, 3),
                                 'blas_threads': os.environ.get('OPENBLAS_NUM_THREADS'),
@@ -457,6 +529,8 @@ def _round_job(job: dict) -> RoundResult:
 
 def _round_worker(conn, nice_level: int, threads: int, job: dict) -> None:
     try:
+        job['nice_at_start'] = _current_nice()  # before _worker_init: inherited from the starting thread
+        job['sched_policy'] = _sched_policy_name()
         _worker_init(nice_level, threads)
         r = _round_job(job)
         head = None if r.head is None else (np.asarray(r.head.weight), np.asarray(r.head.bias),
@@ -475,12 +549,13 @@ def run_round_in_subprocess(bundle_path, state_dir, store_root, config: AdaptCon
                             base_version: int | None = None, teacher_bundle: str | None = None,
                             nice_level: int = 10, threads: int = 1, timeout_s: float = 600.0,
                             cancel: threading.Event | None = None, on_start=None,
-                            teacher_max_frames: int | None = None) -> RoundResult:
+                            teacher_max_frames: int | None = None, sched_idle: bool = False) -> RoundResult:
     """Run one round in a fresh ``spawn`` process and return its :class:`RoundResult` (nothing is written).
 
-    The worker is niced by ``nice_level``, limited to ``threads`` BLAS/ONNX Runtime threads, and dies
-    with its parent. A crash, kill, ``timeout_s`` or ``cancel`` gives ``RoundResult(failed=True)``.
-    ``on_start(pid)`` is called once the worker runs (for status reporting and tests).
+    The worker is niced by ``nice_level`` (and scheduled ``SCHED_IDLE`` if ``sched_idle``) from its first
+    instruction, limited to ``threads`` BLAS/ONNX Runtime threads, and dies with its parent. A crash, kill,
+    ``timeout_s`` or ``cancel`` gives ``RoundResult(failed=True)``. ``on_start(pid)`` is called once the
+    worker runs (for status reporting and tests).
     """
     import multiprocessing as mp
 
@@ -491,23 +566,13 @@ def run_round_in_subprocess(bundle_path, state_dir, store_root, config: AdaptCon
            'teacher_max_frames': teacher_max_frames}
     ctx = mp.get_context('spawn')
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_round_worker, args=(send, int(nice_level), int(threads), job), daemon=True,
+    target_nice = min(19, _current_nice() + max(0, int(nice_level)))
+    proc = ctx.Process(target=_round_worker, args=(send, target_nice, int(threads), job), daemon=True,
                        name='edge_tl_adapt_round')
     t0 = time.monotonic()
     t_spawn = time.time()
     job['spawned_at'] = t_spawn
-    # BLAS reads its thread count at import: the spawned interpreter inherits these at exec time
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-        os.environ.update({k: str(int(threads)) for k in _THREAD_VARS})
-        try:
-            proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    _start_niced(proc, target_nice, threads, sched_idle)
     send.close()
     if on_start is not None:
         on_start(proc.pid)

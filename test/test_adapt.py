@@ -2,7 +2,6 @@
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -194,13 +193,14 @@ def _fill_store(toy, root, n, seed, label=True):
 def test_subprocess_round_niced_and_killed_round_writes_nothing(toy, tmp_path):
     st, _ = _fill_store(toy, tmp_path / 'store', 80, 8)
     state = tmp_path / 'state'
-    t = time.monotonic()
+    nice_before = os.nice(0)
     cfg = AdaptConfig(anchor_tolerance=0.1)
     r = run_round_in_subprocess(toy.root, state, st.root, cfg, nice_level=7, threads=1)
     assert r.accepted and not r.failed, (r.reason, r.metrics)
     w = r.metrics['worker']
-    assert w['pid'] != os.getpid() and w['nice'] >= os.nice(0) + 7 - 1 and w['blas_threads'] == '1'
-    assert time.monotonic() - t < 30
+    assert w['pid'] != os.getpid() and w['nice'] == min(19, os.nice(0) + 7) and w['blas_threads'] == '1'
+    assert w['nice_at_start'] == w['nice'], 'the interpreter start-up and imports must run niced as well'
+    assert os.nice(0) == nice_before  # the caller's own priority is untouched
     assert heads_on_disk(state) == []  # the worker never writes; the caller commits
     # killed mid-round: reported as failed, nothing written
     r2 = run_round_in_subprocess(toy.root, state, st.root, AdaptConfig(),
