@@ -14,7 +14,8 @@ Student backbone features (``Engine.features_batch``) are computed once per shif
 on N local frames labelled by one source:
 
 - ``topic``: the true labels (a label topic);
-- ``teacher``: teacher pseudo-labels (argmax of models/gtsrb_teacher on the shifted frame);
+- ``teacher``: teacher pseudo-labels (argmax of models/gtsrb_teacher on the shifted frame), kept where
+  the teacher's confidence >= ``AdaptConfig.teacher_min_confidence`` (as the node does);
 - ``self``: the student's own top-1 where its confidence >= ``AdaptConfig.self_label_threshold``
   (the round refuses to validate on self labels, so they are passed to it as trusted labels here and
   its accept decision is reported as None: this measures what training on them does).
@@ -185,10 +186,13 @@ def run(args) -> dict:
         t_lab = {}
         if teacher_eng is not None:
             tp = teacher_eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')
-            t_lab = {'labels': np.argmax(tp, 1)}
+            t_lab = {'labels': np.argmax(tp, 1), 'conf': tp.max(1)}
             teacher_acc = float(np.mean(t_lab['labels'] == y[pool[: max(sizes)]]))
+            t_keep = t_lab['conf'] >= cfg.teacher_min_confidence
+            teacher_kept = float(t_keep.mean())
+            teacher_kept_acc = float(np.mean(t_lab['labels'][t_keep] == y[pool[: max(sizes)]][t_keep]))
         else:
-            teacher_acc = None
+            teacher_acc = teacher_kept = teacher_kept_acc = None
         sp = eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')
         s_top, s_conf = np.argmax(sp, 1), sp.max(1)
         entry = {
@@ -197,6 +201,8 @@ def run(args) -> dict:
             'source_only': source_only,
             'oracle': oracle,
             'teacher_label_accuracy': teacher_acc,
+            'teacher_confident_fraction': teacher_kept,
+            'teacher_confident_accuracy': teacher_kept_acc,
             'runs': [],
         }
         for n in sizes:
@@ -205,7 +211,7 @@ def run(args) -> dict:
                 if src == 'topic':
                     lab, keep = y[pool[:n]], np.ones(n, bool)
                 elif src == 'teacher':
-                    lab, keep = t_lab['labels'][:n], np.ones(n, bool)
+                    lab, keep = t_lab['labels'][:n], t_lab['conf'][:n] >= cfg.teacher_min_confidence
                 else:
                     lab, keep = s_top[:n], s_conf[:n] >= thr
                 t0 = time.perf_counter()

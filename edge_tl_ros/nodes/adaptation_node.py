@@ -82,6 +82,9 @@ PARAMETERS = {
                                                       'self).')),
     'self_label_threshold': (0.95, dict(text='Student confidence needed for a self pseudo-label.',
                                         float_range=(0.0, 1.0))),
+    'teacher_min_confidence': (0.9, dict(text='Teacher confidence needed for a teacher pseudo-label (a '
+                                              'shifted domain makes the teacher wrong too; confident answers '
+                                              'are far more often right).', float_range=(0.0, 1.0))),
     'adapt_every_n_labels': (50, dict(text='Start a round after this many new labels (0 = off).',
                                       int_range=(0, 10_000_000))),
     'adapt_period_s': (0.0, dict(text='Start a round this often (0 = off).', float_range=(0.0, 1e7))),
@@ -101,6 +104,8 @@ PARAMETERS = {
     'train_threads': (1, dict(text='BLAS / ONNX Runtime threads of the training process.',
                               int_range=(1, 64))),
     'nice_level': (10, dict(text='Niceness added to the training process (0-19).', int_range=(0, 19))),
+    'round_sched_idle': (True, dict(text='Linux: run the training process under SCHED_IDLE (only on CPU time '
+                                         'nothing else wants; perception preempts it at once).')),
     'round_timeout_s': (600.0, dict(text='A round running longer than this is killed.',
                                     float_range=(1.0, 86400.0))),
     'perception_node': ('perception', dict(text='Name of the perception node whose <name>/reload_head is '
@@ -117,7 +122,8 @@ PARAMETERS = {
 
 # parameter -> AdaptConfig field
 _CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
-                  'label_sources', 'self_label_threshold', 'allow_new_classes', 'anchor_replay')
+                  'label_sources', 'self_label_threshold', 'teacher_min_confidence', 'allow_new_classes',
+                  'anchor_replay')
 
 
 class AdaptationNode(Node):
@@ -474,7 +480,7 @@ class AdaptationNode(Node):
                 self.bundle.root, self.state_dir, self.store.root, cfg, base_version=base,
                 teacher_bundle=self.teacher, nice_level=self._p('nice_level'),
                 threads=self._p('train_threads'), timeout_s=self._p('round_timeout_s'), cancel=self._stop,
-                on_start=started)
+                on_start=started, sched_idle=self._p('round_sched_idle'))
             for stamp, name in result.teacher_labels.items():
                 self.store.set_label(stamp, name, 'teacher')
             summary = result.summary()
