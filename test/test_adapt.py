@@ -230,3 +230,23 @@ def test_teacher_labels_in_subprocess_round(toy, tmp_path):
                                 teacher_bundle=teacher)
     assert r.accepted, r.reason
     assert r.metrics['label_counts']['teacher'] == 80 and len(r.teacher_labels) == 80
+
+
+def test_teacher_min_confidence_keeps_only_confident_labels(toy, tmp_path):
+    """Under a domain shift the teacher is wrong as well; only its confident answers become labels."""
+    _, X, y = shifted(9, 200)
+    teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
+    teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
+    st, _ = _fill_store(toy, tmp_path / 'store', 60, 10, label=False)
+    crops, stamps = st.crops(st.entries().stamps)
+    _, conf = TeacherLabeler(teacher).label(crops)
+    cut = float(np.median(conf))
+    lab = TeacherLabeler(teacher, min_confidence=cut).label_store(st)
+    assert set(lab) == {int(s) for s, c in zip(stamps, conf) if c >= cut} and 0 < len(lab) < 60
+    # the round applies AdaptConfig.teacher_min_confidence: above every confidence, nothing is labelled
+    r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
+                                AdaptConfig(label_sources=('teacher',), teacher_min_confidence=1.0),
+                                teacher_bundle=teacher)
+    assert not r.accepted and r.teacher_labels == {} and 'labelled' in r.reason, r.reason
+    with pytest.raises(ValueError, match='teacher_min_confidence'):
+        AdaptConfig(teacher_min_confidence=1.5).validate()
