@@ -34,7 +34,6 @@ def session(
     qos: str,
     naive_model: str = 'auto',
     dds: str = 'default',
-    executor: str = 'default',
 ) -> dict:
     wd = common.new_workdir(f'{NAME}_{kind}_{width}')
     np.save(wd / 'frames.npy', common.frames_for(width, height))
@@ -42,8 +41,6 @@ def session(
         node_args = [
             '--kind',
             'student',
-            '--executor',
-            executor,
             '--ros-args',
             '-p',
             f'model_bundle:={bundle}',
@@ -56,7 +53,7 @@ def session(
         ]
         cls_topic, node_name = '/perception/classification', 'perception'
     elif kind == 'echo':
-        node_args = ['--kind', 'echo', '--executor', executor, '--ros-args', '-p', f'qos_reliability:={qos}']
+        node_args = ['--kind', 'echo', '--ros-args', '-p', f'qos_reliability:={qos}']
         cls_topic, node_name = '/perception/classification', 'perception'
     else:
         node_args = ['--kind', 'naive', '--naive-model', naive_model]
@@ -71,8 +68,7 @@ def session(
             'qos': 'reliable',
             'depth': 10,
         },
-        recv_cfg={'cls_topic': cls_topic, 'node_name': node_name,
-                  'executor': 'events' if executor == 'events' else 'single'},
+        recv_cfg={'cls_topic': cls_topic, 'node_name': node_name},
         env=common.ros_env(dds=dds),
         settle_s=2.0 if kind == 'naive' else 1.2,
     )

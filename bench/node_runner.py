@@ -139,8 +139,6 @@ def main(argv=None) -> int:
     ap.add_argument('--ready-file', required=True)
     ap.add_argument('--naive-model', default='auto', help='naive baseline model: auto, teacher, mobilenet_v3')
     ap.add_argument('--record-rows', type=int, default=40000, help='capacity of the per-frame records')
-    ap.add_argument('--executor', choices=('default', 'multi', 'single', 'events'), default='default',
-                    help='default: the student as perception_node.main runs it, the others single')
     a = ap.parse_args(argv)
 
     import threading
@@ -169,13 +167,7 @@ def main(argv=None) -> int:
 
         node = NaiveNode(model=a.naive_model)
     # the student as perception_node.main runs it; the naive node as tutorials do (rclpy.spin)
-    kind = a.executor if a.executor != 'default' else ('multi' if a.kind == 'student' else 'single')
-    if kind == 'events':
-        from rclpy.experimental import EventsExecutor
-
-        executor = EventsExecutor()
-    else:
-        executor = MultiThreadedExecutor(num_threads=3) if kind == 'multi' else SingleThreadedExecutor()
+    executor = MultiThreadedExecutor(num_threads=3) if a.kind == 'student' else SingleThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -196,12 +196,7 @@ def main(argv=None) -> int:
         out = run_pub(cfg, node)
     else:
         recv = Receiver(node, cfg)
-        if cfg.get('executor') == 'events':
-            from rclpy.experimental import EventsExecutor
-
-            ex = EventsExecutor()
-        else:
-            ex = SingleThreadedExecutor()
+        ex = SingleThreadedExecutor()
         ex.add_node(node)
         swapper = None
         if cfg.get('swap'):
