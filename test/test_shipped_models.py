@@ -73,6 +73,7 @@ def test_manifests_record_provenance_and_measured_data(student, teacher):
         test = m['metrics']['test']
         assert test['n'] == 12630 and 'test split' in test['data'] and 0 < test['accuracy'] <= 1
         assert {r['threads'] for r in m['metrics']['latency_batch1']} == {1, 2}
+    assert teacher.manifest['metrics']['test']['accuracy'] >= 0.97  # the teacher target (issue 3)
     d = student.manifest['distillation']
     assert d['teacher']['bundle'] == 'gtsrb_teacher' and d['alpha'] > 0 and d['temperature'] > 0
     ab = student.manifest['metrics']['ablation_no_teacher']

@@ -426,11 +426,11 @@ def _teacher_args(p):
     )
     p.add_argument('--weights', default=None, help='local state-dict file (loaded with weights_only=True)')
     p.add_argument('--no-pretrained', action='store_true', help='random init (tests)')
-    p.add_argument('--input-size', type=int, default=48, help='teacher input side (images are upsampled)')
+    p.add_argument('--input-size', type=int, default=64, help='teacher input side (images are upsampled)')
     p.add_argument(
         '--epochs',
         type=float,
-        default=2.0,
+        default=2.5,
         help='teacher epochs at --input-size (after the low-resolution phase; fractions allowed)',
     )
     p.add_argument('--low-res-size', type=int, default=32, help='input side of the first, cheaper phase')
