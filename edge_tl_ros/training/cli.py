@@ -452,7 +452,7 @@ def _student_args(p, prefix_defaults=True):
         '--alpha', type=float, default=0.7, help='weight of the distillation term (0 = no teacher)'
     )
     p.add_argument('--student-input-size', type=int, default=None, help='default: --image-size')
-    p.add_argument('--student-epochs', type=float, default=20.0)
+    p.add_argument('--student-epochs', type=float, default=30.0)
     p.add_argument('--student-batch-size', type=int, default=128)
     p.add_argument('--student-lr', type=float, default=4e-3)
     p.add_argument('--no-int8', action='store_true', help='skip static int8 quantisation')
