@@ -30,7 +30,9 @@ def lags(stamps: np.ndarray, seqs: np.ndarray, t_done: np.ndarray) -> np.ndarray
     return np.maximum(0, published_by - (seqs + 1))
 
 
-def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, dds: str) -> dict:
+def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, dds: str,
+            node_params: tuple = ()) -> dict:
+    """One rate; ``node_params``: extra ``name:=value`` node parameters (experiments)."""
     wd = common.new_workdir(f'{NAME}_{int(rate)}')
     np.save(wd / 'frames.npy', common.frames_for(640, 480))
     res = common.run_session(
@@ -47,6 +49,7 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
             f'qos_reliability:={qos}',
             '-p',
             'diagnostics_period_s:=0.5',
+            *[a for kv in node_params for a in ('-p', kv)],
         ],
         pub_cfg={
             'frames_npy': str(wd / 'frames.npy'),

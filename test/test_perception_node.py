@@ -340,3 +340,23 @@ def test_perception_path_imports_no_torch(bundle_dir):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith('2')
+
+
+def test_gil_switch_interval_parameter(ros_context, bundle_dir, tmp_path):
+    """The node shortens the process's GIL switch interval (default 0.5 ms); 0 leaves it alone."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        h = Harness(ros_context, bundle_dir, tmp_path / 's1', gil_switch_interval_ms=0.0)
+        h.close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        h = Harness(ros_context, bundle_dir, tmp_path / 's2')
+        try:
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+            assert h.classify('red') == 'red'
+        finally:
+            h.close()
+    finally:
+        sys.setswitchinterval(before)

@@ -15,6 +15,7 @@ dropped: ``dropped = received - processed - rejected - waiting`` (exact, without
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 
@@ -51,6 +52,11 @@ PARAMETERS = {
                                             'provider is not available).', read_only=True,
                                        choices=tuple(PROVIDERS))),
     'num_threads': (1, dict(text='ONNX Runtime intra-op threads.', read_only=True, int_range=(1, 64))),
+    'gil_switch_interval_ms': (0.5, dict(
+        text='Python GIL switch interval of this process (sys.setswitchinterval; Python\'s default is 5 ms). '
+             'The inference thread re-takes the GIL after every OpenCV / ONNX Runtime call; while the '
+             'executor thread deserialises frames each re-take can wait a whole interval. 0 = leave the '
+             'interpreter\'s setting.', read_only=True, float_range=(0.0, 100.0))),
     'use_int8': (False, dict(text='Use the bundle\'s int8 backbone if it has one.', read_only=True)),
     'use_compressed': (False, dict(text='Also subscribe image/compressed (JPEG/PNG).', read_only=True)),
     'qos_reliability': ('best_effort', dict(text='Input topic reliability (sensor-data QoS is best_effort).',
@@ -80,6 +86,8 @@ class PerceptionNode(Node):
         super().__init__(node_name, **kwargs)
         declare_all(self, PARAMETERS)
         p = self._p
+        if p('gil_switch_interval_ms') > 0:  # process-wide: the inference thread is what this process is for
+            sys.setswitchinterval(p('gil_switch_interval_ms') / 1000.0)
         bundle_path = resolve_bundle_path(p('model_bundle'))
         self.bundle = load_bundle(bundle_path)  # raises BundleError with one clear message
         self.registry = HeadRegistry(self.bundle, p('state_dir') or default_state_dir(self.bundle.name))
