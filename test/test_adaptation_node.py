@@ -343,7 +343,10 @@ def test_end_to_end_with_perception_kill_and_restart(ros_context, ros_domain, to
         assert io.call(io.adapt_now).success
         done = wait_for(lambda: (io.last_status()['round']['last'] or {}).get('reason'), 30)
         assert done, io.last_status()
-        assert perc.head_version == HeadRegistry(load_bundle(toy), state).current_version
+        # an accepted round's reload_head call reaches perception just after the status says 'done'
+        reg = HeadRegistry(load_bundle(toy), state)
+        assert wait_for(lambda: perc.head_version == reg.current_version, 10), \
+            (perc.head_version, io.last_status())
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
