@@ -310,6 +310,9 @@ def test_end_to_end_with_perception_kill_and_restart(ros_context, ros_domain, to
             (tmp_path / 'adaptation.log').read_text()
         assert io.last_status()['head_version'] == 1
         assert io.last_status()['store']['entries'] >= 75  # the store survived the restart
+        # the new process's subscriptions must have matched this publisher before frames are sent
+        assert wait_for(lambda: io.pub_img.get_subscription_count() >= 2
+                        and io.pub_lab.get_subscription_count() >= 1, 10)
         more, more_y = toy_frames(rng, 20, shifted=True)
         io.send(more, more_y, period=0.02)
         assert wait_for(lambda: io.last_status()['label_counts']['topic'] >= 90, 10)
