@@ -190,7 +190,8 @@ def run(args) -> dict:
             teacher_acc = float(np.mean(t_lab['labels'] == y[pool[: max(sizes)]]))
             t_keep = t_lab['conf'] >= cfg.teacher_min_confidence
             teacher_kept = float(t_keep.mean())
-            teacher_kept_acc = float(np.mean(t_lab['labels'][t_keep] == y[pool[: max(sizes)]][t_keep]))
+            teacher_kept_acc = (float(np.mean(t_lab['labels'][t_keep] == y[pool[: max(sizes)]][t_keep]))
+                                if t_keep.any() else None)
         else:
             teacher_acc = teacher_kept = teacher_kept_acc = None
         sp = eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')

@@ -32,7 +32,7 @@ def lags(stamps: np.ndarray, seqs: np.ndarray, t_done: np.ndarray) -> np.ndarray
 
 def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, dds: str,
             node_params: tuple = ()) -> dict:
-    """One rate; ``node_params``: extra ``name:=value`` node parameters (experiments)."""
+    """One rate; ``node_params``: extra ``name:=value`` node parameters (the contrast run)."""
     wd = common.new_workdir(f'{NAME}_{int(rate)}')
     np.save(wd / 'frames.npy', common.frames_for(640, 480))
     res = common.run_session(
@@ -139,6 +139,20 @@ def run(args) -> dict:
         runs.append(session(str(bundle), rate, duration, warmup, args.qos, args.dds))
     extras = [(r.pop('_rss'), r.pop('_lag')) for r in runs]
     valid = [r['max_lag_frames'] for r in runs if r['max_lag_frames'] is not None]
+    contrast = None
+    if not args.quick:  # same 120 Hz load, the node left at Python's 5 ms GIL switch interval
+        print(f'[{NAME}] contrast: 120 Hz, gil_switch_interval_ms:=0 (Python default), 30 s ...', flush=True)
+        c = session(str(bundle), 120.0, 30, warmup, args.qos, args.dds, ('gil_switch_interval_ms:=0.0',))
+        c.pop('_rss'), c.pop('_lag')
+        shipped = runs[-1]
+        contrast = {
+            k: {'shipped_0.5ms': shipped.get(k), 'python_default_5ms': c.get(k)}
+            for k in ('output_rate_hz', 'max_lag_frames', 'max_queue_lag_frames', 'node_dropped')
+        }
+        contrast['latency_p99_ms'] = {'shipped_0.5ms': shipped['latency']['p99_ms'],
+                                      'python_default_5ms': c['latency']['p99_ms']}
+        contrast['node_infer_p99_ms'] = {'shipped_0.5ms': (shipped.get('node_infer_ms') or {}).get('p99_ms'),
+                                         'python_default_5ms': (c.get('node_infer_ms') or {}).get('p99_ms')}
     data = {
         'max_lag_frames': max(valid) if valid else None,
         'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
@@ -149,7 +163,10 @@ def run(args) -> dict:
         'dds': args.dds,
         'publisher_qos': 'reliable, depth 10',
         'runs': runs,
+        'gil_contrast_120hz': contrast,
         'definitions': {
+            'gil_contrast_120hz': 'full runs: the 120 Hz run (shipped gil_switch_interval_ms 0.5) beside a '
+            '30 s run of the same node with gil_switch_interval_ms:=0 (Python\'s 5 ms), in the same run',
             'lag': 'per classification of frame k: #frames j>k published (header stamp) before the node '
             'finished processing frame k (its classification is published at that point); '
             'max over frames published after the warm-up',

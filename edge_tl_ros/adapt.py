@@ -412,7 +412,7 @@ def _worker_init(nice_level: int, threads: int) -> None:
     from the thread that started it (see :func:`_start_niced`)."""
     if nice_level:
         try:
-            now = os.getpriority(os.PRIO_PROCESS, 0)
+            now = _current_nice()
             if now < nice_level:
                 os.nice(int(nice_level) - now)
         except OSError:

@@ -159,7 +159,7 @@ def run_demo(args) -> int:
             while len(scorer.got) < len(labels) and time.monotonic() < deadline:
                 time.sleep(0.05)
             correct, times = scorer.score(labels)
-            classified = sum(1 for s in labels if s in scorer.got)
+            classified = len(correct)
             phases.append({'phase': name, 'frames': len(labels), 'classified': classified,
                            'coverage': classified / max(len(labels), 1),
                            'accuracy': float(correct.mean()) if len(correct) else 0.0,
@@ -273,7 +273,7 @@ def _plot(phases, rounds, path: Path, args) -> Path:
                            ls='-' if r.get('accepted') else ':', lw=1)
         ax.axvline(x0, color='lightgrey', lw=0.5)
         x0 += len(corr)
-    ax.set_xlabel('frame index (replayed bags, in order)')
+    ax.set_xlabel('classified frame index (replayed bags, in order)')
     ax.set_ylabel(f'running accuracy ({w} frames)')
     ax.set_ylim(0, 1.02)
     ax.set_title(f'edge_tl_ros demo: {args.shift} severity {args.severity}; vertical lines = adaptation '
