@@ -14,8 +14,10 @@ Student backbone features (``Engine.features_batch``) are computed once per shif
 on N local frames labelled by one source:
 
 - ``topic``: the true labels (a label topic);
-- ``teacher``: teacher pseudo-labels (argmax of models/gtsrb_teacher on the shifted frame), kept where
-  the teacher's confidence >= ``AdaptConfig.teacher_min_confidence`` (as the node does);
+- ``teacher``: teacher pseudo-labels from the node's labeller (``adapt.TeacherLabeler`` on
+  models/gtsrb_teacher with the shipped config: test-time normalisation over batches of the round's own
+  N frames), kept where the teacher's confidence >= ``AdaptConfig.teacher_min_confidence`` (as the node
+  does); ``teacher_labeller`` beside it reports the plain teacher's label accuracy for comparison;
 - ``self``: the student's own top-1 where its confidence >= ``AdaptConfig.self_label_threshold``
   (the round refuses to validate on self labels, so they are passed to it as trusted labels here and
   its accept decision is reported as None: this measures what training on them does).
@@ -114,7 +116,7 @@ def round_seconds(student_root, teacher_root, images, labels, class_names, wd: P
 def run(args) -> dict:
     t_start = time.monotonic()
     try:
-        from edge_tl_ros.adapt import AdaptConfig, Adapter
+        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler
         from edge_tl_ros.headtrain import train_head
         from edge_tl_ros.shifts import apply_shift
     except ImportError as e:
@@ -141,15 +143,18 @@ def run(args) -> dict:
             args,
             t_start,
         )
-    teacher_eng, teacher_note = None, None
+    teacher_eng, teacher_note, labeler = None, None, None
+    cfg = AdaptConfig()
     try:
         teacher_eng = Engine(load_bundle(args.teacher), 'feature_extractor', num_threads=2)
+        labeler = TeacherLabeler(args.teacher, num_threads=2, test_time_norm=cfg.teacher_test_time_norm,
+                                 ttn_batch_size=cfg.teacher_batch_size)
+        teacher_note = labeler.note
     except BundleError as e:
         teacher_note = f'teacher absent ({e}): teacher label source skipped'
         print(f'[{NAME}] {teacher_note}')
     eng = Engine(student, 'feature_extractor', num_threads=2)
     head0 = student.head
-    cfg = AdaptConfig()
     thr = cfg.self_label_threshold
 
     quick = args.quick
@@ -183,15 +188,30 @@ def run(args) -> dict:
         oracle_head = train_head(F(oracle_idx), y[oracle_idx], head0, l2_to_prior=1e-4, iters=100)
         oracle = acc(oracle_head, test_f, y[tst])
         pool_f = F(pool)
-        t_lab = {}
+        t_lab, teacher_info = {}, None
         if teacher_eng is not None:
-            tp = teacher_eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')
-            t_lab = {'labels': np.argmax(tp, 1), 'conf': tp.max(1)}
-            teacher_acc = float(np.mean(t_lab['labels'] == y[pool[: max(sizes)]]))
-            t_keep = t_lab['conf'] >= cfg.teacher_min_confidence
+            n_max = max(sizes)
+            y_pool = y[pool[:n_max]]
+            plain = teacher_eng.predict_batch(IM(pool[:n_max]), 'rgb')
+            # the node's labeller (test-time normalisation as configured), run on the first n frames
+            # only for each n: a round with n frames has no other frames to take batch statistics from
+            for n in sizes:
+                tp = labeler.probs(IM(pool[:n]))
+                t_lab[n] = {'labels': np.argmax(tp, 1), 'conf': tp.max(1)}
+            tl = t_lab[n_max]
+            t_keep = tl['conf'] >= cfg.teacher_min_confidence
+            teacher_acc = float(np.mean(tl['labels'] == y_pool))
             teacher_kept = float(t_keep.mean())
-            teacher_kept_acc = (float(np.mean(t_lab['labels'][t_keep] == y[pool[: max(sizes)]][t_keep]))
+            teacher_kept_acc = (float(np.mean(tl['labels'][t_keep] == y_pool[t_keep]))
                                 if t_keep.any() else None)
+            p_keep = plain.max(1) >= cfg.teacher_min_confidence
+            teacher_info = {
+                'mode': labeler.mode,
+                'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool)),
+                'plain_confident_fraction': float(p_keep.mean()),
+                'plain_confident_accuracy': float(np.mean(np.argmax(plain, 1)[p_keep] == y_pool[p_keep]))
+                if p_keep.any() else None,
+            }
         else:
             teacher_acc = teacher_kept = teacher_kept_acc = None
         sp = eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')
@@ -204,6 +224,7 @@ def run(args) -> dict:
             'teacher_label_accuracy': teacher_acc,
             'teacher_confident_fraction': teacher_kept,
             'teacher_confident_accuracy': teacher_kept_acc,
+            'teacher_labeller': teacher_info,
             'runs': [],
         }
         for n in sizes:
@@ -212,7 +233,7 @@ def run(args) -> dict:
                 if src == 'topic':
                     lab, keep = y[pool[:n]], np.ones(n, bool)
                 elif src == 'teacher':
-                    lab, keep = t_lab['labels'][:n], t_lab['conf'][:n] >= cfg.teacher_min_confidence
+                    lab, keep = t_lab[n]['labels'], t_lab[n]['conf'] >= cfg.teacher_min_confidence
                 else:
                     lab, keep = s_top[:n], s_conf[:n] >= thr
                 t0 = time.perf_counter()

@@ -48,6 +48,8 @@ class AdaptConfig:
     label_sources: tuple = ('topic', 'teacher')  # which labels a round may use
     self_label_threshold: float = 0.95  # student confidence needed for a 'self' pseudo-label
     teacher_min_confidence: float = 0.9  # teacher confidence needed for a 'teacher' pseudo-label
+    teacher_test_time_norm: bool = True  # teacher normalises with robot-frame batch statistics (ttn.py)
+    teacher_batch_size: int = 64  # frames per test-time-norm batch of the teacher (memory ~ batch)
     allow_new_classes: bool = False  # labels naming classes the head does not know add classes
     seed: int = 0
     anchor_replay: float = 0.5  # total weight of replayed anchor samples relative to local ones; 0 = off
@@ -74,6 +76,7 @@ class AdaptConfig:
             (self.anchor_replay >= 0, 'anchor_replay must be >= 0'),
             (self.iters >= 1, 'iters must be >= 1'),
             (self.min_holdout >= 1, 'min_holdout must be >= 1'),
+            (16 <= self.teacher_batch_size <= 4096, 'teacher_batch_size must be in [16, 4096]'),
         ]
         for ok, msg in checks:
             if not ok:
@@ -339,10 +342,17 @@ class Adapter:
 
 # -- teacher pseudo-labels ---------------------------------------------------------------------------------
 class TeacherLabeler:
-    """Pseudo-label stored crops with a teacher bundle (ORT, feature_extractor mode, low priority)."""
+    """Pseudo-label stored crops with a teacher bundle (ORT, feature_extractor mode, low priority).
+
+    With ``test_time_norm`` (and ``norm_stats.npz`` in the teacher bundle) the teacher normalises its
+    activations with the statistics of each batch of robot frames (:mod:`edge_tl_ros.ttn`): under a
+    domain shift its labels are then markedly more accurate. Batches are shuffled mixes of at least
+    ``ttn_batch_size`` frames, padded with other stored crops when few frames need labels. Without
+    norm stats (or the onnx package) it labels plainly and says why in ``note``.
+    """
 
     def __init__(self, teacher_bundle_path, num_threads: int = 1, batch_size: int = 16,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, test_time_norm: bool = False, ttn_batch_size: int = 64):
         from .bundle import load_bundle
         from .engine import Engine
 
@@ -351,21 +361,68 @@ class TeacherLabeler:
                              low_priority=True)
         self.batch_size = max(1, int(batch_size))
         self.min_confidence = float(min_confidence)
+        self.ttn = None
+        self.ttn_batch_size = max(1, int(ttn_batch_size))
+        self.note: str | None = None
+        if test_time_norm:
+            from .ttn import TestTimeNormSession, TTNError, load_norm_stats
+
+            stats_path = self.bundle.path('norm_stats')
+            if stats_path is None:
+                self.note = (f'teacher bundle {self.bundle.name} has no norm_stats.npz (add it with '
+                             '`edge-tl norm-stats`): plain teacher labels')
+            else:
+                try:
+                    self.ttn = TestTimeNormSession(self.bundle.files['backbone'], load_norm_stats(stats_path),
+                                                   threads=num_threads)
+                except TTNError as e:
+                    self.note = f'test-time normalisation unavailable ({e}): plain teacher labels'
+                self.ttn_batch_size = max(self.ttn_batch_size, self.ttn.min_batch if self.ttn else 1)
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.engine.head.class_names
 
-    def label(self, images_rgb: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """Class names and confidences for RGB images ``[N,H,W,3]`` (any size), in small batches."""
-        names, confs = [], []
-        for i in range(0, len(images_rgb), self.batch_size):
-            probs = self.engine.predict_batch(images_rgb[i:i + self.batch_size], order='rgb',
-                                              batch_size=self.batch_size)
-            top = np.argmax(probs, axis=1)
-            names += [self.class_names[t] for t in top]
-            confs.append(probs[np.arange(len(top)), top])
-        return names, (np.concatenate(confs) if confs else np.zeros(0, np.float32))
+    @property
+    def mode(self) -> str:
+        return 'test_time_norm' if self.ttn is not None else 'plain'
+
+    def _probs_ttn(self, images_rgb: np.ndarray, context_rgb: np.ndarray | None) -> np.ndarray:
+        from .engine import softmax
+        from .ttn import balanced_batches
+
+        n = len(images_rgb)
+        head = self.engine.head
+        probs = np.zeros((n, head.num_classes), np.float32)
+        for idx in balanced_batches(n, self.ttn_batch_size):
+            x = self.engine.prepare_batch(images_rgb[idx], order='rgb')
+            short = self.ttn_batch_size - len(idx)
+            if short > 0 and context_rgb is not None and len(context_rgb):
+                pad = self.engine.prepare_batch(context_rgb[:short], order='rgb')
+                x = np.concatenate([x, pad])
+            probs[idx] = softmax(head.logits(self.ttn.features(x)[:len(idx)]))
+        return probs
+
+    def probs(self, images_rgb: np.ndarray, context_rgb: np.ndarray | None = None) -> np.ndarray:
+        """Teacher class probabilities ``[N,C]`` for RGB images ``[N,H,W,3]`` (any size).
+
+        ``context_rgb``: other frames of the same domain that only fill up small test-time-norm batches.
+        """
+        if self.ttn is not None:
+            avail = len(images_rgb) + (0 if context_rgb is None else len(context_rgb))
+            if avail >= self.ttn.min_batch:
+                return self._probs_ttn(images_rgb, context_rgb)
+        out = [self.engine.predict_batch(images_rgb[i:i + self.batch_size], order='rgb',
+                                         batch_size=self.batch_size)
+               for i in range(0, len(images_rgb), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.engine.head.num_classes), np.float32)
+
+    def label(self, images_rgb: np.ndarray,
+              context_rgb: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+        """Class names and confidences for RGB images ``[N,H,W,3]`` (any size)."""
+        p = self.probs(images_rgb, context_rgb)
+        top = np.argmax(p, axis=1)
+        return [self.class_names[t] for t in top], p[np.arange(len(top)), top]
 
     def label_store(self, store: FrameStore, max_frames: int | None = None) -> dict[int, str]:
         """Teacher labels (stamp -> class name) for store entries without a topic/teacher label.
@@ -377,11 +434,24 @@ class TeacherLabeler:
         if max_frames is not None:
             todo = todo[-int(max_frames):]
         out: dict[int, str] = {}
-        for i in range(0, len(todo), self.batch_size):
-            imgs, found = store.crops(todo[i:i + self.batch_size])
-            if len(found) == 0:
-                continue
-            names, confs = self.label(imgs)
+        if not todo:
+            return out
+        if self.ttn is not None:  # whole set at once: batches mix frames from the entire store
+            imgs, found = store.crops(todo)
+            context = None
+            if len(found) < self.ttn_batch_size:
+                have = {int(s) for s in found}
+                others = [int(s) for s in arr.stamps[::-1] if int(s) not in have]
+                context, _ = store.crops(others[:self.ttn_batch_size - len(found)])
+            chunks = [(imgs, found, context)] if len(found) else []
+        else:
+            chunks = []
+            for i in range(0, len(todo), self.batch_size):
+                imgs, found = store.crops(todo[i:i + self.batch_size])
+                if len(found):
+                    chunks.append((imgs, found, None))
+        for imgs, found, context in chunks:
+            names, confs = self.label(imgs, context)
             for s, n, c in zip(found, names, confs):
                 if c >= self.min_confidence:
                     out[int(s)] = n
@@ -511,11 +581,17 @@ def _round_job(job: dict) -> RoundResult:
     teacher_labels: dict[int, str] = {}
     if job.get('teacher_bundle') and 'teacher' in cfg.label_sources:
         labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1),
-                                 min_confidence=cfg.teacher_min_confidence)
+                                 min_confidence=cfg.teacher_min_confidence,
+                                 test_time_norm=cfg.teacher_test_time_norm,
+                                 ttn_batch_size=cfg.teacher_batch_size)
         teacher_labels = labeler.label_store(store, max_frames=job.get('teacher_max_frames'))
+        teacher_info = {'mode': labeler.mode, 'labels': len(teacher_labels), 'note': labeler.note}
         arr = overlay_labels(arr, teacher_labels)
+    else:
+        teacher_info = None
     result = Adapter(bundle, registry, cfg).run_round(arr, head)
     result.teacher_labels = teacher_labels
+    result.metrics['teacher'] = teacher_info
     result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0),
                                 'nice_at_start': job.get('nice_at_start'),
                                 'sched_policy': job.get('sched_policy'),

@@ -19,11 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from .bundle import BundleError, Head, ModelBundle
-from .imaging import to_order
+from .imaging import resize_to, to_order
 
 MODES = ('full', 'feature_extractor', 'incremental')
 PROVIDERS = {
@@ -153,8 +152,7 @@ class Engine:
         s = min(img.shape[0] // (2 * h), img.shape[1] // (2 * w))
         if s > 1:
             img = img[::s, ::s]
-        interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
-        small = cv2.resize(img, (w, h), interpolation=interp)
+        small = resize_to(img, h, w)
         small = to_order(small, order, self.color_order)
         x = self._x
         np.subtract(small.transpose(2, 0, 1), self._mean, out=x[0], casting='unsafe')
@@ -177,7 +175,7 @@ class Engine:
         """Images [N,H,W,3] uint8 (any size; resized if needed) -> normalised [N,3,h,w] float32."""
         h, w = self.input_hw
         if images.shape[1:3] != (h, w):
-            images = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in images])
+            images = np.stack([resize_to(im, h, w) for im in images])  # same rule as preprocess
         if order != self.color_order:
             images = images[..., ::-1]
         x = images.transpose(0, 3, 1, 2).astype(np.float32)

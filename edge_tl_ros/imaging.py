@@ -209,6 +209,18 @@ def encode_compressed(rgb_or_bgr: np.ndarray, order: str = 'bgr', fmt: str = 'jp
     return enc.tobytes()
 
 
+def resize_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize ``img`` to ``h x w`` the one way training and inference share.
+
+    Area averaging when shrinking (no aliasing), bilinear when enlarging (area interpolation would
+    replicate pixels). Returns ``img`` itself when it already has the size.
+    """
+    if img.shape[0] == h and img.shape[1] == w:
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
 def to_order(img: np.ndarray, order: str, want: str) -> np.ndarray:
     """Convert a (small) ``HxWxC`` uint8 image from ``order`` to ``want`` (``rgb`` or ``bgr``)."""
     if order == want:

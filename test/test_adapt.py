@@ -230,6 +230,9 @@ def test_teacher_labels_in_subprocess_round(toy, tmp_path):
                                 teacher_bundle=teacher)
     assert r.accepted, r.reason
     assert r.metrics['label_counts']['teacher'] == 80 and len(r.teacher_labels) == 80
+    # test-time normalisation is on by default; this teacher has no norm stats: plain labels, and why
+    assert r.metrics['teacher']['mode'] == 'plain' and r.metrics['teacher']['labels'] == 80
+    assert 'norm_stats' in r.metrics['teacher']['note']
 
 
 def test_teacher_min_confidence_keeps_only_confident_labels(toy, tmp_path):

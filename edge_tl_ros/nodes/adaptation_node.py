@@ -85,6 +85,12 @@ PARAMETERS = {
     'teacher_min_confidence': (0.9, dict(text='Teacher confidence needed for a teacher pseudo-label (a '
                                               'shifted domain makes the teacher wrong too; confident answers '
                                               'are far more often right).', float_range=(0.0, 1.0))),
+    'teacher_test_time_norm': (True, dict(text='The teacher normalises its activations with statistics of '
+                                               'batches of stored robot frames (needs norm_stats.npz in the '
+                                               'teacher bundle): far better labels under a domain shift.')),
+    'teacher_batch_size': (64, dict(text='Frames per teacher batch under test-time normalisation (more: '
+                                         'steadier statistics, more memory in the training process).',
+                                    int_range=(16, 4096))),
     'adapt_every_n_labels': (50, dict(text='Start a round after this many new labels (0 = off).',
                                       int_range=(0, 10_000_000))),
     'adapt_period_s': (0.0, dict(text='Start a round this often (0 = off).', float_range=(0.0, 1e7))),
@@ -123,7 +129,7 @@ PARAMETERS = {
 # parameter -> AdaptConfig field
 _CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
                   'label_sources', 'self_label_threshold', 'teacher_min_confidence', 'allow_new_classes',
-                  'anchor_replay')
+                  'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size')
 
 
 class AdaptationNode(Node):

@@ -303,6 +303,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_norm_stats(args) -> int:
+    import numpy as np
+
+    from ..ttn import add_to_bundle
+    from .datasets import training_data
+
+    data = training_data(args.data, image_size=args.image_size, val_fraction=0.1, seed=0,
+                         image_topic=args.image_topic, label_topic=args.label_topic)
+    split = data.full_train
+    n = min(int(args.frames), len(split))
+    idx = np.sort(np.random.default_rng(args.seed).choice(len(split), n, replace=False))
+    summary = add_to_bundle(args.bundle, split.images[idx], threads=args.threads,
+                            source=f'{data.desc["kind"]} {Path(str(data.desc["source"])).name} '
+                                   f'[train, {n} random images, '
+                                   f'seed {args.seed}]')
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _nice(args) -> None:
     n = getattr(args, 'nice', 0)
     if n:
@@ -536,6 +555,16 @@ def register(subparsers) -> None:
     p.add_argument('--no-latency', action='store_true')
     p.add_argument('--out', default=None, help='folder for evaluation.json + confusion.png')
     p.set_defaults(func=cmd_evaluate, _parser=p)
+
+    p = subparsers.add_parser(
+        'norm-stats', help='add source activation statistics (test-time normalisation) to a bundle'
+    )
+    p.add_argument('bundle')
+    _data_args(p)
+    p.add_argument('--frames', type=int, default=2000, help='random training images to measure on')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=2)
+    p.set_defaults(func=cmd_norm_stats, _parser=p)
 
     p = subparsers.add_parser('train-default', help='reproduce the shipped teacher and student bundles')
     _data_args(p)

@@ -198,12 +198,10 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
+    """Square resize with the rule the engine uses at inference (:func:`edge_tl_ros.imaging.resize_to`)."""
+    from ..imaging import resize_to
 
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    interp = cv2.INTER_AREA if img.shape[0] > size or img.shape[1] > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    return resize_to(img, size, size)
 
 
 def _crop_roi(img: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:

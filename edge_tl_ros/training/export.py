@@ -175,6 +175,7 @@ def export_bundle(
     anchor_per_class: int = 16,
     parity_images: np.ndarray | None = None,
     manifest_extra: dict | None = None,
+    norm_stats_frames: int = 2000,
     log=print,
 ) -> Path:
     """Write a complete bundle for ``model`` into ``out`` and return its path."""
@@ -247,6 +248,14 @@ def export_bundle(
         }
     manifest.update(manifest_extra or {})
     write_manifest(out, plain(manifest))
+    n_stats = min(int(norm_stats_frames), len(anchor_split)) if anchor_split is not None else 0
+    if n_stats >= 16:  # source activation statistics for test-time normalisation (edge_tl_ros/ttn.py)
+        from ..ttn import add_to_bundle
+
+        pick = np.random.default_rng(0).choice(len(anchor_split), n_stats, replace=False)
+        add_to_bundle(out, anchor_split.images[np.sort(pick)],
+                      source=f'training split [{n_stats} random images, seed 0]')
+        files['norm_stats'] = 'norm_stats.npz'
     log(f'exported bundle {out} (files: {", ".join(files.values())}; parity {parity})')
     return out
 
