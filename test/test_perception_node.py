@@ -329,9 +329,10 @@ def test_missing_or_bad_bundle_fails_with_clear_message(ros_context, tmp_path):
 
 
 def test_perception_path_imports_no_torch(bundle_dir):
-    """The robot runtime set has no torch: the node module and the engine must not need it."""
+    """The robot runtime set has no torch: the node module and the engine must not need it (nor onnx)."""
     code = (
         'import sys; sys.modules["torch"] = None; sys.modules["torchvision"] = None\n'
+        'sys.modules["onnx"] = None\n'
         'import edge_tl_ros.nodes.perception_node, edge_tl_ros.engine as e, edge_tl_ros.bundle as b\n'
         'import numpy as np\n'
         f'eng = e.Engine(b.load_bundle({str(bundle_dir)!r}))\n'

@@ -204,3 +204,22 @@ def test_label_store_pads_small_sets_with_stored_context_and_falls_back_on_tiny_
     for i in range(5):
         tiny.add(2000 + i, imgs[i], feats, probs)
     assert sorted(lab.label_store(tiny)) == list(range(2000, 2005))  # plain labels: no batch to normalise
+
+
+def test_teacher_labeller_with_test_time_norm_needs_no_torch(tmp_path):
+    """The adaptation round runs on the robot: test-time normalisation must work without torch."""
+    import subprocess
+    import sys
+
+    root = teacher_bundle(tmp_path / 'teacher')
+    add_to_bundle(root, even_images(0, 64), threads=1)
+    code = (
+        'import sys; sys.modules["torch"] = None; sys.modules["torchvision"] = None\n'
+        'import numpy as np\n'
+        'from edge_tl_ros.adapt import TeacherLabeler\n'
+        f'lab = TeacherLabeler({str(root)!r}, test_time_norm=True, ttn_batch_size=16)\n'
+        'img = np.full((20, 12, 12, 3), 100, np.uint8); img[:, :6] = 200\n'
+        'print(lab.mode, lab.probs(img).shape)\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['test_time_norm', '(20,', '4)']
