@@ -26,18 +26,28 @@ _W = np.array([[6, -2, -2, 2, 0, 0, 0, 0],
                [-2, -2, 6, 0, 0, 2, 0, 0]], np.float32)
 
 
-def _backbone_graph(h: int, w: int, with_head: Head | None = None, name: str = 'toy'):
+def _backbone_graph(h: int, w: int, with_head: Head | None = None, name: str = 'toy', conv: bool = False):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [
-        helper.make_node('GlobalAveragePool', ['image'], ['pooled']),
-        helper.make_node('Flatten', ['pooled'], ['flat'], axis=1),
-        helper.make_node('MatMul', ['flat', 'M'], ['lin']),
-        helper.make_node('Add', ['lin', 'B'], ['pre']),
-        helper.make_node('Relu', ['pre'], ['features']),
-    ]
-    inits = [numpy_helper.from_array(_M, 'M'), numpy_helper.from_array(_B, 'B')]
+    if conv:  # the same function with a 1x1 convolution first (a conv stem, for test-time normalisation)
+        nodes = [
+            helper.make_node('Conv', ['image', 'CW', 'B'], ['stem'], kernel_shape=[1, 1]),
+            helper.make_node('GlobalAveragePool', ['stem'], ['pooled']),
+            helper.make_node('Flatten', ['pooled'], ['pre'], axis=1),
+            helper.make_node('Relu', ['pre'], ['features']),
+        ]
+        inits = [numpy_helper.from_array(np.ascontiguousarray(_M.T).reshape(TOY_FEATURES, 3, 1, 1), 'CW'),
+                 numpy_helper.from_array(_B, 'B')]
+    else:
+        nodes = [
+            helper.make_node('GlobalAveragePool', ['image'], ['pooled']),
+            helper.make_node('Flatten', ['pooled'], ['flat'], axis=1),
+            helper.make_node('MatMul', ['flat', 'M'], ['lin']),
+            helper.make_node('Add', ['lin', 'B'], ['pre']),
+            helper.make_node('Relu', ['pre'], ['features']),
+        ]
+        inits = [numpy_helper.from_array(_M, 'M'), numpy_helper.from_array(_B, 'B')]
     out_name, out_dim = 'features', TOY_FEATURES
     if with_head is not None:
         nodes.append(helper.make_node('Gemm', ['features', 'HW', 'HB'], ['logits'], transB=1))
@@ -64,18 +74,23 @@ def toy_head(scale: float = 1.0, permute: tuple[int, ...] | None = None, version
 
 
 def make_toy_bundle(root: str | Path, size: int = 16, with_full: bool = True, with_anchor: bool = True,
-                    head: Head | None = None, name: str = 'toy') -> Path:
-    """Write a complete, valid toy bundle to ``root`` and return its path."""
+                    head: Head | None = None, name: str = 'toy', conv: bool = False) -> Path:
+    """Write a complete, valid toy bundle to ``root`` and return its path.
+
+    ``conv``: the backbone starts with a 1x1 convolution (same features), so test-time normalisation
+    (:mod:`edge_tl_ros.ttn`) has a conv output to re-normalise.
+    """
     import onnx
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     head = head or toy_head()
-    onnx.save(_backbone_graph(size, size, name=name), str(root / 'backbone.onnx'))
+    onnx.save(_backbone_graph(size, size, name=name, conv=conv), str(root / 'backbone.onnx'))
     head.save(root / 'head.npz')
     files = {'backbone': 'backbone.onnx', 'head': 'head.npz'}
     if with_full:
-        onnx.save(_backbone_graph(size, size, with_head=head, name=name + '_full'), str(root / 'full.onnx'))
+        onnx.save(_backbone_graph(size, size, with_head=head, name=name + '_full', conv=conv),
+                  str(root / 'full.onnx'))
         files['full'] = 'full.onnx'
     if with_anchor:
         rng = np.random.default_rng(0)

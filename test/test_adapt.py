@@ -253,3 +253,25 @@ def test_teacher_min_confidence_keeps_only_confident_labels(toy, tmp_path):
     assert not r.accepted and r.teacher_labels == {} and 'labelled' in r.reason, r.reason
     with pytest.raises(ValueError, match='teacher_min_confidence'):
         AdaptConfig(teacher_min_confidence=1.5).validate()
+
+
+def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_path):
+    """A teacher with norm stats labels in the round process exactly as the labeller does in-process."""
+    from edge_tl_ros.ttn import add_to_bundle
+
+    _, X, y = shifted(9, 200)
+    teacher = make_toy_bundle(tmp_path / 'teacher', head=train_head(X, y, toy_head(), l2_to_prior=1e-3),
+                              name='teacher', with_full=False, conv=True)
+    add_to_bundle(teacher, toy_frames(np.random.default_rng(3), 200)[0], threads=1, source='toy frames')
+    st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
+    local = TeacherLabeler(teacher, test_time_norm=True, ttn_batch_size=32)
+    assert local.mode == 'test_time_norm'
+    want = local.label_store(st)
+    r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
+                                AdaptConfig(label_sources=('teacher',), teacher_min_confidence=0.0,
+                                            teacher_batch_size=32, anchor_tolerance=0.1),
+                                teacher_bundle=teacher)
+    assert r.metrics['teacher'] == {'mode': 'test_time_norm', 'labels': 80, 'note': None}, r.metrics
+    assert r.teacher_labels == want and len(want) == 80
+    # and the labels are mostly right: the teacher knows the shifted domain
+    assert np.mean([want[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)]) > 0.8

@@ -658,6 +658,11 @@ class AdaptationNode(Node):
               'round_running': self.round_running, 'rounds': self.rounds,
               'last_round_accepted': last.get('accepted'), 'last_round_reason': last.get('reason'),
               'pending_labels': len(self._pending)}
+        teacher = (last.get('metrics') or {}).get('teacher') or {}
+        if teacher:  # how the last round's teacher labelled: test_time_norm or plain (and why)
+            kv['teacher_mode'] = teacher.get('mode')
+            if teacher.get('note'):
+                kv['teacher_note'] = teacher['note']
         kv.update({f'labels.{k}': v for k, v in s['labels'].items()})
         kv.update({k: v for k, v in self.counters.items()})
         kv['labels_dropped'] = max(0, self.counters['labels_received'] - self.counters['labels_bad']
