@@ -14,10 +14,12 @@ Student backbone features (``Engine.features_batch``) are computed once per shif
 on N local frames labelled by one source:
 
 - ``topic``: the true labels (a label topic);
-- ``teacher``: teacher pseudo-labels from the node's labeller (``adapt.TeacherLabeler`` on
-  models/gtsrb_teacher with the shipped config: test-time normalisation over batches of the round's own
-  N frames), kept where the teacher's confidence >= ``AdaptConfig.teacher_min_confidence`` (as the node
-  does); ``teacher_labeller`` beside it reports the plain teacher's label accuracy for comparison;
+- ``teacher``: pseudo-labels made as the round makes them: ``adapt.TeacherLabeler`` on
+  models/gtsrb_teacher (test-time normalisation over batches of the round's own N frames), then
+  ``adapt.pseudo_labels`` (teacher x student ensemble with the bundle head, kept where its confidence
+  >= ``AdaptConfig.teacher_min_confidence``), all with the shipped config; ``teacher_labeller`` beside
+  it holds two contrasts from the same run at 500 frames: the plain teacher alone and the normalised
+  teacher alone (confidence >= 0.9 each);
 - ``self``: the student's own top-1 where its confidence >= ``AdaptConfig.self_label_threshold``
   (the round refuses to validate on self labels, so they are passed to it as trusted labels here and
   its accept decision is reported as None: this measures what training on them does).
@@ -116,7 +118,7 @@ def round_seconds(student_root, teacher_root, images, labels, class_names, wd: P
 def run(args) -> dict:
     t_start = time.monotonic()
     try:
-        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler
+        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler, pseudo_labels
         from edge_tl_ros.headtrain import train_head
         from edge_tl_ros.shifts import apply_shift
     except ImportError as e:
@@ -194,23 +196,24 @@ def run(args) -> dict:
             y_pool = y[pool[:n_max]]
             plain = teacher_eng.predict_batch(IM(pool[:n_max]), 'rgb')
             # the node's labeller (test-time normalisation as configured), run on the first n frames
-            # only for each n: a round with n frames has no other frames to take batch statistics from
+            # only for each n: a round with n frames has no other frames to take batch statistics from;
+            # then the round's pseudo_labels (teacher x student ensemble, confidence cut) as configured
             for n in sizes:
                 tp = labeler.probs(IM(pool[:n]))
-                t_lab[n] = {'labels': np.argmax(tp, 1), 'conf': tp.max(1)}
+                labels, how = pseudo_labels(np.arange(n), tp, labeler.class_names, head0, pool_f[:n], cfg)
+                keep = np.array([i in labels for i in range(n)])
+                cpos = {c: k for k, c in enumerate(student.class_names)}
+                lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
+                t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': tp, 'how': how}
             tl = t_lab[n_max]
-            t_keep = tl['conf'] >= cfg.teacher_min_confidence
-            teacher_acc = float(np.mean(tl['labels'] == y_pool))
-            teacher_kept = float(t_keep.mean())
-            teacher_kept_acc = (float(np.mean(tl['labels'][t_keep] == y_pool[t_keep]))
-                                if t_keep.any() else None)
-            p_keep = plain.max(1) >= cfg.teacher_min_confidence
+            teacher_acc = float(np.mean(np.argmax(tl['teacher_probs'], 1) == y_pool))
+            teacher_kept = float(tl['keep'].mean())
+            teacher_kept_acc = (float(np.mean(tl['labels'][tl['keep']] == y_pool[tl['keep']]))
+                                if tl['keep'].any() else None)
             teacher_info = {
                 'mode': labeler.mode,
+                'ensemble': tl['how']['ensemble'],
                 'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool)),
-                'plain_confident_fraction': float(p_keep.mean()),
-                'plain_confident_accuracy': float(np.mean(np.argmax(plain, 1)[p_keep] == y_pool[p_keep]))
-                if p_keep.any() else None,
             }
         else:
             teacher_acc = teacher_kept = teacher_kept_acc = None
@@ -233,7 +236,7 @@ def run(args) -> dict:
                 if src == 'topic':
                     lab, keep = y[pool[:n]], np.ones(n, bool)
                 elif src == 'teacher':
-                    lab, keep = t_lab[n]['labels'], t_lab[n]['conf'] >= cfg.teacher_min_confidence
+                    lab, keep = t_lab[n]['labels'], t_lab[n]['keep']
                 else:
                     lab, keep = s_top[:n], s_conf[:n] >= thr
                 t0 = time.perf_counter()
@@ -266,17 +269,26 @@ def run(args) -> dict:
                         else None,
                     }
                 )
-        if teacher_eng is not None:  # contrast, same run: the plain teacher's confident labels at n_max
-            pk = plain.max(1) >= cfg.teacher_min_confidence
-            ad = Adapter(student, None, AdaptConfig(label_sources=('teacher',)))
-            plain_data = (pool_f[:n_max][pk], np.argmax(plain, 1)[pk], ['teacher'] * int(pk.sum()))
-            r = ad.run_round(plain_data, head0)
-            adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
-            teacher_info['plain_run'] = {
-                'frames': n_max, 'labelled': int(pk.sum()), 'adapted': adapted, 'accepted': bool(r.accepted),
-                'gap_recovered': (adapted - source_only) / (oracle - source_only)
-                if oracle - source_only > 1e-6 else None,
+        if teacher_eng is not None:  # contrasts, same run, n_max frames: what each step of the labelling adds
+            contrasts = {
+                # before this session's changes: the plain teacher alone, confidence >= 0.9
+                'plain_run': plain,
+                # the test-time-normalised teacher alone, confidence >= 0.9
+                'ttn_only_run': t_lab[n_max]['teacher_probs'],
             }
+            for key, probs in contrasts.items():
+                pk = probs.max(1) >= 0.9
+                ad = Adapter(student, None, AdaptConfig(label_sources=('teacher',)))
+                top = np.argmax(probs, 1)
+                r = ad.run_round((pool_f[:n_max][pk], top[pk], ['teacher'] * int(pk.sum())), head0)
+                adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
+                teacher_info[key] = {
+                    'frames': n_max, 'min_confidence': 0.9, 'labelled': int(pk.sum()),
+                    'label_accuracy': float(np.mean(top[pk] == y_pool[pk])) if pk.any() else None,
+                    'adapted': adapted, 'accepted': bool(r.accepted),
+                    'gap_recovered': (adapted - source_only) / (oracle - source_only)
+                    if oracle - source_only > 1e-6 else None,
+                }
         results.append(entry)
         print(
             f'[{NAME}] {shift} {sev}: source-only {source_only:.3f}, oracle {oracle:.3f} '
@@ -291,8 +303,11 @@ def run(args) -> dict:
         for r in e['runs']
         if r['frames'] == n_max and r['label_source'] == gap_src and r['gap_recovered'] is not None
     ]
-    plain_runs = [e['teacher_labeller']['plain_run'] for e in results if e['teacher_labeller']]
-    plain_gaps = [r['gap_recovered'] for r in plain_runs if r['gap_recovered'] is not None]
+    def contrast_gap(key):
+        gs = [e['teacher_labeller'][key]['gap_recovered'] for e in results if e['teacher_labeller']]
+        gs = [g for g in gs if g is not None]
+        return float(np.mean(gs)) if gs else None
+
     wd = common.new_workdir(NAME)
     n_round = 100 if quick else 500
     rs = round_seconds(
@@ -307,7 +322,8 @@ def run(args) -> dict:
         'gap_recovered': float(np.mean(gaps)) if gaps else None,
         'gap_recovered_label_source': gap_src,
         'gap_recovered_frames': n_max,
-        'gap_recovered_plain_teacher': float(np.mean(plain_gaps)) if plain_gaps else None,
+        'gap_recovered_plain_teacher': contrast_gap('plain_run'),
+        'gap_recovered_ttn_teacher_only': contrast_gap('ttn_only_run'),
         'round_seconds': rs['round_seconds'],
         'round': rs,
         'oracle': 'head retrained on all target-labelled frames (train_head, l2_to_prior=1e-4, 100 L-BFGS '
@@ -324,8 +340,11 @@ def run(args) -> dict:
             'source_anchor_after': 'accuracy of the adapted head on the same test frames unshifted '
             '(forgetting)',
             'gap_recovered': '(adapted - source_only) / (oracle - source_only)',
-            'gap_recovered_plain_teacher': 'the same at 500 frames with the plain teacher (no test-time '
-            'normalisation; confident labels), same run: teacher_labeller.plain_run per shift',
+            'gap_recovered_plain_teacher': 'the same at 500 frames with the plain teacher alone (no '
+            'test-time normalisation, no ensemble; confidence >= 0.9: the labelling before these were '
+            'added), same run: teacher_labeller.plain_run per shift',
+            'gap_recovered_ttn_teacher_only': 'the same with the test-time-normalised teacher alone (no '
+            'ensemble; confidence >= 0.9), same run: teacher_labeller.ttn_only_run per shift',
         },
     }
     common.cleanup(wd)

@@ -47,7 +47,8 @@ class AdaptConfig:
     l2_to_prior: float = 1e-2  # pull toward the current head (standardised feature units)
     label_sources: tuple = ('topic', 'teacher')  # which labels a round may use
     self_label_threshold: float = 0.95  # student confidence needed for a 'self' pseudo-label
-    teacher_min_confidence: float = 0.9  # teacher confidence needed for a 'teacher' pseudo-label
+    teacher_min_confidence: float = 0.7  # confidence needed for a 'teacher' pseudo-label
+    teacher_student_ensemble: bool = True  # pseudo-label from teacher x student (geometric mean of probs)
     teacher_test_time_norm: bool = True  # teacher normalises with robot-frame batch statistics (ttn.py)
     teacher_batch_size: int = 64  # frames per test-time-norm batch of the teacher (memory ~ batch)
     allow_new_classes: bool = False  # labels naming classes the head does not know add classes
@@ -424,18 +425,15 @@ class TeacherLabeler:
         top = np.argmax(p, axis=1)
         return [self.class_names[t] for t in top], p[np.arange(len(top)), top]
 
-    def label_store(self, store: FrameStore, max_frames: int | None = None) -> dict[int, str]:
-        """Teacher labels (stamp -> class name) for store entries without a topic/teacher label.
-
-        Returns them without writing: the caller applies them with ``store.set_label(.., 'teacher')``.
-        """
+    def store_probs(self, store: FrameStore, max_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher probabilities for store entries without a topic/teacher label -> ``(stamps, probs)``."""
         arr = store.entries()
         todo = [int(s) for s, src in zip(arr.stamps, arr.sources) if src not in ('topic', 'teacher')]
         if max_frames is not None:
             todo = todo[-int(max_frames):]
-        out: dict[int, str] = {}
+        C = self.engine.head.num_classes
         if not todo:
-            return out
+            return np.zeros(0, np.int64), np.zeros((0, C), np.float32)
         if self.ttn is not None:  # whole set at once: batches mix frames from the entire store
             imgs, found = store.crops(todo)
             context = None
@@ -443,19 +441,64 @@ class TeacherLabeler:
                 have = {int(s) for s in found}
                 others = [int(s) for s in arr.stamps[::-1] if int(s) not in have]
                 context, _ = store.crops(others[:self.ttn_batch_size - len(found)])
-            chunks = [(imgs, found, context)] if len(found) else []
+            return np.asarray(found, np.int64), self.probs(imgs, context)
+        stamps, probs = [], []
+        for i in range(0, len(todo), self.batch_size):
+            imgs, found = store.crops(todo[i:i + self.batch_size])
+            if len(found):
+                stamps.append(np.asarray(found, np.int64))
+                probs.append(self.probs(imgs))
+        if not stamps:
+            return np.zeros(0, np.int64), np.zeros((0, C), np.float32)
+        return np.concatenate(stamps), np.concatenate(probs)
+
+    def label_store(self, store: FrameStore, max_frames: int | None = None) -> dict[int, str]:
+        """Teacher labels (stamp -> class name) for store entries without a topic/teacher label.
+
+        Returns them without writing: the caller applies them with ``store.set_label(.., 'teacher')``.
+        """
+        stamps, probs = self.store_probs(store, max_frames)
+        top = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+        return {int(s): self.class_names[t] for s, t, p in zip(stamps, top, probs)
+                if p[t] >= self.min_confidence}
+
+
+def ensemble_probs(p_teacher: np.ndarray, p_student: np.ndarray) -> np.ndarray:
+    """Product of experts: the normalised geometric mean of teacher and student class probabilities.
+
+    A label wins only where both find it plausible; under a domain shift teacher and student make
+    different mistakes, so the ensemble labels more frames right than either alone (bench.adaptation).
+    """
+    g = np.sqrt(np.clip(p_teacher, 1e-12, None) * np.clip(p_student, 1e-12, None))
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def pseudo_labels(stamps: np.ndarray, p_teacher: np.ndarray, teacher_classes, head: Head,
+                  student_features: np.ndarray | None, cfg: AdaptConfig) -> tuple[dict[int, str], dict]:
+    """Teacher pseudo-labels (stamp -> class name) and how they were made.
+
+    With ``cfg.teacher_student_ensemble`` (and the same classes in teacher and head) the label is the
+    top class of :func:`ensemble_probs` of the teacher and the current head on the stored features;
+    otherwise the teacher's own. Only labels with confidence >= ``cfg.teacher_min_confidence`` are kept.
+    """
+    info = {'ensemble': False}
+    probs = np.asarray(p_teacher, np.float32)
+    classes = tuple(teacher_classes)
+    if cfg.teacher_student_ensemble and len(probs):
+        if classes != head.class_names:
+            info['ensemble_note'] = 'teacher and head classes differ: teacher-only labels'
+        elif student_features is None or len(student_features) != len(probs):
+            info['ensemble_note'] = 'no stored features for these frames: teacher-only labels'
         else:
-            chunks = []
-            for i in range(0, len(todo), self.batch_size):
-                imgs, found = store.crops(todo[i:i + self.batch_size])
-                if len(found):
-                    chunks.append((imgs, found, None))
-        for imgs, found, context in chunks:
-            names, confs = self.label(imgs, context)
-            for s, n, c in zip(found, names, confs):
-                if c >= self.min_confidence:
-                    out[int(s)] = n
-        return out
+            from .engine import softmax
+
+            probs = ensemble_probs(probs, softmax(head.logits(np.asarray(student_features, np.float32))))
+            info['ensemble'] = True
+    top = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+    conf = probs[np.arange(len(top)), top] if len(probs) else np.zeros(0, np.float32)
+    keep = conf >= cfg.teacher_min_confidence
+    info.update(candidates=int(len(probs)), kept=int(keep.sum()))
+    return {int(s): classes[t] for s, t, k in zip(stamps, top, keep) if k}, info
 
 
 def overlay_labels(arr: StoreArrays, labels: dict[int, str], source: str = 'teacher') -> StoreArrays:
@@ -584,8 +627,12 @@ def _round_job(job: dict) -> RoundResult:
                                  min_confidence=cfg.teacher_min_confidence,
                                  test_time_norm=cfg.teacher_test_time_norm,
                                  ttn_batch_size=cfg.teacher_batch_size)
-        teacher_labels = labeler.label_store(store, max_frames=job.get('teacher_max_frames'))
-        teacher_info = {'mode': labeler.mode, 'labels': len(teacher_labels), 'note': labeler.note}
+        stamps, p_teacher = labeler.store_probs(store, max_frames=job.get('teacher_max_frames'))
+        row = {int(s): i for i, s in enumerate(arr.stamps)}
+        feats = (arr.features[[row[int(s)] for s in stamps]] if all(int(s) in row for s in stamps)
+                 else None)
+        teacher_labels, how = pseudo_labels(stamps, p_teacher, labeler.class_names, head, feats, cfg)
+        teacher_info = {'mode': labeler.mode, 'labels': len(teacher_labels), 'note': labeler.note, **how}
         arr = overlay_labels(arr, teacher_labels)
     else:
         teacher_info = None

@@ -226,10 +226,12 @@ def test_teacher_labels_in_subprocess_round(toy, tmp_path):
                                          AdaptConfig(label_sources=('topic',)), teacher_bundle=teacher)
     assert not topic_only.accepted and topic_only.teacher_labels == {}
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
-                                AdaptConfig(label_sources=('teacher',), anchor_tolerance=0.1),
+                                AdaptConfig(label_sources=('teacher',), anchor_tolerance=0.1,
+                                            teacher_student_ensemble=False, teacher_min_confidence=0.0),
                                 teacher_bundle=teacher)
     assert r.accepted, r.reason
     assert r.metrics['label_counts']['teacher'] == 80 and len(r.teacher_labels) == 80
+    assert r.teacher_labels == lab  # the round labels exactly as the labeller does in-process
     # test-time normalisation is on by default; this teacher has no norm stats: plain labels, and why
     assert r.metrics['teacher']['mode'] == 'plain' and r.metrics['teacher']['labels'] == 80
     assert 'norm_stats' in r.metrics['teacher']['note']
@@ -269,9 +271,44 @@ def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_pa
     want = local.label_store(st)
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
                                 AdaptConfig(label_sources=('teacher',), teacher_min_confidence=0.0,
-                                            teacher_batch_size=32, anchor_tolerance=0.1),
+                                            teacher_batch_size=32, anchor_tolerance=0.1,
+                                            teacher_student_ensemble=False),
                                 teacher_bundle=teacher)
-    assert r.metrics['teacher'] == {'mode': 'test_time_norm', 'labels': 80, 'note': None}, r.metrics
+    assert r.metrics['teacher'] == {'mode': 'test_time_norm', 'labels': 80, 'note': None, 'ensemble': False,
+                                    'candidates': 80, 'kept': 80}, r.metrics
     assert r.teacher_labels == want and len(want) == 80
     # and the labels are mostly right: the teacher knows the shifted domain
     assert np.mean([want[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)]) > 0.8
+
+
+def test_teacher_student_ensemble_labels(toy):
+    """Geometric mean of teacher and head probabilities: agreement is confident, disagreement is not."""
+    from edge_tl_ros.adapt import ensemble_probs, pseudo_labels
+    from edge_tl_ros.engine import softmax
+
+    p_t = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    p_s = np.array([[0.8, 0.1, 0.1], [0.05, 0.9, 0.05], [0.1, 0.1, 0.8]], np.float32)
+    e = ensemble_probs(p_t, p_s)
+    assert np.allclose(e.sum(1), 1) and np.allclose(e[[0, 2]], p_t[[0, 2]])  # agreement: unchanged
+    assert e[1].max() < 0.7  # they disagree: below the 0.7 default, no label
+    # through pseudo_labels, with the head's own probabilities from features
+    im, y = toy_frames(np.random.default_rng(4), 30)
+    f = toy_features(im)
+    head = toy_head()
+    p_head = softmax(head.logits(f))
+    teacher = np.eye(3, dtype=np.float32)[y] * 0.9 + 0.1 / 3  # a teacher that is right, 93 % sure
+    stamps = np.arange(100, 130)
+    cfg = AdaptConfig(teacher_min_confidence=0.7)
+    labels, info = pseudo_labels(stamps, teacher, TOY_CLASSES, head, f, cfg)
+    assert info['ensemble'] and info['candidates'] == 30 and info['kept'] == len(labels)
+    want = ensemble_probs(teacher, p_head)
+    assert labels == {int(s): TOY_CLASSES[int(np.argmax(w))] for s, w in zip(stamps, want) if w.max() >= 0.7}
+    # classes that differ, or no features: the teacher alone, and the reason
+    only, info2 = pseudo_labels(stamps, teacher, ('x', 'y', 'z'), head, f, cfg)
+    assert not info2['ensemble'] and 'differ' in info2['ensemble_note']
+    assert set(only.values()) <= {'x', 'y', 'z'}
+    only, info3 = pseudo_labels(stamps, teacher, TOY_CLASSES, head, None, cfg)
+    assert not info3['ensemble'] and len(only) == 30
+    off, info4 = pseudo_labels(stamps, teacher, TOY_CLASSES, head, f,
+                               AdaptConfig(teacher_student_ensemble=False, teacher_min_confidence=0.7))
+    assert not info4['ensemble'] and off == {int(s): TOY_CLASSES[c] for s, c in zip(stamps, y)}

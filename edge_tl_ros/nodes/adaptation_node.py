@@ -82,9 +82,13 @@ PARAMETERS = {
                                                       'self).')),
     'self_label_threshold': (0.95, dict(text='Student confidence needed for a self pseudo-label.',
                                         float_range=(0.0, 1.0))),
-    'teacher_min_confidence': (0.9, dict(text='Teacher confidence needed for a teacher pseudo-label (a '
-                                              'shifted domain makes the teacher wrong too; confident answers '
-                                              'are far more often right).', float_range=(0.0, 1.0))),
+    'teacher_min_confidence': (0.7, dict(
+        text='Confidence needed for a teacher pseudo-label (of the teacher x student ensemble when '
+             'teacher_student_ensemble; a shifted domain makes both wrong too, confident answers far less '
+             'often).', float_range=(0.0, 1.0))),
+    'teacher_student_ensemble': (True, dict(
+        text='Pseudo-label with the geometric mean of teacher and current head probabilities (they err '
+             'differently under a shift) instead of the teacher alone.')),
     'teacher_test_time_norm': (True, dict(text='The teacher normalises its activations with statistics of '
                                                'batches of stored robot frames (needs norm_stats.npz in the '
                                                'teacher bundle): far better labels under a domain shift.')),
@@ -129,7 +133,7 @@ PARAMETERS = {
 # parameter -> AdaptConfig field
 _CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
                   'label_sources', 'self_label_threshold', 'teacher_min_confidence', 'allow_new_classes',
-                  'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size')
+                  'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size', 'teacher_student_ensemble')
 
 
 class AdaptationNode(Node):
