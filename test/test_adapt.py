@@ -201,6 +201,13 @@ def test_subprocess_round_niced_and_killed_round_writes_nothing(toy, tmp_path):
     assert w['pid'] != os.getpid() and w['nice'] == min(19, os.nice(0) + 7) and w['blas_threads'] == '1'
     assert w['nice_at_start'] == w['nice'], 'the interpreter start-up and imports must run niced as well'
     assert os.nice(0) == nice_before  # the caller's own priority is untouched
+    assert w['sched_policy'] == 'other'
+    if hasattr(os, 'SCHED_IDLE'):  # Linux: the whole worker runs only on otherwise idle CPU time
+        r_idle = run_round_in_subprocess(toy.root, state, st.root, cfg, nice_level=7, threads=1,
+                                         sched_idle=True)
+        w_idle = r_idle.metrics['worker']
+        assert r_idle.accepted and w_idle['sched_policy'] == 'idle', w_idle
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's policy is untouched
     assert heads_on_disk(state) == []  # the worker never writes; the caller commits
     # killed mid-round: reported as failed, nothing written
     r2 = run_round_in_subprocess(toy.root, state, st.root, AdaptConfig(),

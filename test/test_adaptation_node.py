@@ -39,8 +39,10 @@ from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames  # noqa: E4
 
 REPO = Path(__file__).resolve().parents[1]
 # toy-sized acceptance: the toy shift is adversarial to the source domain (see test_adapt.py)
+# rounds niced but not SCHED_IDLE here: on a CI machine saturated by other jobs a SCHED_IDLE round may not
+# run at all within a test's timeout (test_adapt.py checks the SCHED_IDLE worker itself)
 ROUND_PARAMS = {'anchor_tolerance': 0.1, 'min_labelled': 30, 'adapt_every_n_labels': 0,
-                'sample_rate_hz': 0.0, 'nice_level': 5}
+                'sample_rate_hz': 0.0, 'nice_level': 5, 'round_sched_idle': False}
 
 
 def wait_for(cond, timeout, step=0.02):
@@ -150,7 +152,14 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         imgs, y = toy_frames(np.random.default_rng(0), 80, shifted=True)
         # half the labels arrive before their frame (pending map), half after (recent frames)
         io.send(imgs, y, label_first=lambda i: i % 2 == 0)
-        assert wait_for(lambda: node.store.label_counts()['topic'] >= 75, 15), json.dumps(node.status())
+        # frames go best-effort (sensor QoS, newest first): on a loaded machine some never reach the node.
+        # Every label is accounted for (applied, or expired after label_pending_s) and every frame that
+        # arrived got its label, whether the label came first or second
+        c = node.counters
+        settled = wait_for(lambda: c['labels_applied'] + c['labels_expired'] >= 80, 25)
+        assert settled, json.dumps(node.status())
+        n_topic = node.store.label_counts()['topic']
+        assert n_topic == c['frames_stored'] == c['labels_applied'] >= 50, json.dumps(node.status())
         # a bad frame with a label is counted, not stored
         bad = Image(height=4, width=4, encoding='yuv422', step=8, data=bytes(32))
         bad.header.stamp.sec = 5
@@ -173,8 +182,8 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         assert last['committed_version'] == 1 and s['head_version'] == 1 and s['registry_version'] == 1
         m = last['metrics']
         assert m['holdout_acc_new'] >= m['holdout_acc_old'] + 0.5
-        assert m['label_counts']['topic'] >= 75 and m['worker']['nice'] >= 5
-        assert s['store']['entries'] >= 75 and s['label_counts']['topic'] >= 75
+        assert m['label_counts']['topic'] == n_topic and m['worker']['nice'] >= 5
+        assert s['store']['entries'] == n_topic and s['label_counts']['topic'] == n_topic
         assert s['bad_frames'] == {'unsupported_encoding': 1}
         assert HeadRegistry(load_bundle(toy), state).current_version == 1
         assert wait_for(lambda: io.reload_calls == 1, 5)
