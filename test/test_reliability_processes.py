@@ -299,7 +299,9 @@ def test_process_graph_survives_kills_restarts_and_floods(ros_context, ros_domai
         s = wait_for(settled, 20)
         assert s, g.last_status().get('counters')
         c = s['counters']
-        assert c['labels_received'] >= 300, c
+        # how many reach the node depends on the machine's load (300-900 here; 225 on a busy CI run): the
+        # flood must exceed what the frames alone could explain (30 Hz x 3 s); the accounting is exact
+        assert c['labels_received'] > 100, c
         assert c['labels_received'] == c['labels_handled'] + c.get('labels_bad', 0) + s['labels_dropped']
         assert s['pending_labels'] <= 512
         # none stored (no frame): each handled label is pending or expired ('labels_expired' absent while 0)
