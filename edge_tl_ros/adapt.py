@@ -353,7 +353,7 @@ class TeacherLabeler:
     """
 
     def __init__(self, teacher_bundle_path, num_threads: int = 1, batch_size: int = 16,
-                 min_confidence: float = 0.0, test_time_norm: bool = False, ttn_batch_size: int = 64):
+                 test_time_norm: bool = False, ttn_batch_size: int = 64):
         from .bundle import load_bundle
         from .engine import Engine
 
@@ -361,7 +361,6 @@ class TeacherLabeler:
         self.engine = Engine(self.bundle, mode='feature_extractor', num_threads=num_threads,
                              low_priority=True)
         self.batch_size = max(1, int(batch_size))
-        self.min_confidence = float(min_confidence)
         self.ttn = None
         self.ttn_batch_size = max(1, int(ttn_batch_size))
         self.note: str | None = None
@@ -376,9 +375,9 @@ class TeacherLabeler:
                 try:
                     self.ttn = TestTimeNormSession(self.bundle.files['backbone'], load_norm_stats(stats_path),
                                                    threads=num_threads)
+                    self.ttn_batch_size = max(self.ttn_batch_size, self.ttn.min_batch)
                 except TTNError as e:
                     self.note = f'test-time normalisation unavailable ({e}): plain teacher labels'
-                self.ttn_batch_size = max(self.ttn_batch_size, self.ttn.min_batch if self.ttn else 1)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -418,15 +417,12 @@ class TeacherLabeler:
                for i in range(0, len(images_rgb), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.engine.head.num_classes), np.float32)
 
-    def label(self, images_rgb: np.ndarray,
-              context_rgb: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
-        """Class names and confidences for RGB images ``[N,H,W,3]`` (any size)."""
-        p = self.probs(images_rgb, context_rgb)
-        top = np.argmax(p, axis=1)
-        return [self.class_names[t] for t in top], p[np.arange(len(top)), top]
-
     def store_probs(self, store: FrameStore, max_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher probabilities for store entries without a topic/teacher label -> ``(stamps, probs)``."""
+        """Teacher probabilities for store entries without a topic/teacher label -> ``(stamps, probs)``.
+
+        The round turns them into labels with :func:`pseudo_labels` and, when it ends, the node writes
+        those with ``store.set_label(.., 'teacher')`` (so later rounds do not label them again).
+        """
         arr = store.entries()
         todo = [int(s) for s, src in zip(arr.stamps, arr.sources) if src not in ('topic', 'teacher')]
         if max_frames is not None:
@@ -451,16 +447,6 @@ class TeacherLabeler:
         if not stamps:
             return np.zeros(0, np.int64), np.zeros((0, C), np.float32)
         return np.concatenate(stamps), np.concatenate(probs)
-
-    def label_store(self, store: FrameStore, max_frames: int | None = None) -> dict[int, str]:
-        """Teacher labels (stamp -> class name) for store entries without a topic/teacher label.
-
-        Returns them without writing: the caller applies them with ``store.set_label(.., 'teacher')``.
-        """
-        stamps, probs = self.store_probs(store, max_frames)
-        top = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
-        return {int(s): self.class_names[t] for s, t, p in zip(stamps, top, probs)
-                if p[t] >= self.min_confidence}
 
 
 def ensemble_probs(p_teacher: np.ndarray, p_student: np.ndarray) -> np.ndarray:
@@ -624,7 +610,6 @@ def _round_job(job: dict) -> RoundResult:
     teacher_labels: dict[int, str] = {}
     if job.get('teacher_bundle') and 'teacher' in cfg.label_sources:
         labeler = TeacherLabeler(job['teacher_bundle'], num_threads=job.get('threads', 1),
-                                 min_confidence=cfg.teacher_min_confidence,
                                  test_time_norm=cfg.teacher_test_time_norm,
                                  ttn_batch_size=cfg.teacher_batch_size)
         stamps, p_teacher = labeler.store_probs(store, max_frames=job.get('teacher_max_frames'))

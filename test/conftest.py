@@ -1,12 +1,15 @@
 """Shared pytest fixtures: an isolated ROS 2 context per test.
 
-Kept minimal on purpose: ``ros_domain`` (a domain id unique to this test) and ``ros_context``
-(an initialised ``rclpy.context.Context`` on that domain, shut down after the test).
+Kept minimal on purpose: ``ros_domain`` (a domain id unique to this test), ``ros_context``
+(an initialised ``rclpy.context.Context`` on that domain, shut down after the test) and
+``python_without`` (run code in a fresh interpreter where given modules cannot be imported).
 Set ``EDGE_TL_TEST_DOMAIN_ID`` to pin every test to one domain id instead.
 """
 
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +50,16 @@ def ros_context(ros_domain):
     finally:
         if ctx.ok():
             rclpy.shutdown(context=ctx)
+
+
+@pytest.fixture
+def python_without():
+    """``run(modules, code) -> stdout``: ``code`` in a fresh interpreter where ``modules`` cannot be
+    imported (the robot runtime has no torch); fails the test with stderr if it exits non-zero."""
+    def run(modules, code: str, timeout: float = 60) -> str:
+        block = ''.join(f'sys.modules[{m!r}] = None\n' for m in modules)
+        out = subprocess.run([sys.executable, '-c', 'import sys\n' + block + code], capture_output=True,
+                             text=True, timeout=timeout)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    return run

@@ -219,13 +219,19 @@ def test_subprocess_round_niced_and_killed_round_writes_nothing(toy, tmp_path):
     assert r3.failed and 'version 7' in r3.reason
 
 
+def teacher_top(labeler, store) -> dict:
+    """stamp -> the teacher's top class for the store's unlabelled entries (no confidence cut)."""
+    stamps, probs = labeler.store_probs(store)
+    return {int(s): labeler.class_names[int(np.argmax(p))] for s, p in zip(stamps, probs)}
+
+
 def test_teacher_labels_in_subprocess_round(toy, tmp_path):
     """A teacher that knows the shifted domain labels unlabelled stored crops; the round uses them."""
     _, X, y = shifted(9, 200)
     teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
     teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
     st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
-    lab = TeacherLabeler(teacher).label_store(st)
+    lab = teacher_top(TeacherLabeler(teacher), st)
     assert len(lab) == 80
     agree = np.mean([lab[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)])
     assert agree > 0.9
@@ -250,11 +256,15 @@ def test_teacher_min_confidence_keeps_only_confident_labels(toy, tmp_path):
     teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
     teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
     st, _ = _fill_store(toy, tmp_path / 'store', 60, 10, label=False)
-    crops, stamps = st.crops(st.entries().stamps)
-    _, conf = TeacherLabeler(teacher).label(crops)
+    stamps, probs = TeacherLabeler(teacher).store_probs(st)
+    conf = probs.max(1)
     cut = float(np.median(conf))
-    lab = TeacherLabeler(teacher, min_confidence=cut).label_store(st)
-    assert set(lab) == {int(s) for s, c in zip(stamps, conf) if c >= cut} and 0 < len(lab) < 60
+    r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
+                                AdaptConfig(label_sources=('teacher',), teacher_min_confidence=cut,
+                                            teacher_student_ensemble=False),
+                                teacher_bundle=teacher)
+    assert set(r.teacher_labels) == {int(s) for s, c in zip(stamps, conf) if c >= cut}
+    assert 0 < len(r.teacher_labels) < 60
     # the round applies AdaptConfig.teacher_min_confidence: above every confidence, nothing is labelled
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
                                 AdaptConfig(label_sources=('teacher',), teacher_min_confidence=1.0),
@@ -275,7 +285,7 @@ def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_pa
     st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
     local = TeacherLabeler(teacher, test_time_norm=True, ttn_batch_size=32)
     assert local.mode == 'test_time_norm'
-    want = local.label_store(st)
+    want = teacher_top(local, st)
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
                                 AdaptConfig(label_sources=('teacher',), teacher_min_confidence=0.0,
                                             teacher_batch_size=32, anchor_tolerance=0.1,

@@ -84,8 +84,8 @@ PARAMETERS = {
                                         float_range=(0.0, 1.0))),
     'teacher_min_confidence': (0.7, dict(
         text='Confidence needed for a teacher pseudo-label (of the teacher x student ensemble when '
-             'teacher_student_ensemble; a shifted domain makes both wrong too, confident answers far less '
-             'often).', float_range=(0.0, 1.0))),
+             'teacher_student_ensemble; a shifted domain makes both wrong too, confident answers are wrong '
+             'far less often).', float_range=(0.0, 1.0))),
     'teacher_student_ensemble': (True, dict(
         text='Pseudo-label with the geometric mean of teacher and current head probabilities (they err '
              'differently under a shift) instead of the teacher alone.')),
