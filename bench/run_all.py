@@ -1,6 +1,6 @@
 """Run the benchmark suite and print a summary table of all results.
 
-    python -m bench.run_all [--quick] [--only NAME ...] [--results-dir DIR] [--bundle DIR]
+    python -m bench.run_all [--quick] [--only NAME ...] [--summary-only] [--results-dir DIR] [--bundle DIR]
 
 Each benchmark runs in its own process (``python -m bench.<name>``) and writes ``<results-dir>/<name>.json``
 (+ a PNG); this writes ``summary.json`` beside them. Full suite: about 20 min on 2 cores; ``--quick``
@@ -53,9 +53,12 @@ def main(argv=None) -> int:
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     p.add_argument('--only', nargs='+', choices=BENCHMARKS, default=None)
+    p.add_argument('--summary-only', action='store_true',
+                   help='run nothing: rebuild summary.json and the table from the result files already there '
+                   '(after running benchmarks one by one)')
     args = p.parse_args(argv)
     out_dir = common.results_dir(args)
-    names = args.only or list(BENCHMARKS)
+    names = [] if args.summary_only else args.only or list(BENCHMARKS)
     rows, status = [], {}
     t_all = time.monotonic()
     for name in names:

@@ -186,6 +186,13 @@ def test_mobilenet_v3_small_student_exports_a_valid_bundle(tmp_path):
     with torch.no_grad():
         ref = torch.softmax(m(torch.from_numpy((imgs[:5].transpose(0, 3, 1, 2) - 127.5) / 64.0).float()), 1)
     np.testing.assert_allclose(Engine(b, 'full').predict_batch(imgs[:5]), ref.numpy(), atol=1e-4)
+    # the fine-tuning oracle interprets this exported graph too (HardSwish, HardSigmoid, Mul, Add, ...)
+    from edge_tl_ros.training.finetune import OnnxModule
+
+    x = Engine(b, 'feature_extractor').prepare_batch(imgs[:5])
+    with torch.no_grad():
+        logits = OnnxModule(b.files['backbone'], b.head)(torch.from_numpy(x))
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), ref.numpy(), atol=1e-4)
 
 
 @pytest.fixture(scope='module')
@@ -293,6 +300,46 @@ def test_distill_end_to_end_one_epoch(distilled, tiny_data):
     assert rc == 0
     m0 = load_bundle(distilled / 'alpha0').manifest
     assert m0['distillation']['teacher'] is None and m0['distillation']['alpha'] == 0
+
+
+def test_finetune_oracle_starts_from_the_exported_student_and_trains_every_weight(distilled, tiny_data):
+    """The adaptation benchmark's oracle: the exported seed_cnn graph (BN folded) as a torch module equals
+    ONNX Runtime, then fine-tuning moves every weight, not only the head, and fits a relabelled task."""
+    from edge_tl_ros.training.finetune import FinetuneError, OnnxModule, finetune_all
+
+    b = load_bundle(distilled / 'student')
+    ds = D.load_dataset(tiny_data)
+    eng = Engine(b, 'feature_extractor')
+    x = eng.prepare_batch(ds.test.images)
+    net = OnnxModule(b.files['backbone'], b.head)
+    with torch.no_grad():
+        np.testing.assert_allclose(net.features(torch.from_numpy(x)).numpy(),
+                                   eng.features_batch(ds.test.images), atol=1e-4)
+        np.testing.assert_allclose(torch.softmax(net(torch.from_numpy(x)), 1).numpy(),
+                                   eng.predict_batch(ds.test.images), atol=1e-5)
+    # a "new domain" where every class is called by the next class's name: the source model is ~always
+    # wrong, full fine-tuning on the relabelled train split fits it
+    y_new = (ds.test.labels + 1) % 3
+    before = float(np.mean(net.predict(x) == y_new))
+    xtr = eng.prepare_batch(ds.train.images)
+    tuned = finetune_all(b.files['backbone'], b.head, xtr, (ds.train.labels + 1) % 3, epochs=8, lr=3e-3,
+                         batch_size=32, threads=1)
+    after = float(np.mean(tuned.predict(x) == y_new))
+    assert before < 0.4 and after > 0.9, (before, after)
+    moved = {name: float((p.detach() - net.params[name].detach()).abs().max())
+             for name, p in tuned.params.items()}
+    assert len(moved) == 6 and min(moved.values()) > 0  # 2 convs, the fc layer: weights and biases
+    with pytest.raises(FinetuneError, match='as many labels'):
+        finetune_all(b.files['backbone'], b.head, xtr, ds.train.labels[:5])
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node('Softmax', ['image'], ['features'])], 'g',
+                          [helper.make_tensor_value_info('image', TensorProto.FLOAT, [1, 3])],
+                          [helper.make_tensor_value_info('features', TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(g), str(distilled / 'softmax.onnx'))
+    with pytest.raises(FinetuneError, match=r"\['Softmax'\] are not supported"):
+        OnnxModule(distilled / 'softmax.onnx', b.head)
 
 
 def test_teacher_logits_cache_is_reused_and_invalidated(tmp_path):
