@@ -6,7 +6,8 @@ floor of a Python node, no inference).
     python -m bench.node_runner --kind student --stats-out S.json --ready-file R \
         --ros-args -p model_bundle:=models/gtsrb_student -p qos_reliability:=best_effort
 
-Same executor as ``perception_node.main`` (MultiThreadedExecutor, 3 threads). The benchmark adds
+Same executor as ``perception_node.main`` (``params.make_executor``: the node's ``executor_threads``,
+default 1 = SingleThreadedExecutor). The benchmark adds
 instrumentation only from outside the node: ``Engine.swap_head`` and ``Engine.infer`` are wrapped to
 record (wall time, duration) of every call, ``PerceptionNode._process`` (the inference thread's
 per-frame work) to record when each frame left the slot, and the image subscription's callback to
@@ -144,7 +145,9 @@ def main(argv=None) -> int:
     import threading
 
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
+
+    from edge_tl_ros.nodes.params import make_executor
     from rclpy.signals import SignalHandlerOptions
 
     rclpy.init(args=['node_runner', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
 
         node = NaiveNode(model=a.naive_model)
     # the student as perception_node.main runs it; the naive node as tutorials do (rclpy.spin)
-    executor = MultiThreadedExecutor(num_threads=3) if a.kind == 'student' else SingleThreadedExecutor()
+    executor = make_executor(node, 3) if a.kind == 'student' else SingleThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -16,6 +16,7 @@ from vision_msgs.msg import Classification  # noqa: E402
 
 from edge_tl_ros.bundle import Head, HeadRegistry, load_bundle  # noqa: E402
 from edge_tl_ros.imaging import encode_compressed, image_fields  # noqa: E402
+from edge_tl_ros.nodes.params import make_executor  # noqa: E402
 from edge_tl_ros.nodes.perception_node import PerceptionNode  # noqa: E402
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_head  # noqa: E402
 
@@ -31,7 +32,7 @@ def frame(name, h=24, w=32):
 class Harness:
     """A perception node plus a test node (publishers, subscribers, service clients) on one executor."""
 
-    def __init__(self, ctx, bundle, state_dir, **params):
+    def __init__(self, ctx, bundle, state_dir, executor=None, **params):
         overrides = [Parameter('model_bundle', value=str(bundle)),
                      Parameter('state_dir', value=str(state_dir)),
                      Parameter('qos_reliability', value='reliable')]
@@ -48,7 +49,9 @@ class Harness:
         self.io.create_subscription(Image, '/perception/features', self.features.append, 50)
         self.reload = self.io.create_client(Trigger, '/perception/reload_head')
         self.rollback = self.io.create_client(Trigger, '/perception/rollback')
-        self.ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+        # executor='main': the executor perception_node.main would spin the node on (executor_threads)
+        self.ex = (make_executor(self.node, context=ctx) if executor == 'main'
+                   else MultiThreadedExecutor(num_threads=4, context=ctx))
         self.ex.add_node(self.node)
         self.ex.add_node(self.io)
         self.thread = threading.Thread(target=self.ex.spin, daemon=True)
@@ -355,3 +358,41 @@ def test_gil_switch_interval_parameter(ros_context, bundle_dir, tmp_path):
             h.close()
     finally:
         sys.setswitchinterval(before)
+
+
+def test_executor_threads_parameter_and_the_node_on_one_thread(ros_context, bundle_dir, tmp_path):
+    """main() spins the node on a SingleThreadedExecutor by default (lowest latency); frames, the head
+    services and diagnostics all work on that one thread; executor_threads > 1 gives a multi-threaded one."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+
+    h = Harness(ros_context, bundle_dir, tmp_path / 's', executor='main')
+    try:
+        assert type(h.ex) is SingleThreadedExecutor
+        diags = []
+        h.io.create_subscription(DiagnosticArray, '/diagnostics', diags.append, 10)
+        assert h.classify('red') == 'red'
+        HeadRegistry(load_bundle(bundle_dir), tmp_path / 's').add(toy_head(permute=(2, 0, 1)))
+        res = h.call(h.reload)
+        assert res.success, res.message
+        assert h.classify('red') == 'green'
+        assert h.call(h.rollback).success and h.classify('red') == 'red'
+        deadline = time.monotonic() + 5
+        while not diags and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert diags, 'no /diagnostics on the single-threaded executor'
+    finally:
+        h.close()
+    node = PerceptionNode(context=ros_context, parameter_overrides=[
+        Parameter('model_bundle', value=str(bundle_dir)), Parameter('state_dir', value=str(tmp_path / 't')),
+        Parameter('executor_threads', value=3)])
+    try:
+        assert type(make_executor(node, context=ros_context)) is MultiThreadedExecutor
+    finally:
+        node.destroy_node()
+    plain = rclpy.create_node('no_such_parameter', context=ros_context)  # e.g. the adaptation node
+    try:
+        assert type(make_executor(plain, 1, context=ros_context)) is SingleThreadedExecutor
+        assert type(make_executor(plain, 4, context=ros_context)) is MultiThreadedExecutor
+    finally:
+        plain.destroy_node()

@@ -30,11 +30,23 @@ def one_line(err: BaseException) -> str:
     return ' | '.join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
 
 
+def make_executor(node, num_threads: int = 3, context=None):
+    """The executor ``main()`` spins ``node`` on: the node's ``executor_threads`` parameter if it declares
+    one (1 = SingleThreadedExecutor), else a MultiThreadedExecutor with ``num_threads`` threads."""
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+
+    if node.has_parameter('executor_threads'):
+        num_threads = int(node.get_parameter('executor_threads').value)
+    if num_threads <= 1:
+        return SingleThreadedExecutor(context=context)
+    return MultiThreadedExecutor(num_threads=num_threads, context=context)
+
+
 def run_node(factory, name: str, num_threads: int = 3, args=None) -> int:
-    """``main()`` of a node: start-up errors give one log line and exit 1; spin on a MultiThreadedExecutor."""
+    """``main()`` of a node: start-up errors give one log line and exit 1; spin on :func:`make_executor`."""
     import rclpy
     from rclpy.exceptions import ParameterException
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
 
     from ..bundle import BundleError
     from ..engine import EngineError
@@ -47,7 +59,7 @@ def run_node(factory, name: str, num_threads: int = 3, args=None) -> int:
         rclpy.logging.get_logger(name).fatal(f'cannot start: {one_line(e)}')
         rclpy.try_shutdown()
         return 1
-    executor = MultiThreadedExecutor(num_threads=num_threads)
+    executor = make_executor(node, num_threads)
     executor.add_node(node)
     try:
         executor.spin()

@@ -57,6 +57,13 @@ PARAMETERS = {
              'The inference thread re-takes the GIL after every OpenCV / ONNX Runtime call; while the '
              'executor thread deserialises frames each re-take can wait a whole interval. 0 = leave the '
              'interpreter\'s setting.', read_only=True, float_range=(0.0, 100.0))),
+    'executor_threads': (1, dict(
+        text='Executor threads when run as its own process (perception_node main). 1 = rclpy '
+             'SingleThreadedExecutor: the lowest frame latency (rclpy\'s MultiThreadedExecutor adds ~3 ms '
+             'per 640x480 frame on 2 cores; inference has its own thread either way); a ~/reload_head '
+             'call then delays the next frame by the swap (< 1 ms). > 1 = MultiThreadedExecutor: services '
+             'and the diagnostics timer never wait behind a frame callback.', read_only=True,
+        int_range=(1, 16))),
     'use_int8': (False, dict(text='Use the bundle\'s int8 backbone if it has one.', read_only=True)),
     'use_compressed': (False, dict(text='Also subscribe image/compressed (JPEG/PNG).', read_only=True)),
     'qos_reliability': ('best_effort', dict(text='Input topic reliability (sensor-data QoS is best_effort).',
@@ -343,7 +350,7 @@ class PerceptionNode(Node):
 
 
 def main(args=None) -> int:
-    return run_node(PerceptionNode, 'perception', num_threads=3, args=args)
+    return run_node(PerceptionNode, 'perception', num_threads=3, args=args)  # executor_threads decides
 
 
 if __name__ == '__main__':
