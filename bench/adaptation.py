@@ -484,8 +484,15 @@ def run(args) -> dict:
         ['shift', 'src_only', *sources, 'oracle_head', 'oracle', 'gap_rec', 'anchor_after'],
         title=f'{NAME} (target accuracy at {n_max} frames; round {rs["round_seconds"]:.1f} s on one core)',
     )
+    plot(results, sources, n_max, args)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def plot(results: list, sources, n_max: int, args) -> None:
+    """Target accuracy per shift: source-only, adapted per label source at ``n_max`` frames, both oracles."""
     plt = common.plt()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     xs = np.arange(len(results))
     wbar = 0.8 / (len(sources) + 2)
     ax.bar(xs - 0.4 + wbar / 2, [e['source_only'] for e in results], wbar, label='source only')
@@ -506,10 +513,9 @@ def run(args) -> dict:
            label=f'oracle ({results[0]["oracle_kind"] if results else "full"})')
     ax.set_xticks(xs, [f'{e["shift"]} {e["severity"]}' for e in results])
     ax.set_ylabel('target accuracy')
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=6, frameon=False)
+    fig.tight_layout()
     common.savefig(fig, NAME, args)
-    print(f'[{NAME}] wrote {path}')
-    return data
 
 
 def parser() -> argparse.ArgumentParser:
