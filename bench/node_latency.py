@@ -23,6 +23,9 @@ NAME = 'node_latency'
 RESOLUTIONS = ((640, 480), (1280, 720))
 
 
+CONTRAST_KEYS = ('latency', 'cpu_percent', 'stamp_to_inference_start_ms')
+
+
 def session(
     kind: str,
     bundle: str,
@@ -34,6 +37,7 @@ def session(
     qos: str,
     naive_model: str = 'auto',
     dds: str = 'default',
+    executor_threads: int = 1,
 ) -> dict:
     wd = common.new_workdir(f'{NAME}_{kind}_{width}')
     np.save(wd / 'frames.npy', common.frames_for(width, height))
@@ -50,6 +54,8 @@ def session(
             f'qos_reliability:={qos}',
             '-p',
             'diagnostics_period_s:=0.5',
+            '-p',
+            f'executor_threads:={executor_threads}',
         ]
         cls_topic, node_name = '/perception/classification', 'perception'
     elif kind == 'echo':
@@ -82,6 +88,8 @@ def session(
         warmup_s=warmup,
         dds=dds,
     )
+    if kind == 'student':
+        s['executor_threads'] = executor_threads
     if kind == 'naive':
         s['naive_model'] = res['node'].get('model')
         s['naive_input_size'] = res['node'].get('input_size')
@@ -99,29 +107,39 @@ def run(args) -> dict:
     # the headline runs use config/fastdds_large_shm.xml, which the launch file sets for the nodes (the
     # default Fast DDS shared-memory segment cannot hold a 640x480 frame); one default-transport run each
     # for the student and the echo node shows why
-    if args.quick:  # code path only; 720p and the default transport in full runs
-        plan = [('student', 640, 480, 3, 1, 'large_shm'), ('naive', 640, 480, 4, 2, 'large_shm')]
+    # (kind, width, height, seconds, warm-up seconds, DDS profile, executor_threads)
+    if args.quick:  # code path only; 720p, the default transport and the executor contrast in full runs
+        plan = [('student', 640, 480, 3, 1, 'large_shm', 1), ('naive', 640, 480, 4, 2, 'large_shm', 1)]
     else:
-        plan = [('student', w, h, 20, 3, 'large_shm') for (w, h) in RESOLUTIONS]
-        plan += [('student', 640, 480, 20, 3, 'default')]
-        plan += [('echo', 640, 480, 15, 2, dds) for dds in ('large_shm', 'default')]
-        plan += [('echo', 1280, 720, 15, 2, 'large_shm')]
-        plan += [('naive', w, h, 20, 5, 'large_shm') for (w, h) in RESOLUTIONS]
+        plan = [('student', 640, 480, 20, 3, 'large_shm', 1),
+                # contrast, right after the headline run: the node on a 3-thread MultiThreadedExecutor
+                ('student', 640, 480, 20, 3, 'large_shm', 3)]
+        plan += [('student', w, h, 20, 3, 'large_shm', 1) for (w, h) in RESOLUTIONS if (w, h) != (640, 480)]
+        plan += [('student', 640, 480, 20, 3, 'default', 1)]
+        plan += [('echo', 640, 480, 15, 2, dds, 1) for dds in ('large_shm', 'default')]
+        plan += [('echo', 1280, 720, 15, 2, 'large_shm', 1)]
+        plan += [('naive', w, h, 20, 5, 'large_shm', 1) for (w, h) in RESOLUTIONS]
     runs = []
-    for kind, w, h, dur, warm, dds in plan:
+    for kind, w, h, dur, warm, dds, ex in plan:
         print(
-            f'[{NAME}] {kind} {w}x{h} @ {rate:g} Hz, DDS {dds}, for {dur} s (+{warm} s warm-up) ...',
+            f'[{NAME}] {kind} {w}x{h} @ {rate:g} Hz, DDS {dds}, for {dur} s (+{warm} s warm-up)'
+            + (f', executor_threads {ex}' if kind == 'student' else '') + ' ...',
             flush=True,
         )
-        runs.append(session(kind, str(bundle), w, h, rate, dur, warm, args.qos, args.naive_model, dds))
-    series = {f'{r["kind"]} {r["resolution"]} {r["dds"]}': r.pop('_series') for r in runs}
+        runs.append(session(kind, str(bundle), w, h, rate, dur, warm, args.qos, args.naive_model, dds, ex))
+    def label(r):
+        return f'{r["kind"]} {r["resolution"]} {r["dds"]}' + (
+            f' {r["executor_threads"]}thr' if r.get('executor_threads', 1) > 1 else '')
 
-    def pick(kind, res='640x480', dds='large_shm'):
+    series = {label(r): r.pop('_series') for r in runs}
+
+    def pick(kind, res='640x480', dds='large_shm', threads=1):
         return next(
-            (r for r in runs if r['kind'] == kind and r['resolution'] == res and r['dds'] == dds), None
+            (r for r in runs if r['kind'] == kind and r['resolution'] == res and r['dds'] == dds
+             and r.get('executor_threads', 1) == threads), None
         )
 
-    st, nv = pick('student'), pick('naive')
+    st, nv, mt = pick('student'), pick('naive'), pick('student', threads=3)
     p50, p99 = st['latency']['p50_ms'], st['latency']['p99_ms']
     nv50 = nv['latency']['p50_ms'] if nv else None
     data = {
@@ -136,6 +154,12 @@ def run(args) -> dict:
             f'{res} {dds}': (pick('echo', res, dds) or {}).get('latency')
             for res, dds in (('640x480', 'default'), ('640x480', 'large_shm'), ('1280x720', 'large_shm'))
         },
+        'executor_contrast_640': {
+            'single_threaded': {k: st.get(k) for k in CONTRAST_KEYS},
+            'multi_threaded_3': {k: mt.get(k) for k in CONTRAST_KEYS},
+            'p50_ratio_multi_over_single': mt['latency']['p50_ms'] / p50 if p50 else None,
+            'p99_ratio_multi_over_single': mt['latency']['p99_ms'] / p99 if p99 else None,
+        } if mt else None,
         'default_transport_640': {
             k: (pick('student', dds='default') or {}).get(k)
             for k in ('latency', 'published', 'node_received', 'lost_before_node')
@@ -166,13 +190,15 @@ def run(args) -> dict:
             'cpu_percent': 'node process CPU time / wall time over the measured window, 100 = one core',
             'node_infer_ms': 'Engine.infer (decode view + preprocess + ORT + head) inside the node',
             'speedup_vs_naive': 'naive_p50_ms / p50_ms (same run, same publisher, 640x480)',
+            'executor_contrast_640': 'the headline run (executor_threads 1: SingleThreadedExecutor, the '
+            'default) vs the same node with executor_threads:=3 (MultiThreadedExecutor), run right after it',
         },
     }
     path = common.write_result(NAME, data, args, t_start)
     common.print_table(
         [
             {
-                'run': f'{r["kind"]} {r["resolution"]} {r["dds"]}',
+                'run': label(r),
                 'p50_ms': r['latency']['p50_ms'],
                 'p99_ms': r['latency']['p99_ms'],
                 'out_hz': r['output_rate_hz'],
