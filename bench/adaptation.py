@@ -78,6 +78,21 @@ def acc(head, feats, labels) -> float:
     return float(np.mean(np.argmax(head.logits(feats), 1) == labels))
 
 
+def round_labels(teacher_probs, teacher_classes, student, feats, cfg):
+    """The round's teacher labels for N frames -> (class index per frame or -1, kept mask, how).
+
+    ``adapt.pseudo_labels`` as the round calls it (teacher x current-head ensemble, confidence cut),
+    keyed by frame position; returned as arrays in the student's class order.
+    """
+    from edge_tl_ros.adapt import pseudo_labels
+
+    n = len(feats)
+    labels, how = pseudo_labels(np.arange(n), teacher_probs, teacher_classes, student.head, feats, cfg)
+    cpos = {c: k for k, c in enumerate(student.class_names)}
+    lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
+    return lab, lab >= 0, how
+
+
 def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_test, teacher_probs,
                           teacher_classes, cfg, gap) -> dict | None:
     """AdaBN of the student's backbone on the pool frames, then the shipped round on its features."""
@@ -89,7 +104,7 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
         from edge_tl_ros import ttn
     except ImportError:
         return None
-    from edge_tl_ros.adapt import AdaptConfig, Adapter, pseudo_labels
+    from edge_tl_ros.adapt import AdaptConfig, Adapter
 
     stats_path = student.path('norm_stats')
     if stats_path is None:
@@ -101,7 +116,9 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
     for n in outs:
         m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
-    r = sess.run(outs, {sess.get_inputs()[0].name: x_all[pool_ix]})  # one batch: the 500 local frames
+    # the batch moments ttn_model computes for each conv output (after the earlier convs are normalised,
+    # as AdaBN needs): one batch = the 500 local frames
+    r = sess.run(outs, {sess.get_inputs()[0].name: x_all[pool_ix]})
     base = onnx.load(str(student.files['backbone']))
     init = {i.name: i for i in base.graph.initializer}
     off = np.concatenate([[0], np.cumsum(src['sizes'])])
@@ -123,10 +140,7 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
     head0 = student.head
     fp, ft = feats(x_all[pool_ix]), feats(x_all[test_ix])
     n = len(pool_ix)
-    labels, _ = pseudo_labels(np.arange(n), teacher_probs, teacher_classes, head0, fp, cfg)
-    cpos = {c: k for k, c in enumerate(student.class_names)}
-    keep = np.array([i in labels for i in range(n)])
-    lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
+    lab, keep, _ = round_labels(teacher_probs, teacher_classes, student, fp, cfg)
     rr = Adapter(student, None, AdaptConfig(label_sources=('teacher',))).run_round(
         (fp[keep], lab[keep], ['teacher'] * int(keep.sum())), head0)
     adapted = acc(rr.head, ft, y_test) if rr.head is not None else acc(head0, ft, y_test)
@@ -189,7 +203,7 @@ def round_seconds(student_root, teacher_root, images, labels, class_names, wd: P
 def run(args) -> dict:
     t_start = time.monotonic()
     try:
-        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler, pseudo_labels
+        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler
         from edge_tl_ros.headtrain import train_head
         from edge_tl_ros.shifts import apply_shift
     except ImportError as e:
@@ -293,10 +307,7 @@ def run(args) -> dict:
             # then the round's pseudo_labels (teacher x student ensemble, confidence cut) as configured
             for n in sizes:
                 tp = labeler.probs(IM(pool[:n]))
-                labels, how = pseudo_labels(np.arange(n), tp, labeler.class_names, head0, pool_f[:n], cfg)
-                keep = np.array([i in labels for i in range(n)])
-                cpos = {c: k for k, c in enumerate(student.class_names)}
-                lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
+                lab, keep, how = round_labels(tp, labeler.class_names, student, pool_f[:n], cfg)
                 t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': tp, 'how': how}
             tl = t_lab[n_max]
             teacher_acc = float(np.mean(np.argmax(tl['teacher_probs'], 1) == y_pool))

@@ -127,6 +127,7 @@ def run(args) -> dict:
             flush=True,
         )
         runs.append(session(kind, str(bundle), w, h, rate, dur, warm, args.qos, args.naive_model, dds, ex))
+
     def label(r):
         return f'{r["kind"]} {r["resolution"]} {r["dds"]}' + (
             f' {r["executor_threads"]}thr' if r.get('executor_threads', 1) > 1 else '')

@@ -146,9 +146,9 @@ def main(argv=None) -> int:
 
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
     from edge_tl_ros.nodes.params import make_executor
-    from rclpy.signals import SignalHandlerOptions
 
     rclpy.init(args=['node_runner', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     rows = a.record_rows
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
         node = NaiveNode(model=a.naive_model)
     # the student as perception_node.main runs it; the naive node as tutorials do (rclpy.spin)
-    executor = make_executor(node, 3) if a.kind == 'student' else SingleThreadedExecutor()
+    executor = make_executor(node) if a.kind == 'student' else SingleThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -708,7 +708,7 @@ def _json_default(o):
 
 
 def main(args=None) -> int:
-    return run_node(AdaptationNode, 'adaptation', num_threads=4, args=args)  # executor_threads decides
+    return run_node(AdaptationNode, 'adaptation', args=args)  # executor: its executor_threads parameter
 
 
 if __name__ == '__main__':

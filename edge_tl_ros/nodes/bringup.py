@@ -1,6 +1,6 @@
 """``edge-tl up``: the launch file's graph in one process (perception + adaptation on a
-MultiThreadedExecutor, same params YAML, same remappings). The perception node's ``executor_threads``
-applies to its own process only: in one process both nodes share the GIL, and one 4-thread executor for
+MultiThreadedExecutor, same params YAML, same remappings). The nodes' ``executor_threads`` parameters
+apply to their own processes only: in one process both nodes share the GIL, and one 4-thread executor for
 both measured lower latency in ``edge-tl demo`` (p50 2.9 / p99 8.9 ms) than a single-threaded executor for
 perception beside a multi-threaded one for adaptation (4.2 / 14.8 ms). Used where ``ros2 launch`` is not
 available (pip-installed ROS) and by the tests.

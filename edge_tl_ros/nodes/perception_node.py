@@ -350,7 +350,7 @@ class PerceptionNode(Node):
 
 
 def main(args=None) -> int:
-    return run_node(PerceptionNode, 'perception', num_threads=3, args=args)  # executor_threads decides
+    return run_node(PerceptionNode, 'perception', args=args)  # executor: its executor_threads parameter
 
 
 if __name__ == '__main__':

@@ -73,7 +73,6 @@ class OnnxModule(torch.nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.array(head.weight, np.float32)))  # a copy: heads are
             self.head.bias.copy_(torch.from_numpy(np.array(head.bias, np.float32)))  # read-only arrays
-        self.class_names = tuple(head.class_names)
 
     def _value(self, env: dict, name: str) -> torch.Tensor:
         if name in self.key:
