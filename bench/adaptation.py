@@ -41,6 +41,13 @@ student's own conv activations re-normalised to the 500 local frames' statistics
 conv weights: a backbone change, so the node would have to swap backbones, and the anchor check would
 need source images), then the same round on the new features; ``source_accuracy`` = that backbone with
 the bundle head on the unshifted test frames.
+``ceiling`` per shift (same run, the 500 local frames with their TRUE labels, no holdout): what these
+frames allow at most. ``head_true`` = the head alone; ``full_true`` = every weight (``finetune_all``,
+60 epochs, where 30 -> 60 -> 100 epochs gained +3 / +1 points); ``full_teacher`` = every weight on the
+round's kept teacher labels (what on-robot backbone training would add; not shipped).
+``gap_ceiling_*`` are their gap fractions, and ``gap_recovered_vs_full_true_n_max`` measures the round
+against ``full_true`` (an oracle restricted to the same frames) instead of the 8630-frame oracle.
+
 ``round_seconds``: ``adapt.run_round_in_subprocess`` on a FrameStore of 500 frames (teacher labelling
 included when a teacher exists), the whole process pinned to one core, 1 thread.
 
@@ -72,6 +79,7 @@ SHIFTS = (
 SIZES = (100, 250, 500)
 SOURCES = ('topic', 'teacher', 'self')
 ORACLE_EPOCHS = 15
+CEILING_EPOCHS = 60  # full fine-tuning on only N frames plateaus here (30 -> 60 -> 100 epochs: +3, +1 points)
 
 
 def acc(head, feats, labels) -> float:
@@ -91,6 +99,36 @@ def round_labels(teacher_probs, teacher_classes, student, feats, cfg):
     cpos = {c: k for k, c in enumerate(student.class_names)}
     lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
     return lab, lab >= 0, how
+
+
+def ceilings(student, feats, y_true, teacher_lab, teacher_keep, test_f, x, x_test, y_test, gap, epochs,
+             finetune_all) -> dict:
+    """What N local frames allow at most, same run: true labels for all N, head alone and all weights.
+
+    ``head_true``: the head trained on all N frames with their true labels (no holdout, no accept
+    check; the round's regularisation and anchor replay are left out too); ``full_true``: every weight
+    fine-tuned on the same frames (``finetune_all``, ``epochs``); ``full_teacher``: every weight on the
+    round's kept teacher labels instead. ``x``/``x_test`` may be None (no torch): head only.
+    """
+    from edge_tl_ros.adapt import AdaptConfig
+    from edge_tl_ros.headtrain import train_head
+
+    head = train_head(feats, y_true, student.head, l2_to_prior=AdaptConfig().l2_to_prior)
+    out = {'frames': int(len(y_true)), 'head_true': acc(head, test_f, y_test)}
+    if finetune_all is not None and x is not None:
+        t0 = time.perf_counter()
+        net = finetune_all(student.files['backbone'], student.head, x, y_true, epochs=epochs, threads=2)
+        out['full_true'] = float(np.mean(net.predict(x_test) == y_test))
+        out['full_true_seconds'] = time.perf_counter() - t0
+        if teacher_lab is not None and teacher_keep.sum() >= 2:
+            net = finetune_all(student.files['backbone'], student.head, x[teacher_keep],
+                               teacher_lab[teacher_keep], epochs=epochs, threads=2)
+            out['full_teacher'] = float(np.mean(net.predict(x_test) == y_test))
+        out['epochs'] = int(epochs)
+    for k in ('head_true', 'full_true', 'full_teacher'):
+        if k in out:
+            out[f'gap_{k}'] = gap(out[k])
+    return out
 
 
 def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_test, teacher_probs,
@@ -401,6 +439,20 @@ def run(args) -> dict:
                     student, x_all, [pos[int(i)] for i in pool[:n_max]], [pos[int(i)] for i in tst],
                     clean_test_x, y[pool[:n_max]], y[tst], t_lab[n_max]['teacher_probs'], labeler.class_names,
                     cfg, gap)
+        # the ceilings of n_max local frames, same run
+        n_max = max(sizes)
+        tl = t_lab.get(n_max)
+        entry['ceiling'] = ceilings(
+            student, pool_f[:n_max], y[pool[:n_max]],
+            tl['labels'] if tl else None, tl['keep'] if tl else None,
+            test_f, None if x_all is None else x_all[[pos[int(i)] for i in pool[:n_max]]],
+            None if x_all is None else x_all[[pos[int(i)] for i in tst]], y[tst], gap,
+            1 if quick else CEILING_EPOCHS, finetune_all)
+        c_full = entry['ceiling'].get('full_true')
+        for r in entry['runs']:
+            r['gap_recovered_vs_full_true_n_max'] = (
+                (r['adapted'] - source_only) / (c_full - source_only)
+                if c_full is not None and c_full - source_only > 1e-6 and r['frames'] == n_max else None)
         results.append(entry)
         print(
             f'[{NAME}] {shift} {sev}: source-only {source_only:.3f}, oracle {oracle:.3f} '
@@ -422,6 +474,10 @@ def run(args) -> dict:
         if r['frames'] == n_max and r['label_source'] == gap_src
         and r['gap_recovered_vs_head_oracle'] is not None
     ]
+
+    def mean_of(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
 
     def contrast_gap(key):
         gs = [e['teacher_labeller'][key]['gap_recovered'] for e in results
@@ -447,6 +503,12 @@ def run(args) -> dict:
         'gap_recovered_ttn_teacher_only': contrast_gap('ttn_only_run'),
         'gap_recovered_vs_head_oracle': float(np.mean(gaps_head)) if gaps_head else None,
         'gap_recovered_student_norm': contrast_gap('student_norm_run'),
+        'gap_ceiling_head_true': mean_of(e['ceiling'].get('gap_head_true') for e in results),
+        'gap_ceiling_full_true': mean_of(e['ceiling'].get('gap_full_true') for e in results),
+        'gap_full_teacher': mean_of(e['ceiling'].get('gap_full_teacher') for e in results),
+        'gap_recovered_vs_full_true_n_max': mean_of(
+            r['gap_recovered_vs_full_true_n_max'] for e in results for r in e['runs']
+            if r['frames'] == n_max and r['label_source'] == gap_src),
         'round_seconds': rs['round_seconds'],
         'round': rs,
         'oracle': f'full fine-tuning of the exported student (all weights; Adam 1e-3, cosine, '
@@ -473,6 +535,16 @@ def run(args) -> dict:
             'gap_recovered_plain_teacher': 'the same at 500 frames with the plain teacher alone (no '
             'test-time normalisation, no ensemble; confidence >= 0.9: the labelling before these were '
             'added), same run: teacher_labeller.plain_run per shift',
+            'gap_ceiling_head_true': f'mean over shifts of ceiling.gap_head_true: the head trained on all '
+            f'{n_max} local frames with their true labels (no holdout): what head adaptation on {n_max} '
+            'frames reaches with perfect labels',
+            'gap_ceiling_full_true': 'the same for ceiling.full_true: every weight fine-tuned on the '
+            f'{n_max} frames with their true labels: what training every weight reaches with these '
+            'frames and perfect labels (the 60 % target lies above it when it is below 0.6)',
+            'gap_full_teacher': f'the same for ceiling.full_teacher: every weight fine-tuned on the round\'s '
+            f'kept teacher labels of the {n_max} frames (not shipped: the robot trains heads only)',
+            'gap_recovered_vs_full_true_n_max': '(adapted - source_only) / (ceiling.full_true - '
+            'source_only): the round measured against the oracle restricted to the same frames',
             'gap_recovered_ttn_teacher_only': 'the same with the test-time-normalised teacher alone (no '
             'ensemble; confidence >= 0.9), same run: teacher_labeller.ttn_only_run per shift',
         },
@@ -489,10 +561,11 @@ def run(args) -> dict:
                 if r['label_source'] == gap_src:
                     row['gap_rec'] = r['gap_recovered']
                     row['anchor_after'] = r['source_anchor_after']
+        row['ceil_full'] = e['ceiling'].get('full_true')
         rows.append(row)
     common.print_table(
         rows,
-        ['shift', 'src_only', *sources, 'oracle_head', 'oracle', 'gap_rec', 'anchor_after'],
+        ['shift', 'src_only', *sources, 'ceil_full', 'oracle_head', 'oracle', 'gap_rec', 'anchor_after'],
         title=f'{NAME} (target accuracy at {n_max} frames; round {rs["round_seconds"]:.1f} s on one core)',
     )
     plot(results, sources, n_max, args)
@@ -522,9 +595,15 @@ def plot(results: list, sources, n_max: int, args) -> None:
            label='oracle (head only)')
     ax.bar(xs - 0.4 + wbar * (len(sources) + 1) + wbar_o * 1.5, [e['oracle'] for e in results], wbar_o,
            label=f'oracle ({results[0]["oracle_kind"] if results else "full"})')
+    ceil = [e.get('ceiling', {}).get('full_true') for e in results]
+    if any(c is not None for c in ceil):
+        ax.scatter([x for x, c in zip(xs, ceil) if c is not None], [c for c in ceil if c is not None],
+                   marker='_', s=900, color='k', zorder=3,
+                   label=f'all weights, true labels, {n_max} frames (ceiling)')
     ax.set_xticks(xs, [f'{e["shift"]} {e["severity"]}' for e in results])
     ax.set_ylabel('target accuracy')
-    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=6, frameon=False)
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False,
+              markerscale=0.35)
     fig.tight_layout()
     common.savefig(fig, NAME, args)
 

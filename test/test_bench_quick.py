@@ -95,3 +95,9 @@ def test_run_all_quick_writes_valid_results(tmp_path):
     assert all(r['node_processed'] > 0 for r in ov['runs'])
     sw = json.loads((out / 'swap.json').read_text())
     assert sw['swaps_ok'] == sw['swaps_requested'] > 0
+    ad = json.loads((out / 'adaptation.json').read_text())
+    if 'skipped' not in ad:  # the same-run ceilings of the local frames are there for every shift
+        for e in ad['shifts']:
+            c = e['ceiling']
+            assert c['frames'] == ad['gap_recovered_frames'] and 0.0 <= c['head_true'] <= 1.0, c
+            assert c.get('full_true') is None or 0.0 <= c['full_true'] <= 1.0, c
