@@ -57,6 +57,7 @@ class AdaptConfig:
     class_balanced: bool = True
     iters: int = 200  # L-BFGS iterations (converges far earlier on typical data)
     min_holdout: int = 3  # fewer trusted holdout frames than this: reject (cannot validate)
+    refit_after_accept: bool = True  # accepted: retrain the recipe on ALL labelled frames (holdout too)
 
     def __post_init__(self):
         self.label_sources = tuple(str(s) for s in self.label_sources)
@@ -255,7 +256,13 @@ class Adapter:
         return None, None, af, al
 
     def run_round(self, data, current_head: Head | None = None) -> RoundResult:
-        """Train a candidate head on local labelled data and decide whether to accept it (writes nothing)."""
+        """Train a candidate head on local labelled data and decide whether to accept it (writes nothing).
+
+        The candidate trains on the labelled frames minus a per-class holdout and must beat the current
+        head there by ``margin`` without losing more than ``anchor_tolerance`` on the anchor set. Once it
+        is accepted, ``refit_after_accept`` retrains the same recipe on every labelled frame and returns
+        that head (``metrics['refit']``), unless it fails the anchor check.
+        """
         t0 = time.perf_counter()
         cfg = self.config
         if current_head is None:
@@ -292,17 +299,23 @@ class Adapter:
             return done(False, 'training frames cover fewer than 2 classes')
 
         rf, rl, cf, cl = self._anchor_split()
-        X, y = ld.features[tr], ld.labels[tr]
-        w = class_weights(y, len(ld.class_names), cfg.class_balanced)
-        w = w / w.sum()
-        if rf is not None:
-            rw = class_weights(rl, len(ld.class_names), cfg.class_balanced)
-            w = np.concatenate([w, cfg.anchor_replay * rw / rw.sum()])
-            X, y = np.concatenate([X, rf]), np.concatenate([y, rl])
+
+        def fit(idx, info=None):
+            """The round's recipe on local frames ``idx`` (+ anchor replay) -> head."""
+            X, y = ld.features[idx], ld.labels[idx]
+            w = class_weights(y, len(ld.class_names), cfg.class_balanced)
+            w = w / w.sum()
+            if rf is not None:
+                rw = class_weights(rl, len(ld.class_names), cfg.class_balanced)
+                w = np.concatenate([w, cfg.anchor_replay * rw / rw.sum()])
+                X, y = np.concatenate([X, rf]), np.concatenate([y, rl])
+            return train_head(X, y, current_head, class_names=ld.class_names, l2_to_prior=cfg.l2_to_prior,
+                              class_balanced=False, iters=cfg.iters, seed=cfg.seed, sample_weight=w,
+                              info=info)
+
         info: dict = {}
         try:
-            new = train_head(X, y, current_head, class_names=ld.class_names, l2_to_prior=cfg.l2_to_prior,
-                             class_balanced=False, iters=cfg.iters, seed=cfg.seed, sample_weight=w, info=info)
+            new = fit(tr, info)
         except ValueError as e:
             return done(False, f'training failed: {e}')
         metrics['train'] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()}
@@ -327,8 +340,26 @@ class Adapter:
                                f'anchor_tolerance {cfg.anchor_tolerance:.3f}): the head would forget the '
                                'source domain', new)
         note = '' if cf is not None else ' (bundle has no anchor set: forgetting not checked)'
-        return done(True, f'holdout accuracy {h_old:.3f} -> {h_new:.3f}' + (
-            f', anchor {a_old:.3f} -> {a_new:.3f}' if cf is not None else '') + note, new)
+        reason = f'holdout accuracy {h_old:.3f} -> {h_new:.3f}' + (
+            f', anchor {a_old:.3f} -> {a_new:.3f}' if cf is not None else '') + note
+        if cfg.refit_after_accept:
+            # the recipe is validated: its head from every labelled frame (the holdout too) is the better
+            # estimate (bench.adaptation: +2.4 points of the gap at 500 frames). The anchor check still
+            # guards it; should the refit forget the source domain, the validated head is kept.
+            everything = np.arange(len(ld.labels))
+            try:
+                refit = fit(everything)
+            except ValueError as e:
+                refit, why = None, f'training failed: {e}'
+            a_ref = accuracy(refit, cf, cl) if refit is not None and cf is not None else float('nan')
+            if refit is not None and (cf is None or a_old - a_ref <= cfg.anchor_tolerance + 1e-9):
+                metrics['refit'] = {'used': True, 'n_train': int(len(everything)),
+                                    'anchor_acc': None if cf is None else round(a_ref, 4)}
+                return done(True, f'{reason}; refit on all {len(everything)} labelled frames', refit)
+            if refit is not None:
+                why = f'anchor accuracy {a_old:.3f} -> {a_ref:.3f}'
+            metrics['refit'] = {'used': False, 'why': why}
+        return done(True, reason, new)
 
     def commit(self, result: RoundResult) -> Head:
         """Write an accepted round's head as the registry's next (current) version; returns it."""

@@ -10,7 +10,7 @@ from edge_tl_ros.adapt import (AdaptConfig, Adapter, TeacherLabeler, run_round_i
                                stratified_split)
 from edge_tl_ros.bundle import HeadRegistry, load_bundle
 from edge_tl_ros.engine import Engine
-from edge_tl_ros.headtrain import accuracy, train_head
+from edge_tl_ros.headtrain import accuracy, class_weights, train_head
 from edge_tl_ros.store import FrameStore
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_features, toy_frames, toy_head
 
@@ -59,6 +59,30 @@ def test_round_on_shifted_domain_accepted_and_committed(toy, tmp_path):
     with pytest.raises(ValueError):
         ad.commit(r2)
     assert reg.current_version == 1
+
+
+def test_accepted_round_refits_on_every_labelled_frame(toy):
+    _, X, y = shifted(4, 90)
+    data = (X, names(y), ['topic'] * len(y))
+    on = Adapter(toy, None, AdaptConfig(anchor_tolerance=0.1)).run_round(data, toy.head)
+    off = Adapter(toy, None, AdaptConfig(anchor_tolerance=0.1, refit_after_accept=False)).run_round(
+        data, toy.head)
+    assert on.accepted and off.accepted, (on.reason, off.reason)
+    assert 'refit' not in off.metrics and 'refit on all 90 labelled frames' in on.reason
+    assert on.metrics['refit']['used'] and on.metrics['refit']['n_train'] == 90
+    # the validation is the same (holdout figures of the held-out candidate); the returned head is the
+    # round's recipe on all 90 frames (+ the same anchor replay), not the 63-frame candidate
+    for k in ('n_train', 'n_holdout', 'holdout_acc_old', 'holdout_acc_new', 'anchor_acc_new'):
+        assert on.metrics[k] == off.metrics[k], k
+    ad = Adapter(toy, None, AdaptConfig())
+    rf, rl, _, _ = ad._anchor_split()
+    w = class_weights(y, 3, True)
+    rw = class_weights(rl, 3, True)
+    want = train_head(np.concatenate([X, rf]), np.concatenate([y, rl]), toy.head, l2_to_prior=0.01,
+                      class_balanced=False, sample_weight=np.concatenate([w / w.sum(), 0.5 * rw / rw.sum()]))
+    np.testing.assert_allclose(on.head.weight, want.weight, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(on.head.weight, off.head.weight, atol=1e-4)
+    assert on.metrics['refit']['anchor_acc'] >= on.metrics['anchor_acc_old'] - 0.1
 
 
 @pytest.mark.parametrize('case', ['no_replay_forgets_anchor', 'mislabeled', 'huge_margin', 'no_gain',

@@ -111,6 +111,9 @@ PARAMETERS = {
     'l2_to_prior': (0.01, dict(text='Regularisation of the new head toward the current one.',
                                float_range=(0.0, 1e9))),
     'allow_new_classes': (False, dict(text='Labels naming classes the head does not know add classes.')),
+    'refit_after_accept': (True, dict(text='Once a round\'s head is accepted, retrain it the same way on '
+                                           'every labelled frame, the holdout included (kept only if it '
+                                           'passes the anchor check too).')),
     'train_threads': (1, dict(text='BLAS / ONNX Runtime threads of the training process.',
                               int_range=(1, 64))),
     'nice_level': (10, dict(text='Niceness added to the training process (0-19).', int_range=(0, 19))),
@@ -138,7 +141,8 @@ PARAMETERS = {
 # parameter -> AdaptConfig field
 _CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
                   'label_sources', 'self_label_threshold', 'teacher_min_confidence', 'allow_new_classes',
-                  'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size', 'teacher_student_ensemble')
+                  'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size', 'teacher_student_ensemble',
+                  'refit_after_accept')
 
 
 class AdaptationNode(Node):
