@@ -16,10 +16,12 @@ on N local frames labelled by one source:
 - ``topic``: the true labels (a label topic);
 - ``teacher``: pseudo-labels made as the round makes them: ``adapt.TeacherLabeler`` on
   models/gtsrb_teacher (test-time normalisation over batches of the round's own N frames), then
-  ``adapt.pseudo_labels`` (teacher x student ensemble with the bundle head, kept where its confidence
+  ``adapt.pseudo_labels`` (teacher x student ensemble, the student side being the bundle's student
+  re-normalised the same way over the N frames, ``student_test_time_norm``; kept where its confidence
   >= ``AdaptConfig.teacher_min_confidence``), all with the shipped config; ``teacher_labeller`` beside
-  it holds two contrasts from the same run at 500 frames: the plain teacher alone and the normalised
-  teacher alone (confidence >= 0.9 each);
+  it holds contrasts from the same run at 500 frames: the plain teacher alone and the normalised
+  teacher alone (confidence >= 0.9 each), and the ensemble with the current head on the stored
+  features as its student side (``current_head_student_run``, the labelling before);
 - ``self``: the student's own top-1 where its confidence >= ``AdaptConfig.self_label_threshold``
   (the round refuses to validate on self labels, so they are passed to it as trusted labels here and
   its accept decision is reported as None: this measures what training on them does).
@@ -86,16 +88,18 @@ def acc(head, feats, labels) -> float:
     return float(np.mean(np.argmax(head.logits(feats), 1) == labels))
 
 
-def round_labels(teacher_probs, teacher_classes, student, feats, cfg):
+def round_labels(teacher_probs, teacher_classes, student, feats, cfg, p_student=None):
     """The round's teacher labels for N frames -> (class index per frame or -1, kept mask, how).
 
-    ``adapt.pseudo_labels`` as the round calls it (teacher x current-head ensemble, confidence cut),
-    keyed by frame position; returned as arrays in the student's class order.
+    ``adapt.pseudo_labels`` as the round calls it (teacher x student ensemble, confidence cut; the
+    student side ``p_student`` when given, else the current head on ``feats``), keyed by frame
+    position; returned as arrays in the student's class order.
     """
     from edge_tl_ros.adapt import pseudo_labels
 
     n = len(feats)
-    labels, how = pseudo_labels(np.arange(n), teacher_probs, teacher_classes, student.head, feats, cfg)
+    labels, how = pseudo_labels(np.arange(n), teacher_probs, teacher_classes, student.head, feats, cfg,
+                                p_student=p_student)
     cpos = {c: k for k, c in enumerate(student.class_names)}
     lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
     return lab, lab >= 0, how
@@ -268,13 +272,17 @@ def run(args) -> dict:
             args,
             t_start,
         )
-    teacher_eng, teacher_note, labeler = None, None, None
+    teacher_eng, teacher_note, labeler, s_labeler = None, None, None, None
     cfg = AdaptConfig()
     try:
         teacher_eng = Engine(load_bundle(args.teacher), 'feature_extractor', num_threads=2)
         labeler = TeacherLabeler(args.teacher, num_threads=2, test_time_norm=cfg.teacher_test_time_norm,
                                  ttn_batch_size=cfg.teacher_batch_size)
         teacher_note = labeler.note
+        # the student side of the round's labelling ensemble (adapt.student_norm_probs)
+        s_labeler = (TeacherLabeler(args.student, num_threads=2, test_time_norm=True,
+                                    ttn_batch_size=cfg.teacher_batch_size)
+                     if cfg.teacher_student_ensemble and cfg.student_test_time_norm else None)
     except BundleError as e:
         teacher_note = f'teacher absent ({e}): teacher label source skipped'
         print(f'[{NAME}] {teacher_note}')
@@ -345,7 +353,11 @@ def run(args) -> dict:
             # then the round's pseudo_labels (teacher x student ensemble, confidence cut) as configured
             for n in sizes:
                 tp = labeler.probs(IM(pool[:n]))
-                lab, keep, how = round_labels(tp, labeler.class_names, student, pool_f[:n], cfg)
+                ps = None
+                if s_labeler is not None and s_labeler.mode == 'test_time_norm':
+                    ps = s_labeler.probs(IM(pool[:n]))
+                    ps = ps if s_labeler.last_mode == 'test_time_norm' else None
+                lab, keep, how = round_labels(tp, labeler.class_names, student, pool_f[:n], cfg, p_student=ps)
                 t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': tp, 'how': how}
             tl = t_lab[n_max]
             teacher_acc = float(np.mean(np.argmax(tl['teacher_probs'], 1) == y_pool))
@@ -355,6 +367,7 @@ def run(args) -> dict:
             teacher_info = {
                 'mode': labeler.mode,
                 'ensemble': tl['how']['ensemble'],
+                'student_side': tl['how'].get('student'),
                 'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool)),
             }
         else:
@@ -434,6 +447,17 @@ def run(args) -> dict:
                     'adapted': adapted, 'accepted': bool(r.accepted),
                     'gap_recovered': gap(adapted),
                 }
+            # the labelling before student_test_time_norm: the current head on the stored features as the
+            # student side of the ensemble
+            lab, keep, _ = round_labels(t_lab[n_max]['teacher_probs'], labeler.class_names, student,
+                                        pool_f[:n_max], cfg)
+            r = Adapter(student, None, AdaptConfig(label_sources=('teacher',))).run_round(
+                (pool_f[:n_max][keep], lab[keep], ['teacher'] * int(keep.sum())), head0)
+            adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
+            teacher_info['current_head_student_run'] = {
+                'frames': n_max, 'labelled': int(keep.sum()),
+                'label_accuracy': float(np.mean(lab[keep] == y_pool[keep])) if keep.any() else None,
+                'adapted': adapted, 'accepted': bool(r.accepted), 'gap_recovered': gap(adapted)}
             if x_all is not None:  # the next step, measured: AdaBN of the student's own backbone
                 teacher_info['student_norm_run'] = student_norm_contrast(
                     student, x_all, [pos[int(i)] for i in pool[:n_max]], [pos[int(i)] for i in tst],
@@ -503,6 +527,7 @@ def run(args) -> dict:
         'gap_recovered_ttn_teacher_only': contrast_gap('ttn_only_run'),
         'gap_recovered_vs_head_oracle': float(np.mean(gaps_head)) if gaps_head else None,
         'gap_recovered_student_norm': contrast_gap('student_norm_run'),
+        'gap_recovered_current_head_student': contrast_gap('current_head_student_run'),
         'gap_ceiling_head_true': mean_of(e['ceiling'].get('gap_head_true') for e in results),
         'gap_ceiling_full_true': mean_of(e['ceiling'].get('gap_full_true') for e in results),
         'gap_full_teacher': mean_of(e['ceiling'].get('gap_full_teacher') for e in results),
@@ -545,6 +570,9 @@ def run(args) -> dict:
             f'kept teacher labels of the {n_max} frames (not shipped: the robot trains heads only)',
             'gap_recovered_vs_full_true_n_max': '(adapted - source_only) / (ceiling.full_true - '
             'source_only): the round measured against the oracle restricted to the same frames',
+            'gap_recovered_current_head_student': 'the same with the labelling before '
+            'student_test_time_norm: the current head on the stored features is the student side of the '
+            'ensemble, same run: teacher_labeller.current_head_student_run per shift',
             'gap_recovered_ttn_teacher_only': 'the same with the test-time-normalised teacher alone (no '
             'ensemble; confidence >= 0.9), same run: teacher_labeller.ttn_only_run per shift',
         },

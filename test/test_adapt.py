@@ -322,6 +322,55 @@ def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_pa
     assert np.mean([want[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)]) > 0.8
 
 
+def test_subprocess_round_student_side_is_the_renormalised_student(tmp_path):
+    """student_test_time_norm: the ensemble's student side is the bundle's student re-normalised to the
+    stored frames (as the teacher is), computed in the round process exactly as in-process; without
+    norm stats in the student bundle, or switched off, the current head on the stored features."""
+    from edge_tl_ros.adapt import ensemble_probs, pseudo_labels
+    from edge_tl_ros.engine import softmax
+    from edge_tl_ros.ttn import add_to_bundle
+
+    src = toy_frames(np.random.default_rng(3), 200)[0]
+    student_root = make_toy_bundle(tmp_path / 'student', name='student', conv=True)
+    add_to_bundle(student_root, src, threads=1, source='toy frames')
+    student = load_bundle(student_root)
+    _, X, y = shifted(9, 200)
+    teacher = make_toy_bundle(tmp_path / 'teacher', head=train_head(X, y, toy_head(), l2_to_prior=1e-3),
+                              name='teacher', with_full=False, conv=True)
+    add_to_bundle(teacher, src, threads=1, source='toy frames')
+    st, _ = _fill_store(student, tmp_path / 'store', 80, 10, label=False)
+    cfg = AdaptConfig(label_sources=('teacher',), teacher_min_confidence=0.9, teacher_batch_size=32,
+                      anchor_tolerance=0.1)
+    # in-process: teacher and student, both re-normalised over the same stored crops
+    t_stamps, p_t = TeacherLabeler(teacher, test_time_norm=True, ttn_batch_size=32).store_probs(st)
+    s_lab = TeacherLabeler(student_root, test_time_norm=True, ttn_batch_size=32)
+    s_stamps, p_s = s_lab.store_probs(st, stamps=t_stamps)
+    assert s_lab.last_mode == 'test_time_norm' and np.array_equal(s_stamps, t_stamps)
+    arr = st.entries()
+    feats = arr.features[[list(arr.stamps).index(int(s)) for s in t_stamps]]
+    # the toy shift moves colours: re-normalised, the student's probabilities differ from its plain ones
+    assert np.abs(p_s - softmax(student.head.logits(feats))).max() > 0.05
+    want, _ = pseudo_labels(t_stamps, p_t, TOY_CLASSES, student.head, feats, cfg, p_student=p_s)
+    ens = ensemble_probs(p_t, p_s)
+    assert want == {int(s): TOY_CLASSES[int(np.argmax(p))] for s, p in zip(t_stamps, ens) if p.max() >= 0.9}
+
+    r = run_round_in_subprocess(student_root, tmp_path / 'state', st.root, cfg, teacher_bundle=teacher)
+    assert r.metrics['teacher']['ensemble'] and r.metrics['teacher']['student'] == 'test_time_norm', r.metrics
+    assert r.teacher_labels == want and len(want) > 40
+    # switched off: the current head on the stored features
+    off = run_round_in_subprocess(student_root, tmp_path / 'state', st.root,
+                                  AdaptConfig(**{**vars(cfg), 'student_test_time_norm': False}),
+                                  teacher_bundle=teacher)
+    assert off.metrics['teacher']['student'] == 'current_head'
+    plain, _ = pseudo_labels(t_stamps, p_t, TOY_CLASSES, student.head, feats, cfg)
+    assert off.teacher_labels == plain and plain != want  # the student side moved the confidence cut
+    # a student bundle without norm stats: the current head, and why
+    bare = make_toy_bundle(tmp_path / 'bare', name='bare', conv=True)
+    r3 = run_round_in_subprocess(bare, tmp_path / 'state_bare', st.root, cfg, teacher_bundle=teacher)
+    assert r3.metrics['teacher']['student'] == 'current_head'
+    assert 'norm_stats' in r3.metrics['teacher']['student_note'], r3.metrics['teacher']
+
+
 def test_teacher_student_ensemble_labels(toy):
     """Geometric mean of teacher and head probabilities: agreement is confident, disagreement is not."""
     from edge_tl_ros.adapt import ensemble_probs, pseudo_labels

@@ -89,6 +89,10 @@ PARAMETERS = {
     'teacher_student_ensemble': (True, dict(
         text='Pseudo-label with the geometric mean of teacher and current head probabilities (they err '
              'differently under a shift) instead of the teacher alone.')),
+    'student_test_time_norm': (True, dict(
+        text='The student side of that ensemble is the bundle\'s own student re-normalised to batches of '
+             'stored robot frames, like the teacher (needs norm_stats.npz in the model bundle; only labels '
+             'use it, the deployed backbone is unchanged); false: the current head on the stored features.')),
     'teacher_test_time_norm': (True, dict(text='The teacher normalises its activations with statistics of '
                                                'batches of stored robot frames (needs norm_stats.npz in the '
                                                'teacher bundle): far better labels under a domain shift.')),
@@ -142,7 +146,7 @@ PARAMETERS = {
 _CONFIG_FIELDS = ('min_labelled', 'holdout_fraction', 'margin', 'anchor_tolerance', 'l2_to_prior',
                   'label_sources', 'self_label_threshold', 'teacher_min_confidence', 'allow_new_classes',
                   'anchor_replay', 'teacher_test_time_norm', 'teacher_batch_size', 'teacher_student_ensemble',
-                  'refit_after_accept')
+                  'refit_after_accept', 'student_test_time_norm')
 
 
 class AdaptationNode(Node):
