@@ -293,6 +293,7 @@ def run(args) -> dict:
     quick = args.quick
     shifts = (('fog', 3),) if quick else SHIFTS
     sizes = (100,) if quick else SIZES
+    n_max = max(sizes)
     n_pool, n_test = (500, 600) if quick else (2500, 4000)
     perm = np.random.default_rng(0).permutation(len(test))
     if quick:
@@ -345,7 +346,6 @@ def run(args) -> dict:
         pool_f = F(pool)
         t_lab, teacher_info = {}, None
         if teacher_eng is not None:
-            n_max = max(sizes)
             y_pool = y[pool[:n_max]]
             plain = teacher_eng.predict_batch(IM(pool[:n_max]), 'rgb')
             # the node's labeller (test-time normalisation as configured), run on the first n frames
@@ -464,7 +464,6 @@ def run(args) -> dict:
                     clean_test_x, y[pool[:n_max]], y[tst], t_lab[n_max]['teacher_probs'], labeler.class_names,
                     cfg, gap)
         # the ceilings of n_max local frames, same run
-        n_max = max(sizes)
         tl = t_lab.get(n_max)
         entry['ceiling'] = ceilings(
             student, pool_f[:n_max], y[pool[:n_max]],
@@ -484,7 +483,6 @@ def run(args) -> dict:
             flush=True,
         )
     gap_src = 'teacher' if teacher_eng is not None else 'topic'
-    n_max = max(sizes)
     gaps = [
         r['gap_recovered']
         for e in results

@@ -75,11 +75,13 @@ def test_accepted_round_refits_on_every_labelled_frame(toy):
     for k in ('n_train', 'n_holdout', 'holdout_acc_old', 'holdout_acc_new', 'anchor_acc_new'):
         assert on.metrics[k] == off.metrics[k], k
     ad = Adapter(toy, None, AdaptConfig())
+    c = ad.config
     rf, rl, _, _ = ad._anchor_split()
-    w = class_weights(y, 3, True)
-    rw = class_weights(rl, 3, True)
-    want = train_head(np.concatenate([X, rf]), np.concatenate([y, rl]), toy.head, l2_to_prior=0.01,
-                      class_balanced=False, sample_weight=np.concatenate([w / w.sum(), 0.5 * rw / rw.sum()]))
+    w = class_weights(y, 3, c.class_balanced)
+    rw = class_weights(rl, 3, c.class_balanced)
+    want = train_head(np.concatenate([X, rf]), np.concatenate([y, rl]), toy.head, l2_to_prior=c.l2_to_prior,
+                      class_balanced=False,
+                      sample_weight=np.concatenate([w / w.sum(), c.anchor_replay * rw / rw.sum()]))
     np.testing.assert_allclose(on.head.weight, want.weight, rtol=1e-4, atol=1e-5)
     assert not np.allclose(on.head.weight, off.head.weight, atol=1e-4)
     assert on.metrics['refit']['anchor_acc'] >= on.metrics['anchor_acc_old'] - 0.1
