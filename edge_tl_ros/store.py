@@ -1,32 +1,63 @@
 """The adaptation node's on-disk frame store: small crops + cached features + labels, crash-safe.
 
-Layout: ``<root>/f_<stamp_ns:020d>.npz``, one file per entry, keyed by the frame's header stamp (ns).
-Each file is an uncompressed npz (no pickle) written with :func:`~edge_tl_ros.atomic.atomic_write_bytes`
-(unique temp file + fsync + rename), so a reader -- this process after a crash, or a second process --
-only ever sees complete entries. An entry holds four arrays (few arrays = fast scans):
+Layout: ``<root>/f_<stamp_ns:020d>.npz``, one file per entry, keyed by the frame's header stamp (ns),
+plus the marker ``<root>/.edge_tl_store`` (JSON ``{"format": 1, ...}``). Each entry is an uncompressed npz
+(no pickle) written with :func:`~edge_tl_ros.atomic.atomic_write_bytes` (temp file
+``.f_<stamp:020d>.npz.<random>.tmp`` + fsync + rename), so a reader -- this process after a crash, or a
+second process -- only ever sees complete entries. An entry holds four arrays (few arrays = fast scans):
 
     meta        uint8 [J]    UTF-8 JSON: stamp (the frame's header stamp in ns, the key labels refer to),
                              created (wall-clock write time, for age eviction), label (class name,
                              '' = unlabelled), source ('' | 'topic' | 'teacher' | 'self'), top, conf
-    features    float32 [D]  the student backbone's features of the frame
-    probs       float32 [C]  the student's class probabilities
+    features    float32 [D]  the student backbone's features of the frame (finite)
+    probs       float32 [C]  the student's class probabilities (finite)
     crop        uint8 [K]    PNG bytes of a small RGB crop (cv2.imencode)
 
+Stamps: valid stamps are integers in ``[0, 2**63)`` (:func:`valid_stamp`; every ROS time with sec >= 0
+is one); :func:`stamp_to_ns` never raises for integers and returns what the header says, valid or not.
+
+The store owns its directory and touches nothing it did not write:
+
+- A writable store opens a directory with a valid marker as its own. Without one (or with an unreadable
+  one) the directory is claimed -- the marker written -- only when it is empty or holds nothing but
+  regular files named like entries and temp files (a store of an older version); anything else raises
+  :class:`StoreError` and nothing is deleted. A marker of a newer format also raises. ``readonly=True``
+  accepts any directory (no marker needed) and never writes or deletes.
+- Only regular files named exactly like entries (20 digits, a valid stamp) are entries; only regular
+  files named exactly like the store's temp files (entries' or the marker's) are temps. Everything else
+  -- other names, symlinks, FIFOs, sockets, directories -- is never opened, followed or deleted, and is
+  counted in :attr:`FrameStore.skipped` ('foreign', 'not_regular') at each scan. Entries are opened
+  with O_NOFOLLOW | O_NONBLOCK and checked with fstat; files larger than ``max(max_bytes, 64 MiB)`` are
+  not read ('too_large'); the npy members are parsed with bounded reads (no np.load).
+
 Bounds (count, bytes, age) hold at all times: room is made (oldest ``created`` first) *before* a new
-file is written. A write that fails with OSError (ENOSPC, EFBIG, EDQUOT, EIO) drops that entry, is
-counted in :attr:`FrameStore.dropped`, and leaves nothing behind. At start-up every entry is validated;
-truncated or corrupt ones are removed and counted in :attr:`FrameStore.corrupt_removed`, and stale
-temp files of crashed writers are deleted. Nothing in the store is ever published.
+file is written. :meth:`FrameStore.add` validates its input once, here: an invalid stamp, non-finite
+features/probs, features of the wrong size (``feature_size``), a bad label, image or time drop the entry,
+and so does a write that fails with OSError (ENOSPC, EFBIG, EDQUOT, EIO); every drop is counted in
+:attr:`FrameStore.dropped` and, by reason, in ``dropped_by_errno`` (``stats()['dropped_by_reason']``),
+and leaves nothing behind. At start-up every entry (meta types, array dtypes/shapes, finiteness) is
+validated; truncated, corrupt or non-finite ones are removed and counted in
+:attr:`FrameStore.corrupt_removed`, and stale temp files of crashed writers are deleted. Entries that
+turn bad later (another writer, a read-only store) are skipped by :meth:`FrameStore.entries` and counted
+in :attr:`FrameStore.skipped_non_finite` (non-finite arrays) -- one bad entry never poisons a round.
+:meth:`FrameStore.wipe` deletes entries and temps only (never the marker or foreign files);
+:meth:`FrameStore.remaining_entries` says how many entries are still on disk. Nothing in the store is
+ever published.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
+import math
 import os
 import re
+import stat
+import struct
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +69,24 @@ from .atomic import atomic_write_bytes, npz_bytes
 LABEL_SOURCES = ('topic', 'teacher', 'self')
 # a label from a more trusted source is never overwritten by a less trusted one
 SOURCE_RANK = {'': 0, 'self': 1, 'teacher': 2, 'topic': 3}
-_NAME = re.compile(r'^f_(\d{1,20})\.npz$')
+MARKER = '.edge_tl_store'
+FORMAT = 1  # the marker's format version
+STAMP_LIMIT = 1 << 63  # stamps are in [0, STAMP_LIMIT): int64 ns, 20 decimal digits at most
+READ_LIMIT = 64 << 20  # entries larger than max(max_bytes, READ_LIMIT) are never read
+MAX_META_BYTES = 1 << 16
+MAX_LABEL_CHARS = 1024
+MAX_CROP_SIDE = 4096  # crops whose PNG header claims more pixels per side are not decoded
+_NAME = re.compile(r'^f_(\d{20})\.npz$')
+_TMP = re.compile(r'^\.(f_\d{20}\.npz|' + re.escape(MARKER) + r')\.[A-Za-z0-9_]+\.tmp$')
 _REQUIRED = ('meta', 'features', 'probs', 'crop')
 _META_KEYS = ('stamp', 'created', 'label', 'source', 'top', 'conf')
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
 STALE_TMP_S = 60.0  # temp files older than this at start-up belong to a crashed writer
+
+
+class StoreError(ValueError):
+    """The store directory cannot be used (it holds files the store did not write, is not a directory,
+    or was written by a newer format)."""
 
 
 @dataclass
@@ -71,37 +116,103 @@ class StoreArrays:
 
 
 def stamp_to_ns(sec: int, nanosec: int) -> int:
+    """A header stamp (builtin_interfaces/Time: int32 sec, uint32 nanosec) in ns, ``sec * 1e9 + nanosec``:
+    a nanosec of 1e9 or more carries into the seconds. Never raises for integers; the result may be
+    invalid (negative sec): check it with :func:`valid_stamp` (the store's ``add`` drops such frames)."""
     return int(sec) * 1_000_000_000 + int(nanosec)
+
+
+def valid_stamp(ns) -> bool:
+    """True for an integer stamp (ns) the store can key an entry by: ``0 <= ns < 2**63``."""
+    return _stamp(ns) is not None
+
+
+def _stamp(x) -> int | None:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        return None
+    x = int(x)
+    return x if 0 <= x < STAMP_LIMIT else None
+
+
+def _entry_stamp(name: str) -> int | None:
+    """The stamp of an entry file name (exactly the name the store writes), else None."""
+    m = _NAME.match(name)
+    return _stamp(int(m.group(1))) if m else None
+
+
+def _listdir(root: Path) -> list[tuple[str, os.stat_result | None]]:
+    """(name, lstat) of everything in ``root`` (lstat None: vanished); [] if ``root`` does not exist."""
+    out = []
+    try:
+        with os.scandir(root) as it:
+            for e in it:
+                try:
+                    out.append((e.name, e.stat(follow_symlinks=False)))
+                except OSError:
+                    out.append((e.name, None))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return out
+
+
+def _regular(st: os.stat_result | None) -> bool:
+    return st is not None and stat.S_ISREG(st.st_mode)
 
 
 class FrameStore:
     """A bounded, crash-safe store of frames for on-robot adaptation (thread-safe within a process).
 
     ``max_age_s <= 0`` disables age eviction. ``crop_size`` is the (height, width) crops are stored at.
+    ``feature_size`` (optional) is the only features size :meth:`add` accepts.
     ``readonly=True`` opens an existing store for reading only (a round's worker process): nothing is
-    deleted, evicted or written, and the start-up scan only lists files (corrupt entries are skipped
-    when :meth:`entries` reads them).
+    deleted, evicted or written (no marker needed), and the start-up scan only lists files (bad entries
+    are skipped when :meth:`entries` reads them).
     A second process may write into the same directory (unique temp names, atomic renames); this
     instance sees its entries after :meth:`rescan`, and the caps apply to the entries it knows.
+    Raises :class:`StoreError` for a directory it must not own (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike, max_entries: int = 2000, max_bytes: int = 64 << 20,
-                 max_age_s: float = 0.0, crop_size: tuple[int, int] = (32, 32), readonly: bool = False):
+                 max_age_s: float = 0.0, crop_size: tuple[int, int] = (32, 32), readonly: bool = False,
+                 feature_size: int | None = None):
         self.root = Path(root).expanduser()
         self.readonly = readonly
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.feature_size = None if feature_size is None else int(feature_size)
         self._lock = threading.RLock()
         self._index: dict[int, _Meta] = {}
-        self.dropped = 0  # entries not written (disk full, too large, I/O errors)
-        self.dropped_by_errno: dict[str, int] = {}
+        self.dropped = 0  # entries not written (bad input, disk full, too large, I/O errors)
+        self.dropped_by_errno: dict[str, int] = {}  # by reason: errno name or 'bad_stamp', 'non_finite', ..
         self.corrupt_removed = 0
         self.evicted = 0
         self.label_errors = 0  # label rewrites that failed (the entry keeps its previous label)
+        self.skipped: dict[str, int] = {}  # files the last scan left alone, by reason
+        self._non_finite: set[int] = set()  # stamps of stored entries entries() skipped (non-finite)
         self.last_error: str | None = None
         self.set_caps(max_entries, max_bytes, max_age_s)
         if not readonly:
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise StoreError(f'store_dir {self.root} is not a directory') from None
+            self._claim()
         self.rescan()
+
+    # -- ownership -------------------------------------------------------------------------------------
+    def _claim(self) -> None:
+        """Own the directory: a valid marker, or nothing but the store's own files (then mark it)."""
+        if _marker_format(self.root / MARKER) == FORMAT:
+            return
+        foreign = sorted(n for n, st in _listdir(self.root)
+                         if st is not None and not (_regular(st) and _own_name(n)))
+        if foreign:
+            raise StoreError(f'store_dir {self.root} holds files the frame store did not write '
+                             f'(e.g. {", ".join(foreign[:3])}); choose an empty or dedicated directory')
+        try:
+            atomic_write_bytes(self.root / MARKER, json.dumps(
+                {'format': FORMAT, 'written_by': 'edge_tl_ros.store.FrameStore'}).encode())
+        except OSError as e:  # e.g. a read-only file system: the directory checked out, use it unmarked
+            self.last_error = f'cannot write the store marker: {e}'
 
     # -- configuration ---------------------------------------------------------------------------------
     def set_caps(self, max_entries: int | None = None, max_bytes: int | None = None,
@@ -121,56 +232,48 @@ class FrameStore:
             if self._index and not self.readonly:
                 self._make_room(0, 0)
 
+    @property
+    def read_limit(self) -> int:
+        """Entry files larger than this are never read."""
+        return max(self.max_bytes, READ_LIMIT)
+
     # -- start-up / rescan -----------------------------------------------------------------------------
     def rescan(self) -> None:
         """(Re)build the index from disk: validate every entry, drop corrupt ones, evict to the caps."""
         with self._lock:
             index: dict[int, _Meta] = {}
-            if self.root.is_dir():
-                now = time.time()
-                for p in self.root.iterdir():
-                    name = p.name
-                    if name.startswith('.') and name.endswith('.tmp'):
-                        if not self.readonly:
-                            try:
-                                if now - p.stat().st_mtime > STALE_TMP_S:
-                                    p.unlink()
-                            except OSError:
-                                pass
-                        continue
-                    m = _NAME.match(name)
-                    if not m:
-                        continue
-                    if self.readonly:  # a round's worker: entries() validates what it reads
-                        try:
-                            index[int(m.group(1))] = _Meta(p, p.stat().st_size, 0.0, None, None)
-                        except OSError:
-                            pass
-                        continue
-                    meta = self._read_meta(p, int(m.group(1)))
-                    if meta is None:
-                        self.corrupt_removed += 1
-                        if not self.readonly:
-                            try:
-                                p.unlink()
-                            except OSError:
-                                pass
-                        continue
-                    index[int(m.group(1))] = meta
-            self._index = index
+            skipped: dict[str, int] = {}
+            now = time.time()
+            for name, st in _listdir(self.root):
+                if st is None or name == MARKER:
+                    continue
+                stamp = _entry_stamp(name)
+                why = ('foreign' if stamp is None and not _TMP.match(name) else
+                       'not_regular' if not _regular(st) else
+                       'too_large' if stamp is not None and st.st_size > self.read_limit else None)
+                if why is not None:
+                    skipped[why] = skipped.get(why, 0) + 1
+                    continue
+                path = self.root / name
+                if stamp is None:  # one of our temp files
+                    if not self.readonly and now - st.st_mtime > STALE_TMP_S:
+                        _unlink(path)
+                    continue
+                if self.readonly:  # a round's worker: entries() validates what it reads
+                    index[stamp] = _Meta(path, st.st_size, 0.0, None, None)
+                    continue
+                z, why = _load(path, ('meta', 'features', 'probs'), self.read_limit, stamp)
+                if z is not None:
+                    m = z['meta']
+                    index[stamp] = _Meta(path, st.st_size, float(m['created']), m['label'], m['source'])
+                elif why in ('corrupt', 'non_finite'):  # ours (the directory is owned) and unusable
+                    self.corrupt_removed += 1
+                    _unlink(path)
+                elif why != 'vanished':
+                    skipped[why] = skipped.get(why, 0) + 1
+            self._index, self.skipped = index, skipped
             if not self.readonly:
                 self._make_room(0, 0)
-
-    @staticmethod
-    def _read_meta(path: Path, stamp: int) -> _Meta | None:
-        z = _read(path, ('meta',))
-        if z is None or z['meta']['stamp'] != stamp:
-            return None
-        m = z['meta']
-        try:
-            return _Meta(path, path.stat().st_size, float(m['created']), str(m['label']), str(m['source']))
-        except OSError:
-            return None
 
     # -- bounds ----------------------------------------------------------------------------------------
     @property
@@ -182,9 +285,9 @@ class FrameStore:
         with self._lock:
             return len(self._index)
 
-    def __contains__(self, stamp: int) -> bool:
+    def __contains__(self, stamp) -> bool:
         with self._lock:
-            return int(stamp) in self._index
+            return _stamp(stamp) in self._index
 
     def _remove(self, stamp: int) -> None:
         meta = self._index.pop(stamp, None)
@@ -235,20 +338,46 @@ class FrameStore:
 
     def add(self, stamp_ns: int, image_rgb: np.ndarray, features: np.ndarray, probs: np.ndarray,
             label: str | None = None, source: str = '', created: float | None = None) -> bool:
-        """Store one frame (replacing an entry with the same stamp). Returns False if it was dropped."""
+        """Store one frame (replacing an entry with the same stamp). Returns False if it was dropped
+        (bad input or a failed write; counted by reason, see the module docstring)."""
         if self.readonly:
             raise PermissionError('store opened read-only')
-        stamp_ns = int(stamp_ns)
         if label and source not in LABEL_SOURCES:
             raise ValueError(f'label source must be one of {LABEL_SOURCES}, got {source!r}')
-        probs = np.asarray(probs, np.float32).reshape(-1)
-        created = time.time() if created is None else float(created)
+        stamp = _stamp(stamp_ns)
+        if stamp is None:
+            return self._refuse('bad_stamp', f'stamp {stamp_ns!r} is not an integer in [0, 2**63)')
+        try:
+            with np.errstate(over='ignore', invalid='ignore'):  # out-of-range values become inf: refused
+                feats = np.asarray(features, np.float32).reshape(-1)
+                probs = np.asarray(probs, np.float32).reshape(-1)
+        except (TypeError, ValueError) as e:
+            return self._refuse('bad_shape', f'features/probs are not numeric arrays ({e})')
+        if not feats.size or (self.feature_size is not None and feats.size != self.feature_size):
+            return self._refuse('bad_shape', f'{feats.size} features, expected {self.feature_size or ">0"}')
+        if not (np.isfinite(feats).all() and np.isfinite(probs).all()):
+            return self._refuse('non_finite', f'stamp {stamp}: features or probs hold NaN/Inf')
+        if label is not None and (not isinstance(label, str) or len(label) > MAX_LABEL_CHARS):
+            return self._refuse('bad_label', f'label {str(label)[:40]!r} is not a short string')
+        created = time.time() if created is None else created
+        if not _finite_number(created):
+            return self._refuse('bad_created', f'created {created!r} is not a finite time')
+        try:
+            crop = self.encode_crop(image_rgb)
+        except (cv2.error, ValueError, TypeError, AttributeError, IndexError) as e:
+            return self._refuse('bad_image', f'cannot encode the crop ({type(e).__name__}: {e})')
         top = int(np.argmax(probs)) if probs.size else -1
-        meta = {'stamp': stamp_ns, 'created': created, 'label': label or '',
+        meta = {'stamp': stamp, 'created': float(created), 'label': label or '',
                 'source': source if label else '', 'top': top,
                 'conf': float(probs[top]) if probs.size else 0.0}
-        data = _pack(meta, np.asarray(features, np.float32).reshape(-1), probs, self.encode_crop(image_rgb))
-        return self._write(stamp_ns, data, created, label or '', source if label else '')
+        return self._write(stamp, _pack(meta, feats, probs, crop), float(created), label or '',
+                           source if label else '')
+
+    def _refuse(self, why: str, detail: str) -> bool:
+        with self._lock:
+            self._drop(why)
+            self.last_error = f'{why}: {detail}'
+        return False
 
     def _write(self, stamp_ns: int, data: bytes, created: float, label: str, source: str) -> bool:
         path = self.root / f'f_{stamp_ns:020d}.npz'
@@ -279,61 +408,78 @@ class FrameStore:
             self.last_error = f'{why}: {err}'
 
     def set_label(self, stamp_ns: int, label: str, source: str = 'topic', force: bool = False) -> bool:
-        """Label the entry with ``stamp_ns`` (atomic rewrite). Returns False if there is no such entry,
-        the write failed, or the entry already has a label from a more trusted source (unless ``force``)."""
+        """Label the entry with ``stamp_ns`` (atomic rewrite). Returns False if there is no such entry
+        (an invalid stamp never has one), the label is not a non-empty short string, the write failed,
+        or the entry already has a label from a more trusted source (unless ``force``)."""
         if self.readonly:
             raise PermissionError('store opened read-only')
         if source not in LABEL_SOURCES:
             raise ValueError(f'label source must be one of {LABEL_SOURCES}, got {source!r}')
-        stamp_ns = int(stamp_ns)
+        stamp = _stamp(stamp_ns)
+        if stamp is None or not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS:
+            return False
         with self._lock:
-            meta = self._index.get(stamp_ns)
+            meta = self._index.get(stamp)
             if meta is None:
                 return False
             if not force and SOURCE_RANK.get(meta.source, 0) > SOURCE_RANK[source]:
                 return False
-            z = _read(meta.path, _REQUIRED)
+            z, _ = _load(meta.path, _REQUIRED, self.read_limit, stamp)
             if z is None:
-                self._index.pop(stamp_ns, None)  # vanished (another process evicted it) or corrupt
+                self._index.pop(stamp, None)  # vanished (another process evicted it) or corrupt
                 return False
             z['meta'].update(label=label, source=source)
             data = _pack(z['meta'], z['features'], z['probs'], z['crop'])
             # the rewrite may grow the entry by a few bytes: make room as for a new entry (never evicting
             # this one), then replace the file atomically; on failure the old file is intact
-            self._index.pop(stamp_ns)
+            self._index.pop(stamp)
             self._make_room(1, len(data))
             try:
                 atomic_write_bytes(meta.path, data)
             except OSError as e:
-                self._index[stamp_ns] = meta
+                self._index[stamp] = meta
                 self._make_room(0, 0)
                 self.label_errors += 1
                 self.last_error = f'label rewrite failed: {e}'
                 return False
-            self._index[stamp_ns] = _Meta(meta.path, len(data), meta.created, label, source)
+            self._index[stamp] = _Meta(meta.path, len(data), meta.created, label, source)
             return True
 
     def wipe(self) -> int:
-        """Delete every entry (and stray temp files). Returns the number of entries removed."""
+        """Delete every entry and the store's temp files (never the marker, foreign or non-regular
+        files). Returns the number of entry files removed; :meth:`remaining_entries` says what is left
+        (entries that could not be deleted stay indexed)."""
         if self.readonly:
             raise PermissionError('store opened read-only')
+        removed = 0
         with self._lock:
-            n = len(self._index)
-            for s in list(self._index):
-                self._remove(s)
-            if self.root.is_dir():
-                for p in self.root.iterdir():
-                    if _NAME.match(p.name) or (p.name.startswith('.') and p.name.endswith('.tmp')):
-                        try:
-                            p.unlink()
-                        except OSError:
-                            pass
-            return n
+            for name, st in _listdir(self.root):
+                is_entry = _entry_stamp(name) is not None
+                if _regular(st) and (is_entry or _TMP.match(name)):
+                    try:
+                        os.unlink(self.root / name)
+                        removed += is_entry
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        self.last_error = f'cannot remove {name}: {e}'
+            self._index = {s: m for s, m in self._index.items() if os.path.lexists(m.path)}
+        return removed
+
+    def remaining_entries(self) -> int:
+        """Entry files on disk right now (regular files named like entries; not foreign files)."""
+        return sum(_regular(st) and _entry_stamp(n) is not None for n, st in _listdir(self.root))
 
     # -- reading ---------------------------------------------------------------------------------------
     def stamps(self) -> list[int]:
         with self._lock:
             return sorted(self._index)
+
+    @property
+    def skipped_non_finite(self) -> int:
+        """Stored entries with NaN/Inf features or probs that reads skipped (each counted once)."""
+        with self._lock:
+            return len(self._non_finite)
 
     def label_counts(self) -> dict[str, int]:
         """Number of entries per label source ('' = unlabelled)."""
@@ -350,7 +496,8 @@ class FrameStore:
                     'max_bytes': self.max_bytes, 'max_age_s': self.max_age_s,
                     'labels': self.label_counts(), 'dropped': self.dropped,
                     'dropped_by_reason': dict(self.dropped_by_errno), 'evicted': self.evicted,
-                    'corrupt_removed': self.corrupt_removed,
+                    'corrupt_removed': self.corrupt_removed, 'skipped': dict(self.skipped),
+                    'skipped_non_finite': len(self._non_finite),
                     'label_errors': self.label_errors, 'last_error': self.last_error}
 
     def _load_entries(self, stamps, keys=('meta', 'features', 'probs')) -> list[dict]:
@@ -360,17 +507,21 @@ class FrameStore:
         for s, meta in metas:
             if meta is None:
                 continue
-            z = _read(meta.path, keys)
-            if z is None or z['meta']['stamp'] != s:
-                continue  # evicted by another process since the scan, or corrupt
-            out.append(z)
+            z, why = _load(meta.path, keys, self.read_limit, s)
+            if z is not None:
+                out.append(z)
+            elif why == 'non_finite':
+                with self._lock:
+                    self._non_finite.add(s)
+            # else: evicted by another process since the scan, corrupt, or replaced by a non-file
         return out
 
     def entries(self, labelled_only: bool = False, sources=None,
                 feature_size: int | None = None) -> StoreArrays:
         """All (or only labelled, optionally only from ``sources``) entries as arrays, oldest stamp first.
 
-        Entries whose features do not have ``feature_size`` dims (another backbone) are skipped.
+        Entries whose features do not have ``feature_size`` dims (another backbone) are skipped, and so
+        are unreadable ones and those with non-finite features/probs (:attr:`skipped_non_finite`).
         """
         with self._lock:
             stamps = [s for s, m in sorted(self._index.items())
@@ -401,10 +552,10 @@ class FrameStore:
 
     def crops(self, stamps) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB crops ``[K, h, w, 3]`` of the given stamps and the stamps actually found."""
-        zs = self._load_entries([int(s) for s in stamps], keys=('meta', 'crop'))
+        zs = self._load_entries([s for s in map(_stamp, stamps) if s is not None], keys=('meta', 'crop'))
         imgs, found = [], []
         for z in zs:
-            img = cv2.imdecode(z['crop'], cv2.IMREAD_COLOR)
+            img = _decode_png(z['crop'])
             if img is None:
                 continue
             imgs.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
@@ -422,20 +573,130 @@ def _pack(meta: dict, features: np.ndarray, probs: np.ndarray, crop: np.ndarray)
                      probs=probs, crop=crop)
 
 
-def _read(path: Path, keys) -> dict | None:
-    """The arrays ``keys`` of an entry (``meta`` decoded), or None if it is missing, truncated or corrupt."""
+def _own_name(name: str) -> bool:
+    """A name only the store writes: the marker, an entry or one of its temp files."""
+    return name == MARKER or _entry_stamp(name) is not None or bool(_TMP.match(name))
+
+
+def _unlink(path: Path) -> None:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not set(_REQUIRED) <= set(z.files):
-                return None
-            out = {k: z[k] for k in keys}
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def _open_regular(path: Path, limit: int):
+    """``(file, None)`` for a regular file of at most ``limit`` bytes, else ``(None, reason)``; never
+    follows a symlink and never blocks (a FIFO is opened non-blocking and refused after fstat)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None, 'vanished'
+    except OSError as e:  # ELOOP: a symlink; ENXIO: a socket; EACCES, ...
+        return None, 'not_regular' if e.errno in (errno.ELOOP, errno.ENXIO) else 'unreadable'
+    f = os.fdopen(fd, 'rb')
+    st = os.fstat(fd)
+    why = 'not_regular' if not stat.S_ISREG(st.st_mode) else 'too_large' if st.st_size > limit else None
+    if why is not None:
+        f.close()
+        return None, why
+    return f, None
+
+
+def _marker_format(path: Path):
+    """The format of a valid marker file; None if missing or unreadable; StoreError if newer."""
+    f, _ = _open_regular(path, 4096)
+    if f is None:
+        return None
+    try:
+        with f:
+            fmt = json.loads(f.read().decode()).get('format')
+    except Exception:  # garbage: the directory is checked as if unmarked
+        return None
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+        raise StoreError(f'store_dir {path.parent} was written by a newer frame store (format {fmt}, '
+                         f'this one reads {FORMAT})')
+    return fmt if fmt == FORMAT and not isinstance(fmt, bool) else None
+
+
+def _npy(zf: zipfile.ZipFile, key: str, limit: int) -> np.ndarray:
+    """One npy member, parsed with a bounded read (no pickle, no allocation from an untrusted header)."""
+    info = zf.getinfo(key + '.npy')
+    if info.file_size > limit:
+        raise ValueError('member too large')
+    with zf.open(info) as m:
+        data = m.read(limit + 1)
+    b = io.BytesIO(data)
+    version = np.lib.format.read_magic(b)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}[version]
+    shape, fortran, dtype = read_header(b)
+    n = math.prod(shape)
+    if dtype.hasobject or len(data) > limit or n * dtype.itemsize != len(data) - b.tell():
+        raise ValueError('bad npy member')
+    return np.frombuffer(data, dtype, n, b.tell()).reshape(shape, order='F' if fortran else 'C').copy()
+
+
+def _meta_ok(m, stamp: int | None) -> bool:
+    if not isinstance(m, dict) or any(k not in m for k in _META_KEYS):
+        return False
+    s, top, label, source = m['stamp'], m['top'], m['label'], m['source']
+    return (_stamp(s) is not None and (stamp is None or s == stamp)
+            and _finite_number(m['created']) and _finite_number(m['conf'])
+            and isinstance(top, int) and not isinstance(top, bool) and -1 <= top < 1 << 31
+            and isinstance(label, str) and len(label) <= MAX_LABEL_CHARS
+            and isinstance(source, str) and source in SOURCE_RANK)
+
+
+def _load(path, keys, limit: int = READ_LIMIT, stamp: int | None = None):
+    """``(arrays, None)``: the arrays ``keys`` of a well-formed entry (``meta`` decoded and checked,
+    features/probs finite float32 vectors), or ``(None, reason)`` with reason 'vanished', 'not_regular',
+    'unreadable', 'too_large', 'corrupt' or 'non_finite'. Never raises."""
+    path = Path(path)
+    stamp = _entry_stamp(path.name) if stamp is None else stamp
+    f, why = _open_regular(path, limit)
+    if f is None:
+        return None, why
+    try:
+        with f, zipfile.ZipFile(f) as zf:
+            if not {k + '.npy' for k in _REQUIRED} <= set(zf.namelist()):
+                return None, 'corrupt'
+            out = {k: _npy(zf, k, limit) for k in keys}
+        for k, a in out.items():
+            if a.ndim != 1 or a.dtype != (np.float32 if k in ('features', 'probs') else np.uint8) \
+                    or (k == 'features' and not a.size) or (k == 'meta' and a.size > MAX_META_BYTES):
+                return None, 'corrupt'
         if 'meta' in out:
-            meta = json.loads(out['meta'].tobytes().decode())
-            if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
-                return None
-            out['meta'] = meta
-        if 'features' in out and (out['features'].ndim != 1 or out['features'].dtype != np.float32):
-            return None
-        return out
-    except Exception:  # OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeError, ...
+            out['meta'] = json.loads(out['meta'].tobytes().decode())
+            if not _meta_ok(out['meta'], stamp):
+                return None, 'corrupt'
+        if not all(np.isfinite(out[k]).all() for k in ('features', 'probs') if k in out):
+            return None, 'non_finite'
+        return out, None
+    except Exception:  # OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, UnicodeError, ...
+        return None, 'corrupt'
+
+
+def _read(path, keys, limit: int = READ_LIMIT) -> dict | None:
+    """The arrays ``keys`` of an entry (``meta`` decoded), or None if it is missing, truncated, corrupt,
+    non-finite, too large or not a regular file. Never raises, never blocks."""
+    return _load(path, keys, limit)[0]
+
+
+def _decode_png(buf: np.ndarray):
+    """BGR image of a stored crop, or None (not a PNG, a header claiming a huge image, undecodable)."""
+    head = buf[:24].tobytes()
+    if len(head) < 24 or head[:8] != b'\x89PNG\r\n\x1a\n' or head[12:16] != b'IHDR':
+        return None
+    w, h = struct.unpack('>II', head[16:24])
+    if not (0 < w <= MAX_CROP_SIDE and 0 < h <= MAX_CROP_SIDE):
+        return None
+    try:
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
         return None

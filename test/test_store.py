@@ -1,6 +1,8 @@
 """FrameStore: bounded, crash-safe on-disk store of crops + features + labels."""
 
+import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_tl_ros.store import FrameStore
+from edge_tl_ros.atomic import atomic_write_bytes
+from edge_tl_ros.store import _NAME, MARKER, FrameStore, StoreError, _pack, stamp_to_ns, valid_stamp
 
 D, C = 16, 3
 
@@ -242,3 +245,216 @@ def test_write_failure_efbig_with_rlimit_fsize(tmp_path):
     assert r.returncode == 0 and 'ok' in r.stdout, r.stderr
     st = FrameStore(root)
     assert st.stamps() == [1] and st.corrupt_removed == 0
+
+
+# -- boundary validation: stamps, ownership, non-regular files, non-finite data, wipe --------------------
+
+
+def entry(stamp):
+    return f'f_{stamp:020d}.npz'
+
+
+def listing(root):
+    """name -> (file type, bytes of regular files) of everything in ``root``."""
+    out = {}
+    for p in Path(root).iterdir():
+        st = p.lstat()
+        out[p.name] = (stat.S_IFMT(st.st_mode), p.read_bytes() if stat.S_ISREG(st.st_mode) else None)
+    return out
+
+
+def test_stamp_to_ns_normalises_and_valid_stamp():
+    assert stamp_to_ns(1, 1_500_000_000) == 2_500_000_000  # nanosec >= 1e9 carries into sec
+    assert stamp_to_ns(2**31 - 1, 2**32 - 1) == (2**31 - 1) * 10**9 + 2**32 - 1
+    assert valid_stamp(stamp_to_ns(2**31 - 1, 2**32 - 1)) and valid_stamp(0) and valid_stamp(np.int64(7))
+    assert stamp_to_ns(-1, 0) == -10**9 and not valid_stamp(stamp_to_ns(-1, 0))  # returned, not raised
+    assert valid_stamp(stamp_to_ns(-1, 1_500_000_000))  # -1 s + 1.5 s = 0.5 s
+    for bad in (-1, 2**63, 10**20, 10**21, True, 1.0, '5', None, np.float64(3)):
+        assert not valid_stamp(bad), bad
+
+
+def test_bad_stamps_are_counted_drops_and_never_files(tmp_path):
+    rng = np.random.default_rng(10)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8))
+    bad = [-1, stamp_to_ns(-5, 3), 2**63, 10**20, 10**25, 1.5, 'x']
+    for s in bad:
+        assert not add(st, rng, s)
+        assert not st.set_label(s, 'red')
+        assert s not in st
+    assert st.dropped == len(bad) == st.dropped_by_errno['bad_stamp']
+    assert st.stats()['dropped'] == sum(st.stats()['dropped_by_reason'].values())
+    # seeded random ROS times (int32 sec, uint32 nanosec): stored iff valid, always under the store's name
+    for _ in range(60):
+        sec, nsec = int(rng.integers(-2**31, 2**31)), int(rng.integers(0, 2**32))
+        ns = stamp_to_ns(sec, nsec)
+        assert add(st, rng, ns) == valid_stamp(ns) == (ns >= 0)
+    names = [p.name for p in st.root.iterdir() if p.name != MARKER]
+    assert names and all(_NAME.match(n) for n in names)
+    assert sorted(int(_NAME.match(n).group(1)) for n in names) == st.stamps()
+    assert FrameStore(st.root).stamps() == st.stamps()
+
+
+def test_marker_created_adopted_and_foreign_directory_refused(tmp_path):
+    rng = np.random.default_rng(11)
+    st = FrameStore(tmp_path / 'new')
+    assert json.loads((st.root / MARKER).read_text())['format'] == 1
+    add(st, rng, 1, 'red', 'topic')
+    add(st, rng, 2)
+    # an older store (no marker, a stale temp of a crashed writer): adopted, marker written
+    old = tmp_path / 'old'
+    old.mkdir()
+    for p in files(st.root):
+        (old / p.name).write_bytes(p.read_bytes())
+    (old / '.f_00000000000000000003.npz.a1_b2.tmp').write_bytes(b'half')
+    adopted = FrameStore(old)
+    assert adopted.stamps() == [1, 2] and (old / MARKER).is_file()
+    # a directory with anything else: refused with a clear error, nothing deleted or written
+    for junk in ('notes.txt', 'f_1.npz', '.f_1.npz.abc.tmp', 'f_-0000000000000000001.npz'):
+        d = tmp_path / f'user_{len(junk)}_{junk[0]}'
+        d.mkdir()
+        (d / junk).write_bytes(b'user data')
+        (d / entry(1)).write_bytes((st.root / entry(1)).read_bytes())
+        before = listing(d)
+        with pytest.raises(StoreError, match='did not write') as e:
+            FrameStore(d)
+        assert isinstance(e.value, ValueError) and junk in str(e.value)
+        assert listing(d) == before
+        # a round's worker (read-only) reads it without writing anything
+        ro = FrameStore(d, readonly=True)
+        assert ro.stamps() == [1] and len(ro.entries()) == 1 and listing(d) == before
+    # a newer format is refused; a garbage marker in a directory of our own files is rewritten
+    (old / MARKER).write_text('{"format": 2}')
+    with pytest.raises(StoreError, match='newer'):
+        FrameStore(old)
+    (old / MARKER).write_bytes(b'\x00garbage')
+    assert FrameStore(old).stamps() == [1, 2] and json.loads((old / MARKER).read_text())['format'] == 1
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(StoreError, match='not a directory'):
+        FrameStore(tmp_path / 'a_file')
+
+
+def test_marked_store_leaves_foreign_and_non_regular_files_alone(tmp_path):
+    rng = np.random.default_rng(12)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8))
+    for i in range(3):
+        add(st, rng, i + 1, 'red', 'topic')
+    outside = tmp_path / 'outside.npz'
+    outside.write_bytes((st.root / entry(1)).read_bytes())  # a valid entry: following would "work"
+    old = time.time() - 3600
+    for name in ('notes.tmp', '.other.tmp', '.f_1.npz.abc.tmp', 'f_1.npz', 'f_-0000000000000000001.npz',
+                 '.f_00000000000000000009.npz.abc.tmp.bak'):
+        (st.root / name).write_bytes(b'not ours')
+        os.utime(st.root / name, (old, old))
+    (st.root / entry(7)).mkdir()
+    (st.root / entry(7) / 'keep').write_text('x')
+    (st.root / entry(8)).symlink_to(outside)
+    (st.root / '.f_00000000000000000008.npz.abc.tmp').symlink_to(outside)
+    (st.root / entry(99)).write_bytes(b'x')  # ours (marked dir), corrupt: removed
+    big = st.root / entry(98)  # a sparse file larger than the read limit: never read, never deleted
+    with open(big, 'wb') as f:
+        f.truncate(st.read_limit + 1)
+    foreign = {k: v for k, v in listing(st.root).items() if k not in (entry(99), MARKER)
+               and not k.startswith('f_000')} | {entry(7): listing(st.root)[entry(7)],
+                                                 entry(8): listing(st.root)[entry(8)]}
+    st2 = FrameStore(st.root)
+    assert st2.stamps() == [1, 2, 3] and st2.corrupt_removed == 1
+    assert st2.skipped == {'foreign': 6, 'not_regular': 3, 'too_large': 1}, st2.skipped
+    now = listing(st2.root)
+    assert all(now[k] == v for k, v in foreign.items()) and big.stat().st_size == st2.read_limit + 1
+    assert outside.read_bytes() == (st.root / entry(1)).read_bytes()
+    assert len(st2.labelled()) == 3 and st2.remaining_entries() == 4  # 3 entries + the big one
+    assert st2.wipe() == 4 and st2.remaining_entries() == 0 and len(st2) == 0
+    now = listing(st2.root)
+    assert all(now[k] == v for k, v in foreign.items()) and MARKER in now and outside.exists()
+    assert FrameStore(st.root).stamps() == []
+
+
+@pytest.mark.parametrize('readonly', [False, True])
+def test_fifo_named_like_an_entry_never_blocks(tmp_path, readonly):
+    rng = np.random.default_rng(13)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8))
+    add(st, rng, 2, 'red', 'topic')
+    fifo = st.root / entry(1)
+    os.mkfifo(fifo)
+    out = {}
+
+    def work():
+        s = FrameStore(st.root, readonly=readonly)
+        s.rescan()
+        out['stamps'], out['n'], out['crops'] = s.stamps(), len(s.entries()), len(s.crops([1, 2])[1])
+        out['skipped'] = s.skipped
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # unblock the hung open so the suite can go on, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail('opening the store blocked on a FIFO')
+    assert out == {'stamps': [2], 'n': 1, 'crops': 1, 'skipped': {'not_regular': 1}}
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    if not readonly:
+        assert st.wipe() == 1 and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_non_finite_and_wrong_size_input_dropped(tmp_path):
+    rng = np.random.default_rng(14)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8), feature_size=D)
+    img, f, p = noise(rng, 8), np.ones(D, np.float32), np.full(C, 1 / C, np.float32)
+    nan_f, inf_p = f.copy(), p.copy()
+    nan_f[3], inf_p[0] = np.nan, np.inf
+    assert not st.add(1, img, nan_f, p) and not st.add(2, img, f, inf_p)
+    assert not st.add(3, img, np.full(D, 1e300), p)  # finite float64, inf as float32
+    assert not st.add(4, img, np.ones(D + 1, np.float32), p) and not st.add(5, img, [], p)
+    assert not st.add(6, img, f, p, label=['red'], source='topic')
+    assert not st.add(7, img, f, p, created=float('nan'))
+    assert not st.add(8, np.zeros((0, 0, 3), np.uint8), f, p)
+    assert st.dropped_by_errno == {'non_finite': 3, 'bad_shape': 2, 'bad_label': 1, 'bad_created': 1,
+                                   'bad_image': 1}
+    assert st.dropped == 8 and len(st) == 0 and st.remaining_entries() == 0
+    assert st.add(9, img, f, p) and st.stamps() == [9]
+
+
+def test_stored_non_finite_entries_skipped_not_poisoning(tmp_path):
+    rng = np.random.default_rng(15)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8))
+    for i in range(4):
+        add(st, rng, 10 + i, 'red', 'topic')
+    # another writer (an older version) replaces entries with NaN features / Inf probs
+    meta = {'stamp': 11, 'created': time.time(), 'label': 'red', 'source': 'topic', 'top': 0, 'conf': 1.0}
+    crop = st.encode_crop(noise(rng, 8))
+    atomic_write_bytes(st.root / entry(11), _pack(meta, np.full(D, np.nan, np.float32),
+                                                  np.ones(C, np.float32), crop))
+    atomic_write_bytes(st.root / entry(12), _pack(dict(meta, stamp=12), np.ones(D, np.float32),
+                                                  np.array([np.inf, 0, 0], np.float32), crop))
+    for _ in range(3):  # every round reads the good ones; each bad entry is counted once
+        arr = st.labelled()
+        assert list(arr.stamps) == [10, 13] and np.isfinite(arr.features).all()
+        assert list(st.entries().stamps) == [10, 13]
+    assert st.skipped_non_finite == 2 == st.stats()['skipped_non_finite']
+    ro = FrameStore(st.root, readonly=True)
+    assert list(ro.entries().stamps) == [10, 13] and ro.skipped_non_finite == 2
+    assert (st.root / entry(11)).exists()  # read-only: nothing deleted
+    st2 = FrameStore(st.root)  # the owner removes them at start-up
+    assert st2.stamps() == [10, 13] and st2.corrupt_removed == 2
+
+
+def test_wipe_reports_what_is_left(tmp_path, monkeypatch):
+    rng = np.random.default_rng(16)
+    st = FrameStore(tmp_path / 's', crop_size=(8, 8))
+    for i in range(4):
+        add(st, rng, i)
+    (st.root / 'f_-0000000000000000001.npz').write_bytes(b'x')  # not an entry name: not counted
+    real = os.unlink
+    stuck = str(st.root / entry(2))
+
+    def unlink(path, *a, **k):
+        if str(path) == stuck:
+            raise PermissionError(13, 'Permission denied', path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, 'unlink', unlink)
+    assert st.wipe() == 3
+    assert st.remaining_entries() == 1 and st.stamps() == [2] and 'Permission denied' in st.last_error
+    monkeypatch.setattr(os, 'unlink', real)
+    assert st.wipe() == 1 and st.remaining_entries() == 0 and len(st) == 0
+    assert (st.root / 'f_-0000000000000000001.npz').exists() and (st.root / MARKER).exists()
