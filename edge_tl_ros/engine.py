@@ -11,7 +11,9 @@ Deployment modes (from the original edge-TL design):
 
 The per-frame path (:meth:`Engine.infer`) crops the ROI as a view, resizes with OpenCV straight from
 the message buffer, converts colour on the small image only, and normalises into a pre-allocated input
-tensor.
+tensor. Its output is checked for NaN/Inf (the D features and the C probabilities: microseconds): a
+non-finite frame raises :class:`~edge_tl_ros.imaging.FrameError` ``non_finite`` (a degenerate manifest
+``std``, a corrupt model or head), never scores that would publish as an empty classification.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import BundleError, Head, ModelBundle
-from .imaging import resize_to, to_order
+from .imaging import FrameError, resize_to, to_order
 
 MODES = ('full', 'feature_extractor', 'incremental')
 PROVIDERS = {
@@ -160,15 +162,23 @@ class Engine:
         return x
 
     def infer(self, img: np.ndarray, order: str, roi=None) -> Prediction:
+        """One frame -> :class:`Prediction`; raises :class:`FrameError` ``non_finite`` on NaN/Inf."""
         x = self.preprocess(img, order, roi)
         return self._run(x)
 
     def _run(self, x: np.ndarray) -> Prediction:
         out = self.session.run([self._out_name], {self._in_name: x})[0][0]
+        if not np.isfinite(out).all():
+            raise FrameError('non_finite', f'the {"model" if self.mode == "full" else "backbone"} gave '
+                                           f'NaN/Inf outputs (input {_finite_summary(x)})')
         if self.mode == 'full':
-            return Prediction(softmax(out.astype(np.float32)), None, None)
-        head = self.head  # read the reference once: this frame uses exactly one head
-        return Prediction(softmax(head.logits(out)), out, head)
+            pred = Prediction(softmax(out.astype(np.float32)), None, None)
+        else:
+            head = self.head  # read the reference once: this frame uses exactly one head
+            pred = Prediction(softmax(head.logits(out)), out, head)
+        if not np.isfinite(pred.probs).all():
+            raise FrameError('non_finite', 'the head gave NaN/Inf scores (logits overflow)')
+        return pred
 
     # -- batches ---------------------------------------------------------------------------------------
     def prepare_batch(self, images: np.ndarray, order: str = 'rgb') -> np.ndarray:
@@ -200,6 +210,12 @@ class Engine:
         if self.mode == 'full':
             return softmax(np.concatenate(self._run_batches(images, order, batch_size)).astype(np.float32))
         return softmax(self.head.logits(self.features_batch(images, order, batch_size)))
+
+
+def _finite_summary(x: np.ndarray) -> str:
+    """Where the NaN/Inf came from, for the log line (only called on the rare non-finite frame)."""
+    bad = int(x.size - np.isfinite(x).sum())
+    return f'{bad} of {x.size} values non-finite' if bad else 'finite'
 
 
 def limit_threads(n: int) -> None:

@@ -396,3 +396,28 @@ def test_executor_threads_parameter_and_the_node_on_one_thread(ros_context, bund
         assert type(make_executor(plain, 4, context=ros_context)) is MultiThreadedExecutor
     finally:
         plain.destroy_node()
+
+
+def test_engine_non_finite_outputs_are_frame_errors(bundle_dir):
+    """A subnormal manifest std (1/std = Inf: the input becomes Inf/NaN) or a head whose logits overflow:
+    Engine.infer raises FrameError non_finite (the adaptation node calls it too), in every mode."""
+    import dataclasses
+
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.imaging import FrameError
+
+    good = load_bundle(bundle_dir)
+    inp = dict(good.manifest['input'], std=[1e-45, 1e-45, 1e-45])  # > 0, so it passes read_manifest
+    bad = dataclasses.replace(good, manifest=dict(good.manifest, input=inp))
+    img = frame('red')
+    with np.errstate(all='ignore'):
+        for mode in ('feature_extractor', 'incremental', 'full'):
+            eng = Engine(bad, mode)
+            with pytest.raises(FrameError) as e:
+                eng.infer(img, 'rgb')
+            assert e.value.reason == 'non_finite', e.value
+        eng = Engine(good, head=Head(np.full((3, 8), 3e38, np.float32), np.zeros(3, np.float32), TOY_CLASSES))
+        with pytest.raises(FrameError) as e:  # finite features, logits overflow to Inf, softmax NaN
+            eng.infer(img, 'rgb')
+        assert e.value.reason == 'non_finite' and 'head' in str(e.value)
+    assert TOY_CLASSES[Engine(good).infer(img, 'rgb').topk(1)[0][0]] == 'red'
