@@ -4,11 +4,13 @@
 buffer (``np.frombuffer`` + strides, honouring ``step`` padding): no per-pixel Python, no copy for the
 8-bit encodings. ``decode_compressed`` decodes a sensor_msgs/CompressedImage payload with OpenCV.
 Every rejection raises :class:`FrameError` whose ``reason`` is a short, stable key that the nodes count
-in their diagnostics.
+in their diagnostics. Both are plain Python functions: any argument values (negative or huge ints,
+non-integers, objects without a byte buffer) give a ``FrameError``, never another exception.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 
 import cv2
@@ -50,12 +52,18 @@ def image_view(encoding: str, height: int, width: int, step: int, is_bigendian: 
     8 bits (this one allocates). ``data`` is anything exposing the buffer protocol (the message's
     ``array.array``, ``bytes``, ``memoryview``).
     """
-    spec = ENCODINGS.get(encoding)
+    spec = ENCODINGS.get(encoding) if isinstance(encoding, str) else None
     if spec is None:
         raise FrameError('unsupported_encoding',
-                         f'encoding {encoding!r} is not supported '
+                         f'encoding {str(encoding)[:64]!r} is not supported '
                          f'(use one of {", ".join(SUPPORTED_ENCODINGS)})')
     channels, dtype, order = spec
+    try:  # ROS gives uint32; a plain-Python caller may give anything
+        height, width, step = operator.index(height), operator.index(width), operator.index(step)
+    except TypeError:
+        raise FrameError('bad_geometry', f'height/width/step must be integers, got '
+                                         f'{type(height).__name__}/{type(width).__name__}/'
+                                         f'{type(step).__name__}') from None
     if height <= 0 or width <= 0:
         raise FrameError('empty_image', f'image is {width}x{height}')
     if height * width > max_pixels:
@@ -64,23 +72,36 @@ def image_view(encoding: str, height: int, width: int, step: int, is_bigendian: 
     row_bytes = width * channels * itemsize
     if step < row_bytes:
         raise FrameError('bad_step', f'step {step} < width*channels*bytes = {row_bytes}')
-    buf = memoryview(data).cast('B') if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    buf = _byte_buffer(data)
     need = (height - 1) * step + row_bytes
     if len(buf) < need:
         raise FrameError('short_data', f'data has {len(buf)} bytes, {width}x{height} with step {step} '
                                        f'needs {need}')
+    # here need <= len(buf), so (height - 1) * step fits in a C ssize_t; a single row's step is never
+    # used to address memory (it may be any size, e.g. 2**64, in a plain-Python call)
+    row_stride = step if height > 1 else row_bytes
     if itemsize == 1:
         flat = np.frombuffer(buf, dtype=np.uint8, count=need)
         arr = np.lib.stride_tricks.as_strided(flat, shape=(height, width, channels),
-                                              strides=(step, channels, 1), writeable=False)
+                                              strides=(row_stride, channels, 1), writeable=False)
         return arr, order
     if step % itemsize:
         raise FrameError('bad_step', f'step {step} is not a multiple of {itemsize} for {encoding}')
     dt = np.dtype(dtype).newbyteorder('>' if is_bigendian else '<')
     # a strided view like the 8-bit case: the last row needs no padding (len(buf) >= need suffices)
     arr = np.ndarray((height, width, channels), dtype=dt, buffer=buf, offset=0,
-                     strides=(step, channels * itemsize, itemsize))
+                     strides=(row_stride, channels * itemsize, itemsize))
     return (arr >> 8).astype(np.uint8), order
+
+
+def _byte_buffer(data):
+    """``data`` as a flat uint8 buffer without copying (ROS gives ``array.array('B')``), or FrameError."""
+    try:
+        if isinstance(data, np.ndarray):
+            return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        return memoryview(data).cast('B')
+    except (TypeError, ValueError) as e:  # no buffer protocol (None, str, list), object arrays, ...
+        raise FrameError('bad_data', f'data is not a byte buffer ({type(data).__name__}: {e})') from None
 
 
 _MAGIC = {'jpeg': (b'\xff\xd8\xff',), 'png': (b'\x89PNG\r\n\x1a\n',)}
@@ -167,8 +188,10 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     The size in the JPEG/PNG header is checked against ``max_pixels`` *before* decoding (a small
     payload can claim a huge image), and truncated payloads are refused without calling the decoder.
     """
+    data = _byte_buffer(data)
     if len(data) == 0:
         raise FrameError('empty_image', 'compressed image has no data')
+    fmt = fmt if isinstance(fmt, str) else ''
     actual = sniff_format(data)
     claimed = claimed_format(fmt)
     if actual is None:
@@ -186,7 +209,11 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     if not _complete(actual, data):
         raise FrameError('corrupt_compressed', f'{actual} payload is truncated or its structure is corrupt')
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as e:
+        raise FrameError('corrupt_compressed', f'OpenCV refused the {actual} payload: '
+                                               f'{str(e).strip().splitlines()[-1][:120]}') from None
     if img is None or img.size == 0:
         raise FrameError('corrupt_compressed', f'OpenCV could not decode the {actual} payload')
     if img.shape[0] * img.shape[1] > max_pixels:
