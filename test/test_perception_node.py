@@ -398,6 +398,47 @@ def test_executor_threads_parameter_and_the_node_on_one_thread(ros_context, bund
         plain.destroy_node()
 
 
+# -- hardening: non-finite outputs, a supervised inference thread, malformed registries, diagnostics -----
+def wait_for(cond, timeout=10.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+class DiagWatch:
+    """The perception node's /diagnostics status as (level, message, values), received over DDS."""
+
+    def __init__(self, harness):
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.seen = []
+        harness.io.create_subscription(DiagnosticArray, '/diagnostics', self._on, 50)
+
+    def _on(self, arr):
+        for st in arr.status:
+            if 'perception' in st.name:
+                self.seen.append((int.from_bytes(st.level, 'little') if isinstance(st.level, bytes)
+                                  else int(st.level), st.message, {kv.key: kv.value for kv in st.values}))
+
+    def mark(self) -> int:
+        return len(self.seen)
+
+    def wait(self, pred, timeout=10.0, since=None):
+        """The first status received from now on (or since ``mark()`` gave ``since``) that satisfies
+        ``pred(level, message, values)``."""
+        start = len(self.seen) if since is None else since
+        found = []
+        wait_for(lambda: found or found.extend(s for s in self.seen[start:] if pred(*s)) or found, timeout)
+        assert found, self.seen[-3:]
+        return found[0]
+
+
+OK, WARN, ERROR = 0, 1, 2
+
+
 def test_engine_non_finite_outputs_are_frame_errors(bundle_dir):
     """A subnormal manifest std (1/std = Inf: the input becomes Inf/NaN) or a head whose logits overflow:
     Engine.infer raises FrameError non_finite (the adaptation node calls it too), in every mode."""
@@ -421,3 +462,255 @@ def test_engine_non_finite_outputs_are_frame_errors(bundle_dir):
             eng.infer(img, 'rgb')
         assert e.value.reason == 'non_finite' and 'head' in str(e.value)
     assert TOY_CLASSES[Engine(good).infer(img, 'rgb').topk(1)[0][0]] == 'red'
+
+
+def test_non_finite_frames_are_counted_rejects_not_empty_classifications(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', diagnostics_period_s=0.2)
+    diag = DiagWatch(h)
+    try:
+        assert h.classify('red') == 'red'
+        good_inv_std = h.node.engine._inv_std
+        h.node.engine._inv_std = np.full((3, 1, 1), np.inf, np.float32)  # every input pixel Inf or NaN
+        sent = []
+        with np.errstate(all='ignore'):
+            for _ in range(3):
+                msg = h.image_msg(frame('green'))
+                sent.append(msg.header.stamp.sec)
+                h.pub.publish(msg)
+                assert wait_for(lambda: h.node.reject_reasons['non_finite'] == len(sent))
+        level, message, kv = diag.wait(lambda lv, m, kv: kv.get('rejected.non_finite') == '3')
+        assert level == WARN and 'non_finite' in message
+        h.node.engine._inv_std = good_inv_std
+        assert h.classify('blue') == 'blue'  # the next good frame classifies again
+        assert not [r for r in h.results if r.header.stamp.sec in sent]  # nothing published for them
+        assert all(r.results for r in h.results)
+        s = h.node.stats()
+        assert s['processed'] + s['rejected'] + s['dropped'] == s['received'] and s['rejected'] == 3
+    finally:
+        h.close()
+
+
+class Boom(BaseException):
+    """What an inference thread cannot catch per frame (like SystemExit or KeyboardInterrupt)."""
+
+
+def test_inference_thread_never_dies_silently(ros_context, bundle_dir, tmp_path):
+    """Errors anywhere in the frame path are counted and the loop goes on; an error that ends the thread
+    is reported as ERROR by the diagnostics timer, which restarts it (inference_restarts)."""
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', diagnostics_period_s=0.2,
+                publish_debug_image=True)
+    diag = DiagWatch(h)
+    debug = []
+    h.io.create_subscription(Image, '/perception/debug_image', debug.append, 10)
+    node = h.node
+    try:
+        assert wait_for(lambda: node.pub_debug.get_subscription_count() > 0)
+        assert h.classify('red') == 'red' and wait_for(lambda: debug)
+        # the debug image fails: the classification went out, the failure is counted, the loop goes on
+        real_debug = node._publish_debug
+
+        def broken_debug(*a):
+            raise RuntimeError('overlay failed')
+        node._publish_debug = broken_debug
+        assert h.classify('green') == 'green'
+        assert wait_for(lambda: node.publish_errors == 1)
+        node._publish_debug = real_debug
+        # a result without hypotheses no longer raises IndexError in the overlay
+        real_debug(h.image_msg(frame('red')), frame('red'), 'rgb', Classification())
+        # publishing the classification fails: a counted reject (publish_error), the next frame is served
+        real_pub = node.pub_cls
+
+        class BrokenPublisher:
+            def publish(self, msg):
+                raise RuntimeError('rmw publish failed')
+        node.pub_cls = BrokenPublisher()
+        h.pub.publish(h.image_msg(frame('blue')))
+        assert wait_for(lambda: node.reject_reasons['publish_error'] == 1)
+        node.pub_cls = real_pub
+        assert h.classify('blue') == 'blue'
+        # an exception escaping the whole frame path: counted once as inference_error, thread alive
+        real_process = node._process
+        failures = [RuntimeError('bug in the frame path')]  # each raised once, by the next frame
+
+        def failing_process(msg, t_in):
+            if failures:
+                raise failures.pop(0)
+            return real_process(msg, t_in)
+        node._process = failing_process
+        h.pub.publish(h.image_msg(frame('red')))
+        assert wait_for(lambda: node.reject_reasons['inference_error'] == 1)
+        assert node._worker.is_alive()
+        # a BaseException ends the thread: ERROR in /diagnostics with the reason, restarted, serving again
+        for n, (fail, why) in enumerate(((Boom('injected'), 'Boom: injected'),
+                                         (SystemExit(3), 'SystemExit: 3')), 1):
+            failures.append(fail)
+            since = diag.mark()
+            h.pub.publish(h.image_msg(frame('red')))
+            level, message, kv = diag.wait(lambda lv, m, kv: kv.get('inference_restarts') == str(n),
+                                           since=since)
+            assert level == ERROR and f'inference thread died: {why}' in message, message
+            assert h.classify('green') == 'green'
+        assert node.reject_reasons['inference_error'] == 3  # every frame taken is accounted once
+        # not sticky: once the period has no problem the level is OK again, the counters stay
+        level, message, kv = diag.wait(lambda lv, m, kv: lv == OK)
+        assert kv['inference_restarts'] == '2' and kv['publish_errors'] == '1'
+        assert kv['rejected_frames'] == '4'
+        s = node.stats()
+        assert s['processed'] + s['rejected'] + s['dropped'] == s['received']
+        assert s['processed'] == len(h.results)
+    finally:
+        h.close()
+
+
+def test_diagnostics_warn_for_recent_rejects_and_stale_input(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', diagnostics_period_s=0.2,
+                stale_input_timeout_s=1.0)
+    diag = DiagWatch(h)
+    try:
+        level, message, _ = diag.wait(lambda lv, m, kv: True)
+        assert level == WARN and message == 'no frames received yet'
+        bad = Image(height=4, width=4, encoding='32FC1', step=16, data=bytes(64))
+        h.pub.publish(bad)
+        level, message, kv = diag.wait(lambda lv, m, kv: kv.get('rejected_frames') == '1')
+        assert level == WARN and "rejected frames: {'unsupported_encoding': 1}" in message
+        assert h.classify('red') == 'red'
+        # good frames after it: OK again, while the cumulative counters stay
+        level, message, kv = diag.wait(lambda lv, m, kv: lv == OK)
+        assert message == 'ok' and kv['rejected_frames'] == '1' and kv['rejected.unsupported_encoding'] == '1'
+        # no frames for longer than stale_input_timeout_s: WARN, until a frame comes
+        level, message, kv = diag.wait(lambda lv, m, kv: 'no frames for' in m)
+        assert level == WARN and float(kv['last_frame_age_s']) > 1.0
+        assert h.classify('green') == 'green'
+        diag.wait(lambda lv, m, kv: lv == OK)
+        # 0 = off (a run-time parameter)
+        assert h.node.set_parameters([Parameter('stale_input_timeout_s', value=0.0)])[0].successful
+        assert wait_for(lambda: any(float(kv['last_frame_age_s']) > 1.5 for _, _, kv in diag.seen[-2:]))
+        level, message, _ = diag.seen[-1]
+        assert level == OK and message == 'ok'
+        assert not h.node.set_parameters([Parameter('stale_input_timeout_s', value=-1.0)])[0].successful
+    finally:
+        h.close()
+
+
+def test_diagnostics_report_the_registry_version_and_a_mismatch(ros_context, bundle_dir, tmp_path):
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state', diagnostics_period_s=0.2)
+    diag = DiagWatch(h)
+    reg = HeadRegistry(load_bundle(bundle_dir), tmp_path / 'state')
+    try:
+        assert h.classify('red') == 'red'
+        _, message, kv = diag.wait(lambda lv, m, kv: 'registry_version' in kv)
+        assert kv['head_version'] == kv['registry_version'] == '0' and 'registry' not in message
+        reg.add(toy_head(permute=(2, 0, 1)))  # another process moves the registry; nobody reloads
+        level, message, kv = diag.wait(lambda lv, m, kv: kv.get('registry_version') == '1')
+        assert kv['head_version'] == '0' and level == WARN
+        assert "head v0 is not the registry's current v1" in message
+        assert h.call(h.reload).success
+        level, message, kv = diag.wait(lambda lv, m, kv: kv.get('head_version') == '1')
+        assert kv['registry_version'] == '1' and 'registry' not in message
+        # this node's ~/rollback moves the registry too: both say v0
+        assert h.call(h.rollback).success
+        _, message, kv = diag.wait(lambda lv, m, kv: kv.get('head_version') == '0')
+        assert kv['registry_version'] == '0' and 'registry' not in message
+        # an unreadable registry is reported, the head in use stays
+        (reg.dir / 'index.json').write_text('[' * 100_000 + ']' * 100_000)
+        level, message, kv = diag.wait(lambda lv, m, kv: kv.get('registry_version') == 'unreadable')
+        assert level == WARN and 'head registry unreadable' in message and kv['head_version'] == '0'
+        assert h.classify('red') == 'red'
+    finally:
+        h.close()
+
+
+def malformed_registries(reg, good_meta):
+    """(name, index.json text, extra files): registries a reload must refuse without killing the node."""
+    string_weight = npz_head_bytes(weight=np.array([['w'] * 8] * 3), bias=np.zeros(3, np.float32))
+    return [
+        ('empty object', '{}', {}),
+        ('current 1e400', '{"current": 1e400, "accepted": [0], "versions": {}}', {}),
+        ('list', '[]', {}),
+        ('string version entry', json_index(2, [0, 1, 2], {'1': good_meta, '2': 'head_v2.npz'}), {}),
+        ('nested 100000 deep', '[' * 100_000 + ']' * 100_000, {}),
+        ('current a string', '{"current": "latest", "accepted": [0], "versions": {}}', {}),
+        ('accepted null', '{"current": 1, "accepted": null, "versions": {}}', {}),
+        ('versions a list', '{"current": 2, "accepted": [0, 2], "versions": [1, 2]}', {}),
+        ('not utf-8', b'\xff\xfe{"current"', {}),
+        ('string weight npz', json_index(2, [0, 1, 2], {'1': good_meta, '2': {'file': 'head_v2.npz'}}),
+         {'head_v2.npz': string_weight}),
+    ]
+
+
+def json_index(current, accepted, versions):
+    import json
+
+    return json.dumps({'current': current, 'accepted': accepted, 'versions': versions})
+
+
+def npz_head_bytes(**arrays):
+    from edge_tl_ros.atomic import npz_bytes
+
+    arrays.setdefault('class_names', np.array(TOY_CLASSES))
+    return npz_bytes(**arrays)
+
+
+def test_malformed_registry_never_kills_the_node(ros_context, bundle_dir, tmp_path):
+    """~/reload_head, ~/rollback and head_version on malformed index.json / head npz files: always an
+    answer with the reason, the current head stays and classifies the next frame."""
+    state = tmp_path / 'state'
+    reg = HeadRegistry(load_bundle(bundle_dir), state)
+    reg.add(toy_head(permute=(2, 0, 1)))  # v1: red frames -> 'green' (shows which head is in use)
+    good_index = reg.index_path.read_bytes()
+    good_meta = reg.index()['versions']['1']
+    h = Harness(ros_context, bundle_dir, state)
+    try:
+        assert h.node.head_version == 1 and h.classify('red') == 'green'
+        for name, index, files in malformed_registries(reg, good_meta):
+            for fname, data in files.items():
+                (reg.dir / fname).write_bytes(data)
+            reg.index_path.write_bytes(index if isinstance(index, bytes) else index.encode())
+            r = h.call(h.reload)
+            assert r is not None and not r.success and 'keeping head v1' in r.message, (name, r)
+            assert len(r.message) < 700 and '\n' not in r.message, (name, r.message)
+            res = h.node.set_parameters([Parameter('head_version', value=2)])[0]
+            assert not res.successful and res.reason, name
+            r = h.call(h.rollback)  # may legitimately succeed on some (v1 is still good): it answers
+            assert r is not None, name
+            if r.success:
+                assert h.node.head_version in (0, 1)
+            reg.index_path.write_bytes(good_index)
+            assert h.call(h.reload).success and h.node.head_version == 1, name
+            assert h.classify('red') == 'green', name
+        assert h.node.get_parameter('head_version').value == -1
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize('want', [-1, 1, 7])
+def test_start_up_on_a_malformed_registry_falls_back(ros_context, bundle_dir, tmp_path, want):
+    """A node started on a malformed registry (or head_version that cannot be loaded) starts on a
+    fallback head with a warning instead of refusing to start."""
+    bundle = load_bundle(bundle_dir)
+    for k, (name, index, files) in enumerate(malformed_registries(HeadRegistry(bundle, tmp_path / 'x'),
+                                                                  {'file': 'head_v1.npz'})):
+        state = tmp_path / f's{k}'
+        reg = HeadRegistry(bundle, state)
+        reg.add(toy_head(permute=(2, 0, 1)))
+        for fname, data in files.items():
+            (reg.dir / fname).write_bytes(data)
+        reg.index_path.write_bytes(index if isinstance(index, bytes) else index.encode())
+        node = PerceptionNode(context=ros_context, parameter_overrides=[
+            Parameter('model_bundle', value=str(bundle_dir)), Parameter('state_dir', value=str(state)),
+            Parameter('head_version', value=want)])
+        try:
+            assert node.head_version in (0, 1), name  # v1 (the last good one) or the bundle head
+            assert TOY_CLASSES[node.engine.infer(frame('red'), 'rgb').topk(1)[0][0]] in ('red', 'green')
+            assert node._worker.is_alive()
+        finally:
+            node.destroy_node()
+    # and through DDS: a node on a registry that cannot be parsed at all classifies with the bundle head
+    state = tmp_path / 'deep'
+    HeadRegistry(bundle, state).add(toy_head(permute=(2, 0, 1)))
+    (state / 'heads' / 'index.json').write_text('[' * 100_000 + ']' * 100_000)
+    h = Harness(ros_context, bundle_dir, state, head_version=want)
+    try:
+        assert h.node.head_version == 0 and h.classify('red') == 'red'
+    finally:
+        h.close()

@@ -2,14 +2,27 @@
 
 Data path (one frame):
   subscription callback -> ``_slot`` (deque of length 1: the newest frame wins, never a backlog)
-  -> inference thread -> ``imaging`` (zero-copy view / JPEG decode) -> ``Engine.infer``
-  -> ``~/classification`` (vision_msgs/Classification) [+ ``~/features`` in incremental mode]
+  -> inference thread -> ``imaging`` (zero-copy view / JPEG decode) -> ``Engine.infer`` (NaN/Inf
+  features or scores: ``FrameError`` ``non_finite``) -> ``~/classification`` (vision_msgs/Classification)
+  [+ ``~/features`` in incremental mode, ``~/debug_image`` while enabled and subscribed]
 
 The subscription callback only stores a reference and sets an event; the inference thread never takes
 a lock; a head swap (``~/reload_head``, ``~/rollback``, parameter ``head_version``) validates the new
 head in the service thread and then assigns one reference, so the next frame uses it and no frame is
-dropped. Frames that arrive while one is being inferred replace the waiting one and are counted as
-dropped: ``dropped = received - processed - rejected - waiting`` (exact, without locks).
+dropped; a head that fails to load for any reason is refused and the current head stays. Frames that
+arrive while one is being inferred replace the waiting one and are counted as dropped:
+``dropped = received - processed - rejected - waiting`` (exact, without locks). Every frame the thread
+takes ends as exactly one of: processed (its classification was published) or rejected with a reason
+(an ``imaging`` reason, ``non_finite``, ``inference_error`` for anything else the frame path raises,
+``publish_error`` if the classification could not be published); a failed ``~/features`` or
+``~/debug_image`` after that counts in ``publish_errors``.
+
+Supervision: nothing a frame does ends the inference thread (every ``Exception`` is counted per frame).
+If it ends anyway (``SystemExit``, ``KeyboardInterrupt``, another ``BaseException``) the diagnostics timer
+finds it dead, reports ERROR ``inference thread died: <reason>`` and starts a new one
+(``inference_restarts``). /diagnostics levels describe the last period, not the node's whole life:
+WARN for frames rejected since the previous report, for no frames for ``stale_input_timeout_s``, and
+when the head in use is not the registry's current version; the cumulative counters stay in the values.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ from vision_msgs.msg import Classification, ObjectHypothesis
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
 from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
-from .params import declare_all, run_node
+from .params import declare_all, one_line, run_node
 
 LATENCY_WINDOW = 1024
 
@@ -77,13 +90,25 @@ PARAMETERS = {
                                     'inference; width/height 0 = to the image edge.')),
     'publish_debug_image': (False, dict(text='Publish ~/debug_image (label overlay) while someone '
                                              'subscribes.')),
-    'head_version': (-1, dict(text='Head version to use (-1 = the head registry\'s current version).',
+    'head_version': (-1, dict(text='Head version to use (-1 = the head registry\'s current version). At '
+                                   'start-up a version that cannot be loaded falls back like -1 (with a '
+                                   'warning); at run time it is refused and the current head stays.',
                               int_range=(-1, 1_000_000))),
     'max_image_pixels': (DEFAULT_MAX_PIXELS, dict(text='Frames with more pixels are rejected.',
                                                   int_range=(1, 100_000_000))),
     'diagnostics_period_s': (1.0, dict(text='Diagnostics publishing period.', float_range=(0.1, 60.0),
                                        read_only=True)),
+    'stale_input_timeout_s': (5.0, dict(text='Diagnostics WARN when frames came before but none for this '
+                                             'long (0 = off).', float_range=(0.0, 3600.0))),
 }
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one bounded log/response line; our own error types need no type name."""
+    text = one_line(e)
+    if not isinstance(e, (BundleError, EngineError, FrameError)):
+        text = f'{type(e).__name__}: {text}'
+    return text if len(text) <= 500 else text[:497] + '...'
 
 
 class PerceptionNode(Node):
@@ -101,15 +126,7 @@ class PerceptionNode(Node):
         self.mode = p('deployment_mode')
         if self.mode not in MODES:
             raise EngineError(f'deployment_mode {self.mode!r} is not one of {MODES}')
-        head = None
-        if self.mode != 'full':
-            want = p('head_version')
-            if want >= 0:
-                head = self.registry.load(want)
-            else:
-                head, warn = self.registry.load_current_or_fallback()
-                if warn:
-                    self.get_logger().warning(warn)
+        head = self._initial_head(p('head_version')) if self.mode != 'full' else None
         self.engine = Engine(self.bundle, self.mode, p('num_threads'), p('execution_provider'),
                              use_int8=p('use_int8'), head=head)
         self._top_k = p('top_k')
@@ -117,15 +134,21 @@ class PerceptionNode(Node):
         self._roi = self._roi_tuple(p('roi'))
         self._max_pixels = p('max_image_pixels')
         self._debug = p('publish_debug_image')
+        self._stale_s = p('stale_input_timeout_s')
 
         # counters (written by one thread each; read for diagnostics)
         self.received = 0
         self.processed = 0
         self.rejected = 0
         self.reject_reasons: collections.Counter = collections.Counter()
+        self.publish_errors = 0  # ~/features or ~/debug_image failed after the classification went out
+        self.inference_restarts = 0
+        self._death: str | None = None  # why the inference thread ended (set by that thread)
+        self._t_last_frame = 0.0
         self._lat = np.zeros(LATENCY_WINDOW, np.float64)  # processing latency ring (s)
         self._age = np.zeros(LATENCY_WINDOW, np.float64)  # publish time - header stamp (s)
-        self._last_diag = (time.monotonic(), 0, 0)
+        # at the previous diagnostics: time, received, processed, reject reasons, publish errors
+        self._last_diag = (time.monotonic(), 0, 0, {}, 0)
         self._slot: collections.deque = collections.deque(maxlen=1)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -149,8 +172,7 @@ class PerceptionNode(Node):
         self.create_timer(p('diagnostics_period_s'), self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._worker = threading.Thread(target=self._run, name='edge_tl_inference', daemon=True)
-        self._worker.start()
+        self._start_worker()
         self.get_logger().info(
             f'bundle {self.bundle.name} ({self.bundle.root}), mode {self.mode}, provider '
             f'{self.engine.provider}, head v{self.head_version}, input {self.bundle.input_size}')
@@ -158,6 +180,23 @@ class PerceptionNode(Node):
     # -- parameters --------------------------------------------------------------------------------------
     def _p(self, name):
         return self.get_parameter(name).value
+
+    def _initial_head(self, want: int):
+        """``head_version`` ``want`` if it loads, else what -1 gives: the registry's current head or the last
+        good one before it, else the bundle head; each fallback is warned, none refuses to start."""
+        if want >= 0:
+            try:
+                return self.registry.load(want)
+            except Exception as e:
+                self.get_logger().warning(f'head_version {want} cannot be loaded ({_why(e)}); using the '
+                                          'registry\'s current head instead')
+        try:
+            head, warn = self.registry.load_current_or_fallback()
+        except Exception as e:  # an index the fallback itself cannot read
+            head, warn = self.bundle.head, f'head registry unusable ({_why(e)}), using the bundle head (v0)'
+        if warn:
+            self.get_logger().warning(warn)
+        return head
 
     @staticmethod
     def _roi_tuple(roi):
@@ -180,16 +219,23 @@ class PerceptionNode(Node):
                     updates['_debug'] = bool(prm.value)
                 elif prm.name == 'max_image_pixels':
                     updates['_max_pixels'] = int(prm.value)
+                elif prm.name == 'stale_input_timeout_s':
+                    updates['_stale_s'] = float(prm.value)
                 elif prm.name == 'head_version':
                     if self.mode == 'full':
                         raise EngineError('deployment_mode full cannot swap heads')
                     v = int(prm.value)
                     updates['_head'] = self.registry.load(None if v < 0 else v)
-            except (ValueError, TypeError, BundleError, EngineError) as e:
-                return SetParametersResult(successful=False, reason=f'{prm.name}: {e}')
+            except Exception as e:  # whatever a malformed registry raises: refuse, keep the current head
+                reason = f'{prm.name}: {_why(e)}'
+                self.get_logger().error(f'parameter refused: {reason}')
+                return SetParametersResult(successful=False, reason=reason)
         head = updates.pop('_head', None)
         if head is not None:
-            self._swap(head)
+            try:
+                self._swap(head)
+            except Exception as e:
+                return SetParametersResult(successful=False, reason=f'head_version: {_why(e)}')
         for k, v in updates.items():
             setattr(self, k, v)
         return SetParametersResult(successful=True)
@@ -197,20 +243,43 @@ class PerceptionNode(Node):
     # -- frame path --------------------------------------------------------------------------------------
     def _on_frame(self, msg) -> None:
         """Subscription callback: keep only the newest frame (no copy, no lock, no log)."""
-        self._slot.append((msg, time.monotonic()))
+        t = time.monotonic()
+        self._slot.append((msg, t))
+        self._t_last_frame = t
         self.received += 1
         self._wake.set()
 
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._run, name='edge_tl_inference', daemon=True)
+        self._worker.start()
+        self._wake.set()  # a frame may already be waiting in the slot
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._wake.wait(0.1):
-                continue
-            self._wake.clear()
+        """The inference thread. Each frame taken is counted once, whatever ``_process`` raises; only a
+        ``BaseException`` ends the thread (recorded in ``_death`` for the supervisor)."""
+        try:
+            while not self._stop.is_set():
+                if not self._wake.wait(0.1):
+                    continue
+                self._wake.clear()
+                try:
+                    msg, t_in = self._slot.popleft()
+                except IndexError:
+                    continue
+                done = self.processed + self.rejected  # both written by this thread only
+                try:
+                    self._process(msg, t_in)
+                except BaseException as e:
+                    if self.processed + self.rejected == done:
+                        self._reject('inference_error', _why(e))
+                    if not isinstance(e, Exception):
+                        raise
+        except BaseException as e:
+            self._death = _why(e)
             try:
-                msg, t_in = self._slot.popleft()
-            except IndexError:
-                continue
-            self._process(msg, t_in)
+                self.get_logger().error(f'inference thread died: {self._death}')
+            except Exception:  # logging itself may be gone (shutdown)
+                pass
 
     def _process(self, msg, t_in: float) -> None:
         try:
@@ -219,32 +288,37 @@ class PerceptionNode(Node):
             else:
                 img, order = image_view(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian,
                                         msg.data, self._max_pixels)
-            pred = self.engine.infer(img, order, self._roi)
+            pred = self.engine.infer(img, order, self._roi)  # FrameError non_finite on NaN/Inf
+            out = self._classification(msg.header, pred)
         except FrameError as e:
-            self._reject(e.reason, str(e))
-            return
+            return self._reject(e.reason, str(e))
         except Exception as e:  # never let one frame kill the inference thread
-            self._reject('inference_error', f'{type(e).__name__}: {e}')
-            return
-        names = pred.head.class_names if pred.head is not None else self.bundle.class_names
-        out = Classification()
-        out.header = msg.header
-        out.results = [ObjectHypothesis(class_id=names[i], score=s)
-                       for i, s in pred.topk(self._top_k, self._threshold)] or \
-            [ObjectHypothesis(class_id=names[i], score=s) for i, s in pred.topk(1)]
-        self.pub_cls.publish(out)
-        if self.pub_feat is not None:
-            f = pred.features
-            self.pub_feat.publish(Image(header=msg.header, height=1, width=f.shape[0], encoding='32FC1',
-                                        step=4 * f.shape[0], data=f.astype(np.float32).tobytes()))
-        if self._debug and self.pub_debug.get_subscription_count() > 0:
-            self._publish_debug(msg, img, order, out)
+            return self._reject('inference_error', _why(e))
+        try:
+            self.pub_cls.publish(out)
+        except Exception as e:
+            return self._reject('publish_error', _why(e))
         now = time.monotonic()
         i = self.processed % LATENCY_WINDOW
         self._lat[i] = now - t_in
         st = msg.header.stamp
         self._age[i] = time.time() - (st.sec + st.nanosec * 1e-9)
         self.processed += 1
+        if self.pub_feat is not None:
+            self._output('~/features', self._publish_features, msg, pred)
+        if self._debug:
+            self._output('~/debug_image', self._publish_debug, msg, img, order, out)
+
+    def _classification(self, header, pred) -> Classification:
+        names = pred.head.class_names if pred.head is not None else self.bundle.class_names
+        out = Classification()
+        out.header = header
+        out.results = [ObjectHypothesis(class_id=names[i], score=s)
+                       for i, s in pred.topk(self._top_k, self._threshold)] or \
+            [ObjectHypothesis(class_id=names[i], score=s) for i, s in pred.topk(1)]
+        if not out.results:  # cannot happen with finite scores (the engine checks): never publish none
+            raise FrameError('non_finite', 'no class has a finite score')
+        return out
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected += 1
@@ -252,14 +326,30 @@ class PerceptionNode(Node):
         self.get_logger().warning(f'dropping frame ({self.rejected} so far): {detail}',
                                   throttle_duration_sec=5.0)
 
+    def _output(self, topic: str, publish, *args) -> None:
+        """An optional output after the classification went out: a failure is counted, never raised."""
+        try:
+            publish(*args)
+        except Exception as e:
+            self.publish_errors += 1
+            self.get_logger().warning(f'{topic} not published ({self.publish_errors} so far): {_why(e)}',
+                                      throttle_duration_sec=5.0)
+
+    def _publish_features(self, msg, pred) -> None:
+        f = pred.features
+        self.pub_feat.publish(Image(header=msg.header, height=1, width=f.shape[0], encoding='32FC1',
+                                    step=4 * f.shape[0], data=f.astype(np.float32).tobytes()))
+
     def _publish_debug(self, msg, img, order, out) -> None:
+        if self.pub_debug.get_subscription_count() == 0:
+            return
         import cv2
 
         from ..imaging import to_order
 
         vis = to_order(np.ascontiguousarray(img), order, 'bgr').copy()
-        top = out.results[0]
-        cv2.putText(vis, f'{top.class_id} {top.score:.2f}', (4, max(12, vis.shape[0] // 12)),
+        label = f'{out.results[0].class_id} {out.results[0].score:.2f}' if out.results else 'no result'
+        cv2.putText(vis, label, (4, max(12, vis.shape[0] // 12)),
                     cv2.FONT_HERSHEY_SIMPLEX, max(0.3, vis.shape[1] / 640), (0, 255, 0), 1, cv2.LINE_AA)
         self.pub_debug.publish(Image(header=msg.header, height=vis.shape[0], width=vis.shape[1],
                                      encoding='bgr8', step=vis.shape[1] * 3, data=vis.tobytes()))
@@ -289,9 +379,9 @@ class PerceptionNode(Node):
             self._swap(head)
             response.success, response.message = True, ok.format(head.version)
             self.get_logger().info(response.message)
-        except (BundleError, EngineError, OSError) as e:
+        except Exception as e:  # whatever a malformed index or head file raises: the service answers
             response.success = False
-            response.message = f'{refused}, keeping head v{self.head_version}: {e}'
+            response.message = f'{refused}, keeping head v{self.head_version}: {_why(e)}'
             self.get_logger().error(response.message)
         return response
 
@@ -306,38 +396,86 @@ class PerceptionNode(Node):
         age = self._age[:n] if n else np.zeros(1)
         return {'received': self.received, 'processed': self.processed, 'dropped': self.dropped,
                 'rejected': self.rejected, 'reject_reasons': dict(self.reject_reasons),
+                'publish_errors': self.publish_errors, 'inference_restarts': self.inference_restarts,
                 'latency_p50_ms': float(np.percentile(lat, 50) * 1e3),
                 'latency_p99_ms': float(np.percentile(lat, 99) * 1e3),
                 'stamp_age_p50_ms': float(np.percentile(age, 50) * 1e3),
                 'head_version': self.head_version, 'provider': self.engine.provider}
 
+    def _supervise(self) -> str | None:
+        """Restart a dead inference thread; returns why it died (None while it is alive)."""
+        if self._worker.is_alive() or self._stop.is_set():
+            return None
+        why, self._death = self._death or 'it returned without an error', None
+        self.inference_restarts += 1
+        self.get_logger().error(f'inference thread died: {why}; restarting it '
+                                f'(restart {self.inference_restarts})')
+        self._start_worker()
+        return why
+
+    def _registry_version(self) -> tuple[int | None, str | None]:
+        try:
+            return self.registry.current_version, None
+        except Exception as e:
+            return None, _why(e)
+
     def _publish_diagnostics(self) -> None:
+        """Timer: supervise the inference thread, then publish; an error here never stops the executor."""
+        died = None
+        try:
+            died = self._supervise()
+        except Exception as e:
+            died = f'cannot restart it: {_why(e)}'
+        try:
+            self.pub_diag.publish(self._diagnostics(died))
+        except Exception as e:
+            self.get_logger().error(f'diagnostics not published: {_why(e)}', throttle_duration_sec=5.0)
+
+    def _diagnostics(self, died: str | None) -> DiagnosticArray:
         now = time.monotonic()
-        t0, rin0, out0 = self._last_diag
+        t0, rin0, out0, reasons0, perr0 = self._last_diag
         dt = max(1e-6, now - t0)
         s = self.stats()
-        self._last_diag = (now, s['received'], s['processed'])
+        reasons = s['reject_reasons']
+        self._last_diag = (now, s['received'], s['processed'], reasons, s['publish_errors'])
         fps_in, fps_out = (s['received'] - rin0) / dt, (s['processed'] - out0) / dt
+        registry, registry_error = self._registry_version()
+        problems = []  # (level, text), this period only
+        if died is not None:
+            problems.append((DiagnosticStatus.ERROR, f'inference thread died: {died}'))
+        if s['received'] == 0:
+            problems.append((DiagnosticStatus.WARN, 'no frames received yet'))
+        elif self._stale_s > 0 and now - self._t_last_frame > self._stale_s:
+            problems.append((DiagnosticStatus.WARN, f'no frames for {now - self._t_last_frame:.1f} s'))
+        recent = {k: n - reasons0.get(k, 0) for k, n in sorted(reasons.items()) if n > reasons0.get(k, 0)}
+        if recent:
+            problems.append((DiagnosticStatus.WARN, f'rejected frames: {recent}'))
+        if s['publish_errors'] > perr0:
+            problems.append((DiagnosticStatus.WARN, f'{s["publish_errors"] - perr0} outputs not published'))
+        if registry_error is not None:
+            problems.append((DiagnosticStatus.WARN, f'head registry unreadable: {registry_error}'))
+        elif self.mode != 'full' and self._p('head_version') < 0 and registry != s['head_version']:
+            problems.append((DiagnosticStatus.WARN, f'head v{s["head_version"]} is not the registry\'s '
+                                                    f'current v{registry} (~/reload_head follows it)'))
         st = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: student inference',
                               hardware_id=self.bundle.name)
-        st.level = DiagnosticStatus.OK
-        st.message = 'ok'
-        if s['received'] == 0:
-            st.level, st.message = DiagnosticStatus.WARN, 'no frames received yet'
-        elif s['rejected'] and s['reject_reasons']:
-            st.level, st.message = DiagnosticStatus.WARN, f'rejected frames: {s["reject_reasons"]}'
+        st.level = max((lvl for lvl, _ in problems), default=DiagnosticStatus.OK)
+        st.message = '; '.join(text for _, text in problems) or 'ok'
         kv = {'fps_in': f'{fps_in:.1f}', 'fps_out': f'{fps_out:.1f}', 'frames_in': s['received'],
               'frames_out': s['processed'], 'dropped_frames': s['dropped'], 'rejected_frames': s['rejected'],
               'latency_p50_ms': f'{s["latency_p50_ms"]:.2f}', 'latency_p99_ms': f'{s["latency_p99_ms"]:.2f}',
               'model': self.bundle.name, 'model_path': str(self.bundle.root),
-              'head_version': s['head_version'], 'deployment_mode': self.mode,
-              'execution_provider': s['provider']}
-        for reason, count in sorted(s['reject_reasons'].items()):
+              'head_version': s['head_version'],
+              'registry_version': registry if registry_error is None else 'unreadable',
+              'deployment_mode': self.mode, 'execution_provider': s['provider'],
+              'publish_errors': s['publish_errors'], 'inference_restarts': s['inference_restarts'],
+              'last_frame_age_s': f'{now - self._t_last_frame:.1f}' if s['received'] else 'never'}
+        for reason, count in sorted(reasons.items()):
             kv[f'rejected.{reason}'] = count
         st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = self.get_clock().now().to_msg()
-        self.pub_diag.publish(arr)
+        return arr
 
     def destroy_node(self):
         # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
