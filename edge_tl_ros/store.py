@@ -20,15 +20,19 @@ The store owns its directory and touches nothing it did not write:
 
 - A writable store opens a directory with a valid marker as its own. Without one (or with an unreadable
   one) the directory is claimed -- the marker written -- only when it is empty or holds nothing but
-  regular files named like entries and temp files (a store of an older version); anything else raises
-  :class:`StoreError` and nothing is deleted. A marker of a newer format also raises. ``readonly=True``
-  accepts any directory (no marker needed) and never writes or deletes.
-- Only regular files named exactly like entries (20 digits, a valid stamp) are entries; only regular
-  files named exactly like the store's temp files (entries' or the marker's) are temps. Everything else
-  -- other names, symlinks, FIFOs, sockets, directories -- is never opened, followed or deleted, and is
-  counted in :attr:`FrameStore.skipped` ('foreign', 'not_regular') at each scan. Entries are opened
-  with O_NOFOLLOW | O_NONBLOCK and checked with fstat; files larger than ``max(max_bytes, 64 MiB)`` are
-  not read ('too_large'); the npy members are parsed with bounded reads (no np.load).
+  regular files with names the store writes (entries, temp files; a store of an older version);
+  anything else raises :class:`StoreError` and nothing is deleted. A marker of a newer format also
+  raises. ``readonly=True`` accepts any directory (no marker needed) and never writes or deletes.
+- Only regular files named exactly ``f'f_{stamp:020d}.npz'`` with a valid stamp are entries; only
+  regular files named exactly like atomic_write_bytes' temp files of an entry or the marker are temps
+  (removed at start-up when older than STALE_TMP_S). ``f_-0000000000000000005.npz`` (how older versions
+  stored a negative stamp) is the store's own too but can never be an entry: removed at start-up
+  (counted in ``corrupt_removed``) and by :meth:`FrameStore.wipe`. Everything else -- other names,
+  symlinks, FIFOs, sockets, directories -- is never followed, read or deleted, and is counted in
+  :attr:`FrameStore.skipped` ('foreign', 'not_regular'; also 'too_large', 'unreadable') at each scan.
+  Entries are opened with O_NOFOLLOW | O_NONBLOCK and checked with fstat (a FIFO never blocks); files
+  larger than ``max(max_bytes, 64 MiB)`` are not read ('too_large'); the npy members are parsed with
+  bounded reads (no np.load, no pickle, no allocation sized by an untrusted header).
 
 Bounds (count, bytes, age) hold at all times: room is made (oldest ``created`` first) *before* a new
 file is written. :meth:`FrameStore.add` validates its input once, here: an invalid stamp, non-finite
@@ -40,8 +44,8 @@ validated; truncated, corrupt or non-finite ones are removed and counted in
 :attr:`FrameStore.corrupt_removed`, and stale temp files of crashed writers are deleted. Entries that
 turn bad later (another writer, a read-only store) are skipped by :meth:`FrameStore.entries` and counted
 in :attr:`FrameStore.skipped_non_finite` (non-finite arrays) -- one bad entry never poisons a round.
-:meth:`FrameStore.wipe` deletes entries and temps only (never the marker or foreign files);
-:meth:`FrameStore.remaining_entries` says how many entries are still on disk. Nothing in the store is
+:meth:`FrameStore.wipe` deletes entries and temps only (never the marker or foreign files) and
+:meth:`FrameStore.remaining_entries` says how many entry files are still on disk. Nothing in the store is
 ever published.
 """
 
@@ -76,8 +80,9 @@ READ_LIMIT = 64 << 20  # entries larger than max(max_bytes, READ_LIMIT) are neve
 MAX_META_BYTES = 1 << 16
 MAX_LABEL_CHARS = 1024
 MAX_CROP_SIDE = 4096  # crops whose PNG header claims more pixels per side are not decoded
-_NAME = re.compile(r'^f_(\d{20})\.npz$')
-_TMP = re.compile(r'^\.(f_\d{20}\.npz|' + re.escape(MARKER) + r')\.[A-Za-z0-9_]+\.tmp$')
+_NAME = re.compile(r'^f_([0-9]{20})\.npz$')  # an entry: f'f_{stamp:020d}.npz', 0 <= stamp < 2**63
+_ANY_NAME = re.compile(r'^f_(-?[0-9]+)\.npz$')
+_TMP = re.compile(r'^\.(.+)\.[A-Za-z0-9_]+\.tmp$')  # atomic_write_bytes: '.' + name + '.' + random + '.tmp'
 _REQUIRED = ('meta', 'features', 'probs', 'crop')
 _META_KEYS = ('stamp', 'created', 'label', 'source', 'top', 'conf')
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
@@ -134,10 +139,24 @@ def _stamp(x) -> int | None:
     return x if 0 <= x < STAMP_LIMIT else None
 
 
+def _kind(name: str) -> str | None:
+    """What a file name is to the store: 'entry', 'legacy' (the name an older version gave an invalid
+    stamp, e.g. f_-0000000000000000005.npz), 'tmp' (a temp file of either or of the marker), 'marker',
+    or None (a name the store never writes)."""
+    if name == MARKER:
+        return 'marker'
+    m = _TMP.match(name)
+    if m:
+        return 'tmp' if m.group(1) == MARKER or _kind(m.group(1)) in ('entry', 'legacy') else None
+    m = _ANY_NAME.match(name)
+    if not m or f'f_{int(m.group(1)):020d}.npz' != name:
+        return None
+    return 'entry' if _stamp(int(m.group(1))) is not None else 'legacy'
+
+
 def _entry_stamp(name: str) -> int | None:
     """The stamp of an entry file name (exactly the name the store writes), else None."""
-    m = _NAME.match(name)
-    return _stamp(int(m.group(1))) if m else None
+    return int(name[2:-4]) if _kind(name) == 'entry' else None
 
 
 def _listdir(root: Path) -> list[tuple[str, os.stat_result | None]]:
@@ -204,7 +223,7 @@ class FrameStore:
         if _marker_format(self.root / MARKER) == FORMAT:
             return
         foreign = sorted(n for n, st in _listdir(self.root)
-                         if st is not None and not (_regular(st) and _own_name(n)))
+                         if st is not None and not (_regular(st) and _kind(n)))
         if foreign:
             raise StoreError(f'store_dir {self.root} holds files the frame store did not write '
                              f'(e.g. {", ".join(foreign[:3])}); choose an empty or dedicated directory')
@@ -245,24 +264,29 @@ class FrameStore:
             skipped: dict[str, int] = {}
             now = time.time()
             for name, st in _listdir(self.root):
-                if st is None or name == MARKER:
+                kind = _kind(name)
+                if st is None or kind == 'marker':
                     continue
-                stamp = _entry_stamp(name)
-                why = ('foreign' if stamp is None and not _TMP.match(name) else
-                       'not_regular' if not _regular(st) else
-                       'too_large' if stamp is not None and st.st_size > self.read_limit else None)
+                why = ('foreign' if kind is None else 'not_regular' if not _regular(st) else
+                       'bad_stamp' if kind == 'legacy' and self.readonly else
+                       'too_large' if kind == 'entry' and st.st_size > self.read_limit else None)
                 if why is not None:
                     skipped[why] = skipped.get(why, 0) + 1
                     continue
                 path = self.root / name
-                if stamp is None:  # one of our temp files
+                if kind == 'tmp':
                     if not self.readonly and now - st.st_mtime > STALE_TMP_S:
                         _unlink(path)
                     continue
+                if kind == 'legacy':  # ours, but no entry can have that stamp (outside every cap)
+                    self.corrupt_removed += 1
+                    _unlink(path)
+                    continue
+                stamp = int(name[2:-4])
                 if self.readonly:  # a round's worker: entries() validates what it reads
                     index[stamp] = _Meta(path, st.st_size, 0.0, None, None)
                     continue
-                z, why = _load(path, ('meta', 'features', 'probs'), self.read_limit, stamp)
+                z, why = _load(path, _REQUIRED, self.read_limit, stamp)
                 if z is not None:
                     m = z['meta']
                     index[stamp] = _Meta(path, st.st_size, float(m['created']), m['label'], m['source'])
@@ -454,11 +478,11 @@ class FrameStore:
         removed = 0
         with self._lock:
             for name, st in _listdir(self.root):
-                is_entry = _entry_stamp(name) is not None
-                if _regular(st) and (is_entry or _TMP.match(name)):
+                kind = _kind(name)
+                if _regular(st) and kind in ('entry', 'legacy', 'tmp'):
                     try:
                         os.unlink(self.root / name)
-                        removed += is_entry
+                        removed += kind != 'tmp'
                     except FileNotFoundError:
                         pass
                     except OSError as e:
@@ -467,8 +491,9 @@ class FrameStore:
         return removed
 
     def remaining_entries(self) -> int:
-        """Entry files on disk right now (regular files named like entries; not foreign files)."""
-        return sum(_regular(st) and _entry_stamp(n) is not None for n, st in _listdir(self.root))
+        """Entry files on disk right now (regular files named like entries, legacy names included; never
+        foreign files)."""
+        return sum(_regular(st) and _kind(n) in ('entry', 'legacy') for n, st in _listdir(self.root))
 
     # -- reading ---------------------------------------------------------------------------------------
     def stamps(self) -> list[int]:
@@ -573,11 +598,6 @@ def _pack(meta: dict, features: np.ndarray, probs: np.ndarray, crop: np.ndarray)
                      probs=probs, crop=crop)
 
 
-def _own_name(name: str) -> bool:
-    """A name only the store writes: the marker, an entry or one of its temp files."""
-    return name == MARKER or _entry_stamp(name) is not None or bool(_TMP.match(name))
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -599,13 +619,12 @@ def _open_regular(path: Path, limit: int):
         return None, 'vanished'
     except OSError as e:  # ELOOP: a symlink; ENXIO: a socket; EACCES, ...
         return None, 'not_regular' if e.errno in (errno.ELOOP, errno.ENXIO) else 'unreadable'
-    f = os.fdopen(fd, 'rb')
     st = os.fstat(fd)
     why = 'not_regular' if not stat.S_ISREG(st.st_mode) else 'too_large' if st.st_size > limit else None
     if why is not None:
-        f.close()
+        os.close(fd)
         return None, why
-    return f, None
+    return os.fdopen(fd, 'rb'), None
 
 
 def _marker_format(path: Path):
@@ -618,10 +637,12 @@ def _marker_format(path: Path):
             fmt = json.loads(f.read().decode()).get('format')
     except Exception:  # garbage: the directory is checked as if unmarked
         return None
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        return None
+    if fmt > FORMAT:
         raise StoreError(f'store_dir {path.parent} was written by a newer frame store (format {fmt}, '
                          f'this one reads {FORMAT})')
-    return fmt if fmt == FORMAT and not isinstance(fmt, bool) else None
+    return fmt
 
 
 def _npy(zf: zipfile.ZipFile, key: str, limit: int) -> np.ndarray:

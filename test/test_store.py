@@ -306,10 +306,17 @@ def test_marker_created_adopted_and_foreign_directory_refused(tmp_path):
     for p in files(st.root):
         (old / p.name).write_bytes(p.read_bytes())
     (old / '.f_00000000000000000003.npz.a1_b2.tmp').write_bytes(b'half')
+    legacy = old / f'f_{-5:020d}.npz'  # how the old version stored a negative stamp (an unusable entry)
+    legacy.write_bytes((st.root / entry(1)).read_bytes())
+    (old / f'.{legacy.name}.x.tmp').write_bytes(b'half')
+    (old / f'.{MARKER}.Zz_9.tmp').write_bytes(b'{"form')  # power loss while an older run marked it
+    ro = FrameStore(old, readonly=True)
+    assert ro.stamps() == [1, 2] and ro.skipped == {'bad_stamp': 1} and not (old / MARKER).exists()
     adopted = FrameStore(old)
     assert adopted.stamps() == [1, 2] and (old / MARKER).is_file()
+    assert adopted.corrupt_removed == 1 and not legacy.exists()
     # a directory with anything else: refused with a clear error, nothing deleted or written
-    for junk in ('notes.txt', 'f_1.npz', '.f_1.npz.abc.tmp', 'f_-0000000000000000001.npz'):
+    for junk in ('notes.txt', 'f_1.npz', '.f_1.npz.abc.tmp', 'f_-1.npz', 'f_٠٠٠٠٠٠٠٠٠٠٠٠٠٠٠٠٠٠٠١.npz'):
         d = tmp_path / f'user_{len(junk)}_{junk[0]}'
         d.mkdir()
         (d / junk).write_bytes(b'user data')
@@ -341,7 +348,7 @@ def test_marked_store_leaves_foreign_and_non_regular_files_alone(tmp_path):
     outside = tmp_path / 'outside.npz'
     outside.write_bytes((st.root / entry(1)).read_bytes())  # a valid entry: following would "work"
     old = time.time() - 3600
-    for name in ('notes.tmp', '.other.tmp', '.f_1.npz.abc.tmp', 'f_1.npz', 'f_-0000000000000000001.npz',
+    for name in ('notes.tmp', '.other.tmp', '.f_1.npz.abc.tmp', 'f_1.npz', 'f_-1.npz',
                  '.f_00000000000000000009.npz.abc.tmp.bak'):
         (st.root / name).write_bytes(b'not ours')
         os.utime(st.root / name, (old, old))
@@ -443,7 +450,7 @@ def test_wipe_reports_what_is_left(tmp_path, monkeypatch):
     st = FrameStore(tmp_path / 's', crop_size=(8, 8))
     for i in range(4):
         add(st, rng, i)
-    (st.root / 'f_-0000000000000000001.npz').write_bytes(b'x')  # not an entry name: not counted
+    (st.root / 'f_-1.npz').write_bytes(b'x')  # not a name the store writes: not counted, not deleted
     real = os.unlink
     stuck = str(st.root / entry(2))
 
@@ -457,4 +464,4 @@ def test_wipe_reports_what_is_left(tmp_path, monkeypatch):
     assert st.remaining_entries() == 1 and st.stamps() == [2] and 'Permission denied' in st.last_error
     monkeypatch.setattr(os, 'unlink', real)
     assert st.wipe() == 1 and st.remaining_entries() == 0 and len(st) == 0
-    assert (st.root / 'f_-0000000000000000001.npz').exists() and (st.root / MARKER).exists()
+    assert (st.root / 'f_-1.npz').exists() and (st.root / MARKER).exists()
