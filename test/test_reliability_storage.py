@@ -5,7 +5,10 @@
 - a per-process file size limit (EFBIG, no root needed) while writing a head;
 - power loss mid-write: torn (truncated) head files, stale temp files, an orphan head file;
 - a read-only state directory (tmpfs remounted read-only as root, ``chmod`` otherwise);
-- concurrent writers: two processes adding heads, two processes adding labelled entries.
+- concurrent writers: two processes adding heads, two processes adding labelled entries;
+- a store directory the frame store does not own (the state directory, a folder of user files), an
+  unmarked store of the previous version after a power loss, and a round's worker on a store directory
+  holding a FIFO, a socket, symlinks, a directory and a huge file named like entries.
 
 Invariant everywhere: no accepted head and no stored label is ever lost or corrupted; the index and the
 current head survive every failed write; the store's caps hold. (FrameStore's own ENOSPC/EFBIG, torn
@@ -16,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -26,7 +30,7 @@ import numpy as np
 import pytest
 
 from edge_tl_ros.bundle import BundleError, Head, HeadRegistry, load_bundle
-from edge_tl_ros.store import FrameStore
+from edge_tl_ros.store import MARKER, FrameStore, StoreError
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames, toy_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -457,3 +461,110 @@ def test_adaptation_node_on_full_disk(toy, tmp_path, ros_context):
             for n in (adapt, perc, io.node):
                 n.destroy_node()
         assert json.loads((state / 'heads' / 'index.json').read_text())['current'] == 1
+
+
+# -- a store directory the store does not own, hostile contents, an upgrade ------------------------------
+def _tree(root: Path) -> dict:
+    """Every path under ``root`` -> (file type, bytes of regular files / a symlink's target)."""
+    out = {}
+    for p in [root, *root.rglob('*')]:
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), p.read_bytes() if stat.S_ISREG(st.st_mode)
+                                         else os.readlink(p) if p.is_symlink() else None)
+    return out
+
+
+def test_store_dir_holding_user_files_is_refused_untouched(toy, tmp_path):
+    """store_dir misconfigured to the state directory itself (heads live there) or to a folder of the
+    user's files: the store refuses with the reason and deletes nothing -- not even files named like
+    its own entries (an unmarked directory's f_*.npz may be someone else's)."""
+    reg, _ = _state_with_heads_and_store(toy, tmp_path / 'state')
+    before = _tree(tmp_path / 'state')
+    with pytest.raises(StoreError, match=r'did not write .*heads.*choose an empty or dedicated directory'):
+        FrameStore(tmp_path / 'state')
+    pictures = tmp_path / 'Pictures'
+    pictures.mkdir()
+    (pictures / 'holiday.png').write_bytes(b'\x89PNG user photo')
+    (pictures / 'f_00000000000000000001.npz').write_bytes(b'someone else\'s array')
+    (pictures / '.f_00000000000000000002.npz.abc.tmp').write_bytes(b'an editor\'s temp file')
+    os.utime(pictures / '.f_00000000000000000002.npz.abc.tmp', (1e9, 1e9))  # "stale"
+    (pictures / 'link').symlink_to(tmp_path / 'state' / 'heads')
+    pics = _tree(pictures)
+    with pytest.raises(StoreError, match='holiday.png'):
+        FrameStore(pictures, max_entries=1)
+    assert _tree(pictures) == pics and _tree(tmp_path / 'state') == before
+    assert_registry_sound(reg, expect_current=2)
+
+
+def test_upgrade_of_an_unmarked_store_after_power_loss(tmp_path):
+    """A store written by the previous version (no marker) that lost power mid-write: a torn entry, temp
+    files of an entry and of the marker, and a negative-stamp entry the old version could write. The new
+    store adopts it, keeps every intact label, removes only its own unusable files and marks it."""
+    root = tmp_path / 'store'
+    st = FrameStore(root, crop_size=(8, 8))
+    rng = np.random.default_rng(7)
+    imgs, y = toy_frames(rng, 6)
+    for i, (img, lab) in enumerate(zip(imgs, y)):
+        st.add(100 + i, img, rng.normal(size=8).astype(np.float32), np.full(3, 1 / 3, np.float32),
+               TOY_CLASSES[lab], 'topic')
+    labels = dict(zip(st.labelled().stamps.tolist(), st.labelled().labels))
+    (root / MARKER).unlink()  # what the previous version left: entries only
+    torn = root / f'f_{105:020d}.npz'
+    torn.write_bytes(torn.read_bytes()[:300])
+    del labels[105]
+    old = time.time() - 3600
+    for name in (f'.f_{106:020d}.npz.k2j3.tmp', f'.{MARKER}.a9_b.tmp', f'f_{-3:020d}.npz'):
+        (root / name).write_bytes(b'half')
+        os.utime(root / name, (old, old))
+    new = FrameStore(root, max_entries=100)
+    assert dict(zip(new.labelled().stamps.tolist(), new.labelled().labels)) == labels
+    assert new.corrupt_removed == 2 and new.skipped == {}
+    assert sorted(p.name for p in root.iterdir()) == [MARKER] + [f'f_{s:020d}.npz' for s in sorted(labels)]
+    assert json.loads((root / MARKER).read_text())['format'] == 1
+
+
+def test_round_worker_on_a_hostile_store_dir(tmp_path, monkeypatch):
+    """A round's worker process opens the store read-only while the directory holds a FIFO named like an
+    entry (np.load on it blocks forever), a symlink named like an entry to an entry outside the store,
+    a directory, a socket and a huge sparse file: it finishes, reads only the real entries and changes
+    nothing; the writing store skips the same files and never deletes them."""
+    import socket
+
+    root = tmp_path / 'store'
+    st = FrameStore(root, crop_size=(8, 8))
+    other = FrameStore(tmp_path / 'other', crop_size=(8, 8))
+    rng = np.random.default_rng(8)
+    for s, store in ((10, st), (11, st), (12, st), (13, st), (20, other)):
+        store.add(s, rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.normal(size=8).astype(np.float32),
+                  np.full(3, 1 / 3, np.float32), 'red', 'topic')
+    outside = other.root / f'f_{20:020d}.npz'  # a valid entry: following the link would "work"
+    os.mkfifo(root / f'f_{1:020d}.npz')
+    (root / f'f_{20:020d}.npz').symlink_to(outside)
+    (root / f'f_{3:020d}.npz').mkdir()
+    monkeypatch.chdir(root)  # a relative socket path (AF_UNIX paths are limited to 108 bytes)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(f'f_{4:020d}.npz')
+    with open(root / f'f_{5:020d}.npz', 'wb') as f:
+        f.truncate((64 << 20) + 1)
+    before, outside_bytes = _tree(root), outside.read_bytes()
+    code = textwrap.dedent(f'''
+        from edge_tl_ros.store import FrameStore
+        st = FrameStore({str(root)!r}, readonly=True)
+        arr = st.entries()
+        crops, found = st.crops(st.stamps())
+        print(sorted(arr.stamps.tolist()), sorted(found.tolist()), sorted(st.skipped.items()))
+    ''')
+    try:
+        r = subprocess.run([sys.executable, '-c', code], env=ENV, cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail('the read-only store blocked on a non-regular file')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split('\n')[0] == ("[10, 11, 12, 13] [10, 11, 12, 13] "
+                                       "[('not_regular', 4), ('too_large', 1)]"), r.stdout
+    writer = FrameStore(root)
+    writer.rescan()
+    assert writer.stamps() == [10, 11, 12, 13] and writer.corrupt_removed == 0
+    assert writer.skipped == {'not_regular': 4, 'too_large': 1}
+    assert _tree(root) == before and outside.read_bytes() == outside_bytes
+    sock.close()
