@@ -1,11 +1,18 @@
-"""Crash-safe file writes: write to a temporary file in the same directory, fsync, rename."""
+"""Crash-safe file writes (write to a temporary file in the same directory, fsync, rename) and bounded
+reads: :func:`read_bounded` and :func:`load_npz` check a file's type and size before reading it, so a FIFO,
+a huge file or a zip bomb is refused without blocking or allocating."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
+import stat
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +66,116 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load an ``.npz`` with pickle disabled; raises ValueError with the path on any corruption."""
+NPZ_MAX_BYTES = 256 << 20  # default bound on the total inflated size of an .npz's arrays
+NPZ_MAX_MEMBERS = 64
+_MEMBER = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.npy')
+
+
+def _open_regular(path: str | os.PathLike, max_bytes: int):
+    """``path`` opened for reading (binary) after checking it is a regular file of at most ``max_bytes``
+    bytes (never blocks on a FIFO). OSError if it cannot be opened, ValueError if it is not acceptable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError) as e:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f'{path}: not a regular file')
+        if st.st_size > max_bytes:
+            raise ValueError(f'{path}: {st.st_size} bytes, more than the {max_bytes} allowed')
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` if it holds at most ``max_bytes`` (else ValueError)."""
+    with _open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the check
+        raise ValueError(f'{path}: more than the {max_bytes} bytes allowed')
+    return data
+
+
+class _Refused(ValueError):
+    pass
+
+
+def npz_file_bound(max_bytes: int) -> int:
+    """The largest .npz file whose arrays inflate to at most ``max_bytes``."""
+    # stored members take their size plus headers; deflate can grow incompressible data by ~0.03 %
+    return max_bytes + max_bytes // 512 + (1 << 20)
+
+
+def load_npz(path: str | os.PathLike, max_bytes: int = NPZ_MAX_BYTES, max_members: int = NPZ_MAX_MEMBERS,
+             data: bytes | None = None) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` (from ``path``, or from ``data`` read from it) with pickle disabled.
+
+    Checked before anything is inflated or allocated: at most ``max_members`` members, each a plain
+    ``<name>.npy`` (no directories), stored or deflated (no other compression, no encryption), their total
+    inflated size (from the zip directory, which ``zipfile`` enforces while inflating) at most
+    ``max_bytes``, and each ``.npy`` header's shape x itemsize equal to its member's size (so a header
+    claiming terabytes allocates nothing). Deflate cannot exceed ~1032:1, so the total bound also bounds the
+    work. Raises ValueError naming the path on any problem.
+    """
+    try:
+        if data is None:
+            f = _open_regular(path, npz_file_bound(max_bytes))
+        elif len(data) > npz_file_bound(max_bytes):
+            raise _Refused(f'{len(data)} bytes, more than the {npz_file_bound(max_bytes)} allowed')
+        else:
+            f = io.BytesIO(data)
+        with f:
+            return _read_npz(f, max_bytes, max_members)
+    except _Refused as e:
+        raise ValueError(f'{path}: refused npz file: {e}') from e
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
         raise ValueError(f'{path}: not a valid npz file ({e.__class__.__name__}: {e})') from e
-    except Exception as e:  # zipfile.BadZipFile and friends
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ...
         raise ValueError(f'{path}: not a valid npz file ({e.__class__.__name__}: {e})') from e
+
+
+def _read_npz(f, max_bytes: int, max_members: int) -> dict[str, np.ndarray]:
+    size = f.seek(0, os.SEEK_END)
+    tail = min(size, 22 + 65535)  # the end-of-central-directory record, found like zipfile finds it
+    f.seek(size - tail)
+    buf = f.read(tail)
+    i = buf.rfind(b'PK\x05\x06')
+    if i >= 0 and len(buf) - i >= 22:
+        count, cd_size = struct.unpack('<HL', buf[i + 10:i + 16])
+        if count > max_members or cd_size > max_members * 1024:
+            raise _Refused(f'zip directory of {count} members / {cd_size} bytes (at most {max_members} '
+                           'arrays allowed)')
+    f.seek(0)
+    with zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise _Refused(f'{len(infos)} members, more than {max_members}')
+        total = sum(info.file_size for info in infos)
+        if total > max_bytes:
+            raise _Refused(f'its arrays would inflate to {total} bytes, more than the {max_bytes} allowed')
+        out = {}
+        for info in infos:
+            name = info.filename
+            if not _MEMBER.fullmatch(name) or name[:-4] in out:
+                raise _Refused(f'member {name[:80]!r} is not a plain, unique <name>.npy array')
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
+                raise _Refused(f'member {name!r} is encrypted or uses compression {info.compress_type}')
+            with zf.open(info) as m:
+                version = np.lib.format.read_magic(m)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(m)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(m)
+                else:
+                    raise _Refused(f'member {name!r}: unsupported .npy format {version}')
+                if dtype.hasobject:
+                    raise _Refused(f'member {name!r} holds Python objects; not loaded (allow_pickle=False)')
+                nbytes = math.prod(shape) * dtype.itemsize
+                if min(shape, default=0) < 0 or m.tell() + nbytes != info.file_size:
+                    raise _Refused(f'member {name!r}: header says shape {shape} of {dtype} ({nbytes} bytes), '
+                                   f'the member holds {info.file_size - m.tell()}')
+            with zf.open(info) as m:
+                out[name[:-4]] = np.lib.format.read_array(m, allow_pickle=False)
+        return out
