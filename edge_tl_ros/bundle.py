@@ -2,7 +2,7 @@
 
 A bundle is a directory ``models/<name>/``::
 
-    manifest.yaml      format_version, task, class_names, input (size, colour order, normalisation),
+    manifest.yaml      format_version, name, task, class_names, input (size, colour order, normalisation),
                        feature_size, files, sha256 of every file, metrics (+ the data they came from),
                        creation command
     backbone.onnx      image [N,3,H,W] float32 (normalised) -> features [N,D] float32
@@ -11,10 +11,15 @@ A bundle is a directory ``models/<name>/``::
     backbone.int8.onnx optional: statically quantised backbone (QDQ), used when it pays
     anchor.npz         optional: source-domain anchor set, features [M,D] + labels [M] (no images)
 
+File paths in the manifest are relative, inside the bundle (no absolute path, no ``..``). An ONNX file
+whose tensors live in external data files may only reference files inside the bundle that the manifest's
+``sha256`` covers (list them under ``files``). Class names are 1..``MAX_CLASSES`` unique strings of at
+most ``MAX_CLASS_NAME_CHARS`` characters without control characters (:func:`check_class_name`).
+
 Head versions written on the robot (by the adaptation node) live in a *state directory*, not in the
 (possibly read-only, installed) bundle: ``<state_dir>/heads/head_v<N>.npz`` plus ``index.json``; see
-:class:`HeadRegistry`. ``load_bundle`` validates everything and raises :class:`BundleError` with one
-clear message on any mismatch.
+:class:`HeadRegistry`. Everything read from disk is validated once here: ``load_bundle`` and the registry
+raise :class:`BundleError` (a ValueError) with one clear line on any problem, never another exception.
 """
 
 from __future__ import annotations
@@ -22,38 +27,116 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
+import mmap
+import numbers
 import os
+import re
+import stat
 import time
+import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import yaml
 
-from .atomic import atomic_write_bytes, atomic_write_json, load_npz, npz_bytes
+from .atomic import atomic_write_bytes, atomic_write_json, load_npz, npz_bytes, read_bounded
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 COLOR_ORDERS = ('rgb', 'bgr')
+MAX_CLASSES = 10_000  # classes of a bundle or head (new classes learnt on the robot included)
+MAX_CLASS_NAME_CHARS = 256
+MAX_FEATURE_SIZE = 8192
+MAX_INPUT_SIDE = 8192  # network input height / width
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_VERSION = 10**15 - 1
+_ONNX_KEYS = ('backbone', 'full', 'backbone_int8')
+_SHA256 = re.compile(r'[0-9a-f]{64}')
+_BAD_CHAR_CATEGORIES = ('Cc', 'Cs', 'Zl', 'Zp')  # control characters, lone surrogates, line breaks
 
 
 class BundleError(ValueError):
     """A model bundle or head file is missing, corrupt, or inconsistent with its manifest."""
 
 
+def _short(x, n: int = 60) -> str:
+    r = repr(x) if not isinstance(x, (dict, list, tuple)) or len(x) < 20 else f'<{type(x).__name__}>'
+    return r if len(r) <= n else r[:n] + '...'
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never blocks on a FIFO
+    with os.fdopen(fd, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise BundleError(f'{path}: not a regular file')
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_class_name(name) -> str | None:
+    """Why ``name`` cannot be a class name, or None if it can: a non-empty string of at most
+    ``MAX_CLASS_NAME_CHARS`` characters without control characters, line breaks or lone surrogates."""
+    if not isinstance(name, str):
+        return f'not a string ({type(name).__name__})'
+    if not name.strip():
+        return 'empty'
+    if len(name) > MAX_CLASS_NAME_CHARS:
+        return f'longer than {MAX_CLASS_NAME_CHARS} characters'
+    if not name.isprintable() and any(unicodedata.category(c) in _BAD_CHAR_CATEGORIES for c in name):
+        return 'contains control characters'
+    return None
+
+
+def _check_class_names(names, what: str) -> tuple[str, ...]:
+    """``names`` as a tuple of str, or BundleError saying what is wrong with it."""
+    if isinstance(names, np.ndarray):
+        names = names.tolist() if names.ndim == 1 else None
+    if not isinstance(names, (list, tuple)):
+        raise BundleError(f'{what} must be a list of strings, got {type(names).__name__}')
+    if not 1 <= len(names) <= MAX_CLASSES:
+        raise BundleError(f'{what}: {len(names)} classes, must be 1..{MAX_CLASSES}')
+    for i, c in enumerate(names):
+        why = check_class_name(c)
+        if why is not None:
+            raise BundleError(f'{what}: class name #{i} {_short(c)} is {why}')
+    names = tuple(str(c) for c in names)
+    if len(set(names)) != len(names):
+        seen = set()
+        dup = next(c for c in names if c in seen or seen.add(c))
+        raise BundleError(f'{what}: class name {dup[:60]!r} appears more than once')
+    return names
+
+
+def _float32_array(x, what: str) -> np.ndarray:
+    try:
+        a = np.asarray(x)
+        if a.dtype.kind not in 'fiu':
+            raise BundleError(f'{what} must be numeric, got dtype {a.dtype}')
+        with np.errstate(over='ignore', invalid='ignore'):
+            return a.astype(np.float32, order='C', copy=False)  # (ascontiguousarray would make 0-d 1-d)
+    except (ValueError, TypeError, OverflowError) as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f'{what} is not a numeric array ({type(e).__name__}: {str(e)[:100]})') from e
+
+
+def head_max_bytes(feature_size: int) -> int:
+    """Bound on the inflated arrays of a head file with ``feature_size`` features: weight and bias of up to
+    ``MAX_CLASSES`` classes plus their names (what :meth:`HeadRegistry.add` can write)."""
+    return 4 * MAX_CLASSES * (int(feature_size) + 1 + MAX_CLASS_NAME_CHARS) + (1 << 16)
 
 
 @dataclass(frozen=True)
 class Head:
     """A linear classifier on backbone features: ``logits = features @ weight.T + bias``.
 
-    Immutable, so the perception node can swap the whole object with one reference assignment.
+    Immutable, so the perception node can swap the whole object with one reference assignment. Validated
+    on construction (BundleError): numeric finite arrays of matching shapes, 1..``MAX_CLASSES`` unique
+    valid class names (:func:`check_class_name`), 1..``MAX_FEATURE_SIZE`` features, version >= 0.
     """
 
     weight: np.ndarray  # [C, D] float32
@@ -62,21 +145,34 @@ class Head:
     version: int = 0
 
     def __post_init__(self):
-        w = np.ascontiguousarray(self.weight, dtype=np.float32)
-        b = np.ascontiguousarray(self.bias, dtype=np.float32).reshape(-1)
-        if w.ndim != 2:
+        w = _float32_array(self.weight, 'head weight')
+        b = _float32_array(self.bias, 'head bias')
+        if w.ndim != 2 or 0 in w.shape:
             raise BundleError(f'head weight must be 2-D [classes, features], got shape {w.shape}')
-        if b.shape[0] != w.shape[0] or len(self.class_names) != w.shape[0]:
-            raise BundleError(
-                f'head has {w.shape[0]} weight rows, {b.shape[0]} biases and '
-                f'{len(self.class_names)} class names; they must agree')
+        if b.ndim != 1:
+            raise BundleError(f'head bias must be 1-D [classes], got shape {b.shape}')
+        if w.shape[1] > MAX_FEATURE_SIZE:
+            raise BundleError(f'head has {w.shape[1]} features, more than {MAX_FEATURE_SIZE}')
+        names = self.class_names
+        if isinstance(names, np.ndarray) and names.ndim == 1:
+            names = names.tolist()
+        if not isinstance(names, (list, tuple)):
+            raise BundleError(f'head class_names must be a list of strings, got {type(names).__name__}')
+        if not b.shape[0] == w.shape[0] == len(names):
+            raise BundleError(f'head has {w.shape[0]} weight rows, {b.shape[0]} biases and {len(names)} '
+                              'class names; they must agree')
+        names = _check_class_names(names, 'head class_names')
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
-            raise BundleError('head contains NaN or Inf')
+            raise BundleError('head contains NaN or Inf (or values beyond float32)')
+        v = self.version
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= MAX_VERSION:
+            raise BundleError(f'head version must be an integer in 0..{MAX_VERSION}, got {_short(v)}')
         w.setflags(write=False)
         b.setflags(write=False)
         object.__setattr__(self, 'weight', w)
         object.__setattr__(self, 'bias', b)
-        object.__setattr__(self, 'class_names', tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, 'class_names', names)
+        object.__setattr__(self, 'version', int(v))
 
     @property
     def num_classes(self) -> int:
@@ -98,25 +194,38 @@ class Head:
         return atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, version: int | None = None) -> 'Head':
+    def load(cls, path: str | os.PathLike, version: int | None = None,
+             max_bytes: int = head_max_bytes(MAX_FEATURE_SIZE), data: bytes | None = None) -> 'Head':
+        """Load a head file (or its bytes ``data``, already read from ``path``); BundleError on any problem.
+        ``max_bytes`` bounds the inflated arrays (:func:`head_max_bytes` of the bundle's feature size)."""
         path = Path(path)
-        if not path.is_file():
+        if data is None and not path.is_file():
             raise BundleError(f'head file not found: {path}')
-        with open(path, 'rb') as f:
-            magic = f.read(4)
-        if magic != b'PK\x03\x04':
-            raise BundleError(f'{path}: not an npz head file (refusing to unpickle or guess the format)')
         try:
-            z = load_npz(path)
-        except ValueError as e:
-            raise BundleError(str(e)) from e
+            if data is None:
+                with open(path, 'rb') as f:
+                    magic = f.read(4)
+            else:
+                magic = data[:4]
+            if magic != b'PK\x03\x04':
+                raise BundleError(f'{path}: not an npz head file (refusing to unpickle or guess the format)')
+            z = load_npz(path, max_bytes=max_bytes, data=data)
+        except (ValueError, OSError) as e:
+            raise BundleError(str(e) if isinstance(e, ValueError) else f'{path}: cannot read it ({e})') from e
         missing = {'weight', 'bias', 'class_names'} - set(z)
         if missing:
             raise BundleError(f'{path}: head file lacks {sorted(missing)}')
+        names = z['class_names']
+        if names.dtype.kind != 'U' or names.ndim != 1:
+            raise BundleError(f'{path}: class_names must be a 1-D array of strings, got {names.dtype} '
+                              f'{names.shape}')
         if version is None:
-            version = int(z['version']) if 'version' in z else 0
+            v = z.get('version', np.int64(0))
+            if v.shape != () or v.dtype.kind not in 'iu':
+                raise BundleError(f'{path}: version must be one integer, got {v.dtype} {v.shape}')
+            version = int(v)
         try:
-            return cls(z['weight'], z['bias'], tuple(z['class_names'].tolist()), version)
+            return cls(z['weight'], z['bias'], tuple(names.tolist()), version)
         except BundleError as e:
             raise BundleError(f'{path}: {e}') from e
 
@@ -170,6 +279,94 @@ class ModelBundle:
 REQUIRED_KEYS = ('format_version', 'name', 'task', 'class_names', 'input', 'feature_size', 'files', 'sha256')
 
 
+def _safe_rel(rel) -> str | None:
+    """``rel`` normalised if it is a relative path inside the bundle (no absolute path, no ``..``)."""
+    if not isinstance(rel, str) or not rel or '\x00' in rel or '\\' in rel:
+        return None
+    p = PurePosixPath(rel)
+    if p.is_absolute() or '..' in p.parts or str(p) == '.':
+        return None
+    return str(p)
+
+
+def _is_int(x, lo: int, hi: int) -> bool:
+    return type(x) is int and lo <= x <= hi  # not bool, not float
+
+
+def _is_real(x, lo: float, hi: float) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x)) and lo <= float(x) <= hi
+    except OverflowError:
+        return False
+
+
+def _check_manifest(m, mpath: Path) -> dict:
+    """Validate every field :class:`ModelBundle` and :func:`load_bundle` read; normalise file paths."""
+    def bad(what):
+        return BundleError(f'{mpath}: {what}')
+
+    if not isinstance(m, dict):
+        raise bad('manifest must be a mapping')
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise bad(f'missing keys {missing}')
+    fv = m['format_version']
+    if type(fv) is not int or fv not in SUPPORTED_FORMAT_VERSIONS:
+        raise bad(f'manifest format_version {_short(fv)} is not supported by this edge_tl_ros (supports '
+                  f'{list(SUPPORTED_FORMAT_VERSIONS)}); re-export the bundle or upgrade')
+    name = m['name']
+    if (check_class_name(name) is not None or len(name) > 128 or '/' in name or '\\' in name
+            or name in ('.', '..')):
+        raise bad(f'name must be a short string usable as a directory name, got {_short(name)}')
+    if not isinstance(m['task'], str):
+        raise bad(f'task must be a string, got {_short(m["task"])}')
+    try:
+        _check_class_names(m['class_names'], 'class_names')
+    except BundleError as e:
+        raise bad(e) from None
+    inp = m['input']
+    if not isinstance(inp, dict):
+        raise bad(f'input must be a mapping, got {_short(inp)}')
+    for k in ('height', 'width', 'color_order', 'mean', 'std'):
+        if k not in inp:
+            raise bad(f'input.{k} missing')
+    for k in ('height', 'width'):
+        if not _is_int(inp[k], 1, MAX_INPUT_SIDE):
+            raise bad(f'input.{k} must be an integer in 1..{MAX_INPUT_SIDE}, got {_short(inp[k])}')
+    if not isinstance(inp['color_order'], str) or inp['color_order'] not in COLOR_ORDERS:
+        raise bad(f'input.color_order must be one of {COLOR_ORDERS}')
+    mean, std = inp['mean'], inp['std']
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3
+            and all(_is_real(v, -1e6, 1e6) for v in mean) and all(_is_real(v, 1e-6, 1e6) for v in std)):
+        raise bad('input.mean/std must be 3 finite values each, |mean| <= 1e6, std > 0 (1e-6..1e6)')
+    if not _is_int(m['feature_size'], 1, MAX_FEATURE_SIZE):
+        raise bad(f'feature_size must be an integer in 1..{MAX_FEATURE_SIZE}, '
+                  f'got {_short(m["feature_size"])}')
+    files, sha = m['files'], m['sha256']
+    if not isinstance(files, dict):
+        raise bad(f'files must be a mapping of key: relative path, got {_short(files)}')
+    if not isinstance(sha, dict):
+        raise bad(f'sha256 must be a mapping of relative path: hex digest, got {_short(sha)}')
+    for k in ('backbone', 'head'):
+        if k not in files:
+            raise bad(f'files.{k} missing')
+    norm = {}
+    for k, rel in files.items():
+        if not isinstance(k, str) or _safe_rel(rel) is None:
+            raise bad(f'files.{_short(k)}: {_short(rel)} must be a relative path inside the bundle '
+                      '(no absolute path, no "..")')
+        norm[k] = _safe_rel(rel)
+    norm_sha = {}
+    for rel, digest in sha.items():
+        if _safe_rel(rel) is None or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise bad(f'sha256 entry {_short(rel)}: {_short(digest)} must map a relative path inside the '
+                      'bundle to 64 lowercase hex digits')
+        norm_sha[_safe_rel(rel)] = digest
+    return {**m, 'files': norm, 'sha256': norm_sha}
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
     root = Path(root)
     mpath = root / 'manifest.yaml'
@@ -178,86 +375,146 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not mpath.is_file():
         raise BundleError(f'{root}: no manifest.yaml (is this a model bundle directory?)')
     try:
-        manifest = yaml.safe_load(mpath.read_text())
+        manifest = yaml.safe_load(read_bounded(mpath, MAX_MANIFEST_BYTES).decode('utf-8'))
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        raise BundleError(f'{mpath}: invalid YAML{where}: {getattr(e, "problem", None) or e}') from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise BundleError(f'{mpath}: cannot read the manifest ({type(e).__name__}: {e})') from e
-    if not isinstance(manifest, dict):
-        raise BundleError(f'{mpath}: manifest must be a mapping')
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f'{mpath}: missing keys {missing}')
-    if manifest['format_version'] not in SUPPORTED_FORMAT_VERSIONS:
-        raise BundleError(
-            f'{mpath}: manifest format_version {manifest["format_version"]!r} is not supported by this '
-            f'edge_tl_ros (supports {list(SUPPORTED_FORMAT_VERSIONS)}); re-export the bundle or upgrade')
-    inp = manifest['input']
-    for k in ('height', 'width', 'color_order', 'mean', 'std'):
-        if k not in inp:
-            raise BundleError(f'{mpath}: input.{k} missing')
-    if inp['color_order'] not in COLOR_ORDERS:
-        raise BundleError(f'{mpath}: input.color_order must be one of {COLOR_ORDERS}')
-    if len(inp['mean']) != 3 or len(inp['std']) != 3 or min(inp['std']) <= 0:
-        raise BundleError(f'{mpath}: input.mean/std must be 3 values, std > 0')
-    for k in ('backbone', 'head'):
-        if k not in manifest['files']:
-            raise BundleError(f'{mpath}: files.{k} missing')
-    return manifest
+        why = ' '.join(str(getattr(e, 'problem', None) or e).split())
+        raise BundleError(f'{mpath}: invalid YAML{where}: {why}') from e
+    except RecursionError as e:
+        raise BundleError(f'{mpath}: invalid YAML: nested too deeply') from e
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise BundleError(f'{mpath}: cannot read the manifest ({type(e).__name__}: {str(e)[:200]})') from e
+    return _check_manifest(manifest, mpath)
 
 
 def load_bundle(root: str | os.PathLike, verify_hashes: bool = True, check_onnx: bool = True) -> ModelBundle:
-    """Load and validate a bundle. Raises :class:`BundleError` with a clear message on any problem."""
+    """Load and validate a bundle. Raises :class:`BundleError` with a clear message on any problem.
+
+    With ``verify_hashes`` every listed file and every external data file an ONNX file references is
+    checked against the manifest's sha256 (an uncovered external data file is refused)."""
     root = Path(root).expanduser()
     manifest = read_manifest(root)
-    files = {}
-    for key, rel in manifest['files'].items():
+    files, verified = {}, set()
+
+    def verify(rel: str, what: str) -> None:
         p = root / rel
         if not p.is_file():
-            raise BundleError(f'{root}: file {rel!r} ({key}) listed in manifest.yaml is missing')
-        files[key] = p
-        if verify_hashes:
+            raise BundleError(f'{root}: file {rel!r} ({what}) listed in manifest.yaml is '
+                              f'{"not a regular file" if p.exists() else "missing"}')
+        if verify_hashes and rel not in verified:
             want = manifest['sha256'].get(rel)
             if want is None:
                 raise BundleError(f'{root}: manifest.yaml has no sha256 for {rel!r}')
-            got = sha256_file(p)
+            try:
+                got = sha256_file(p)
+            except OSError as e:
+                raise BundleError(f'{root}: cannot read {rel!r} ({e})') from e
             if got != want:
                 raise BundleError(
                     f'{root}: sha256 mismatch for {rel!r} (manifest {want[:12]}..., file {got[:12]}...); '
                     'the file is corrupt or was replaced')
-    head = Head.load(files['head'], version=0)
+            verified.add(rel)
+
+    for key, rel in manifest['files'].items():
+        verify(rel, key)
+        files[key] = root / rel
+    for key, rel in manifest['files'].items():
+        if key in _ONNX_KEYS or rel.endswith('.onnx'):
+            for loc in _onnx_external_data(files[key]):
+                ext = _safe_rel(str(PurePosixPath(rel).parent / loc)) if _safe_rel(loc) else None
+                if ext is None:
+                    raise BundleError(f'{files[key]}: ONNX external data {loc[:100]!r} lies outside the '
+                                      'bundle')
+                if verify_hashes and ext not in manifest['sha256']:
+                    raise BundleError(f'{root}: ONNX external data {ext!r} of {rel!r} is not covered by '
+                                      'manifest sha256 (list it under files)')
+                verify(ext, f'external data of {key}')
+    fs = manifest['feature_size']
+    head = Head.load(files['head'], version=0, max_bytes=head_max_bytes(fs))
     classes = tuple(manifest['class_names'])
     if head.class_names != classes:
         raise BundleError(f'{root}: head has {head.num_classes} classes {list(head.class_names)[:5]}..., '
                           f'manifest lists {len(classes)}; they must match')
-    if head.feature_size != int(manifest['feature_size']):
-        raise BundleError(f'{root}: head expects {head.feature_size} features, manifest feature_size is '
-                          f'{manifest["feature_size"]}')
+    if head.feature_size != fs:
+        raise BundleError(f'{root}: head expects {head.feature_size} features, manifest feature_size is {fs}')
     anchor = None
     if 'anchor' in files:
-        z = _load_npz_checked(files['anchor'])
-        if 'features' not in z or 'labels' not in z:
-            raise BundleError(f'{files["anchor"]}: anchor set needs arrays features and labels')
-        feats, labels = z['features'].astype(np.float32), z['labels'].astype(np.int64)
-        if feats.ndim != 2 or feats.shape[1] != head.feature_size or len(labels) != len(feats):
-            raise BundleError(f'{files["anchor"]}: anchor features {feats.shape} / labels {labels.shape} '
-                              f'do not fit feature_size {head.feature_size}')
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise BundleError(f'{files["anchor"]}: anchor labels outside 0..{len(classes) - 1}')
-        anchor = (feats, labels)
+        anchor = _load_anchor(files['anchor'], fs, len(classes))
     bundle = ModelBundle(root=root, manifest=manifest, head=head, anchor=anchor, files=files)
     if check_onnx:
         _check_onnx_shapes(bundle)
     return bundle
 
 
-def _load_npz_checked(path: Path) -> dict:
+def _load_anchor(path: Path, feature_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return load_npz(path)
+        z = load_npz(path)
     except ValueError as e:
         raise BundleError(str(e)) from e
+    if 'features' not in z or 'labels' not in z:
+        raise BundleError(f'{path}: anchor set needs arrays features and labels')
+    feats, labels = z['features'], z['labels']
+    if feats.dtype.kind not in 'fiu' or labels.dtype.kind not in 'iu':
+        raise BundleError(f'{path}: anchor features ({feats.dtype}) must be numeric, labels ({labels.dtype}) '
+                          'integers')
+    with np.errstate(over='ignore', invalid='ignore'):
+        feats, labels = feats.astype(np.float32), labels.astype(np.int64)
+    if feats.ndim != 2 or feats.shape[1] != feature_size or labels.shape != (len(feats),):
+        raise BundleError(f'{path}: anchor features {feats.shape} / labels {labels.shape} '
+                          f'do not fit feature_size {feature_size}')
+    if not np.isfinite(feats).all():
+        raise BundleError(f'{path}: anchor features contain NaN or Inf')
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise BundleError(f'{path}: anchor labels outside 0..{num_classes - 1}')
+    return feats, labels
+
+
+def _onnx_external_data(path: Path) -> list[str]:
+    """The external data locations the ONNX file ``path`` references. ONNX Runtime needs a ``location``
+    key for any external tensor, so a file without those bytes has none (no parse, no onnx import)."""
+    try:
+        with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm.find(b'location') < 0:
+                return []
+    except ValueError:  # an empty file cannot be mapped: ONNX Runtime refuses it later
+        return []
+    except OSError as e:
+        raise BundleError(f'{path}: cannot read it ({e})') from e
+    try:
+        import onnx
+    except ImportError as e:
+        raise BundleError(f'{path}: may reference external data; the onnx package is needed to check '
+                          'it') from e
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BundleError(f'{path}: not a valid ONNX file ({type(e).__name__}: {str(e)[:100]})') from e
+    graphs = [model.graph] + [g for t in model.training_info for g in (t.initialization, t.algorithm)]
+    attr_lists = [f.attribute_proto for f in model.functions]
+    nodes = [n for f in model.functions for n in f.node]
+    tensors, locations = [], set()
+    while graphs or nodes or attr_lists:  # every tensor of every (sub)graph, node attribute and function
+        if graphs:
+            g = graphs.pop()
+            tensors += g.initializer
+            tensors += [t for s in g.sparse_initializer for t in (s.values, s.indices)]
+            nodes += g.node
+        elif nodes:
+            attr_lists.append(nodes.pop().attribute)
+        else:
+            for a in attr_lists.pop():
+                tensors += ([a.t] if a.HasField('t') else []) + list(a.tensors)
+                sparse = ([a.sparse_tensor] if a.HasField('sparse_tensor') else []) + list(a.sparse_tensors)
+                tensors += [t for s in sparse for t in (s.values, s.indices)]
+                graphs += ([a.g] if a.HasField('g') else []) + list(a.graphs)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            loc = {e.key: e.value for e in t.external_data}.get('location', '')
+            if not loc:
+                raise BundleError(f'{path}: tensor {t.name[:60]!r} has external data without a location')
+            locations.add(loc)
+    return sorted(locations)
 
 
 def _check_onnx_shapes(bundle: ModelBundle) -> None:
@@ -277,7 +534,10 @@ def _check_onnx_shapes(bundle: ModelBundle) -> None:
             sess = ort.InferenceSession(str(p), so, providers=['CPUExecutionProvider'])
         except Exception as e:  # onnxruntime raises its own exception types
             raise BundleError(f'{p}: cannot be loaded by ONNX Runtime (truncated or corrupt?): '
-                              f'{str(e).splitlines()[0][:200]}') from e
+                              f'{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}') from e
+        if len(sess.get_inputs()) != 1 or not sess.get_outputs():
+            raise BundleError(f'{p}: needs exactly one input and an output, has {len(sess.get_inputs())} '
+                              f'inputs and {len(sess.get_outputs())} outputs')
         ishape = sess.get_inputs()[0].shape
         oshape = sess.get_outputs()[0].shape
         if len(ishape) != 4 or ishape[1] != 3 or ishape[2] != h or ishape[3] != w:
