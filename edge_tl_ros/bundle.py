@@ -25,8 +25,10 @@ raise :class:`BundleError` (a ValueError) with one clear line on any problem, ne
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import json
 import math
 import mmap
 import numbers
@@ -41,7 +43,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import yaml
 
-from .atomic import atomic_write_bytes, atomic_write_json, load_npz, npz_bytes, read_bounded
+from .atomic import (atomic_write_bytes, atomic_write_json, load_npz, npz_bytes, npz_file_bound,
+                     read_bounded)
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -51,9 +54,13 @@ MAX_CLASS_NAME_CHARS = 256
 MAX_FEATURE_SIZE = 8192
 MAX_INPUT_SIDE = 8192  # network input height / width
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_INDEX_BYTES = 4 << 20  # heads/index.json
 MAX_VERSION = 10**15 - 1
+STRAY_AGE_S = 60.0  # an unregistered head_v<N>.npz / temp file this old is a crash leftover
 _ONNX_KEYS = ('backbone', 'full', 'backbone_int8')
 _SHA256 = re.compile(r'[0-9a-f]{64}')
+_VERSION_KEY = re.compile(r'[1-9][0-9]{0,14}')
+_STRAY = re.compile(r'head_v(?P<v>[1-9][0-9]*)\.npz|\.(head_v[0-9]+\.npz|index\.json)\.[A-Za-z0-9_]+\.tmp')
 _BAD_CHAR_CATEGORIES = ('Cc', 'Cs', 'Zl', 'Zp')  # control characters, lone surrogates, line breaks
 
 
@@ -556,35 +563,100 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> Path:
     return atomic_write_bytes(root / 'manifest.yaml', text.encode())
 
 
+def _as_version(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= MAX_VERSION:
+        raise BundleError(f'head version must be an integer in 0..{MAX_VERSION}, got {_short(v)}')
+    return int(v)
+
+
 class HeadRegistry:
     """Versioned heads of one bundle, kept in ``<state_dir>/heads``.
 
     Version 0 is the bundle's own ``head.npz``. Each accepted adaptation writes ``head_v<N>.npz``
-    (atomically) and appends to ``index.json`` (also atomic): ``{"current": N, "accepted": [0, .., N],
-    "versions": {"N": {"file", "sha256", "created", "metrics"}}}``. ``rollback()`` moves ``current`` to
-    the previous accepted version. Files are never deleted by rollback, so it can be undone with
-    ``activate``.
+    (atomically) and registers it in ``index.json`` (also atomic)::
+
+        {"current": N, "accepted": [0, .., N],
+         "versions": {"N": {"file": "head_v<N>.npz", "sha256": <hex>, "created", "metrics", ...}}}
+
+    ``rollback()`` moves ``current`` to the previous accepted version (and drops the later ones from
+    ``accepted``; their files stay, so ``activate`` can undo it). A version loads only if its file's sha256
+    (required, checked before the file is parsed) matches the index. The index is validated as a whole
+    when read (:meth:`_validate_index`): anything malformed is a BundleError, and
+    :meth:`load_current_or_fallback` then uses the bundle head.
+
+    Retention: with ``keep_versions`` > 0, :meth:`add` deletes the oldest registered versions beyond the
+    newest ``keep_versions`` (file and index entry, and from ``accepted``), never the current version,
+    its rollback target or v0 (the bundle's file is never touched), plus unregistered ``head_v<N>.npz``
+    and temp files older than ``STRAY_AGE_S`` (crash leftovers; everything happens under the lock).
+    0 (the default) keeps everything; the adaptation node passes its ``keep_head_versions`` parameter.
+
+    ``heads/.lock`` is opened without following symlinks: a symlink or non-regular file there is a
+    BundleError, never a file created elsewhere. ``heads`` itself may be a symlink (state on another
+    volume is the operator's choice); a dangling one reads as "no adapted heads" and writes fail with
+    the OS error.
     """
 
-    def __init__(self, bundle: ModelBundle, state_dir: str | os.PathLike):
+    def __init__(self, bundle: ModelBundle, state_dir: str | os.PathLike, keep_versions: int = 0):
+        try:
+            keep_versions = _as_version(keep_versions)
+        except BundleError:
+            raise ValueError(f'keep_versions must be an integer >= 0, got {keep_versions!r}') from None
         self.bundle = bundle
+        self.keep_versions = int(keep_versions)
         self.dir = Path(state_dir).expanduser() / 'heads'
         self.index_path = self.dir / 'index.json'
 
     # -- index ---------------------------------------------------------------------------------------
     def _read_index(self) -> dict:
-        import json
-
-        if not self.index_path.is_file():
-            return {'current': 0, 'accepted': [0], 'versions': {}}
         try:
-            idx = json.loads(self.index_path.read_text())
-            idx['accepted'] = [int(v) for v in idx['accepted']]
-            idx['current'] = int(idx['current'])
-            return idx
-        except (ValueError, KeyError, TypeError) as e:
-            raise BundleError(f'{self.index_path}: corrupt head index ({e}); '
-                              'delete it to fall back to the bundle head') from e
+            data = read_bounded(self.index_path, MAX_INDEX_BYTES)
+        except FileNotFoundError:
+            return {'current': 0, 'accepted': [0], 'versions': {}}
+        except (OSError, ValueError) as e:
+            raise self._corrupt(f'{type(e).__name__}: {e}') from e
+        try:
+            obj = json.loads(data.decode('utf-8'))
+        except RecursionError as e:
+            raise self._corrupt('nested too deeply') from e
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a too long integer
+            raise self._corrupt(' '.join(str(e).split())[:200]) from e
+        return self._validate_index(obj)
+
+    def _corrupt(self, why: str) -> BundleError:
+        return BundleError(f'{self.index_path}: corrupt head index ({why}); delete it to fall back to the '
+                           'bundle head')
+
+    def _validate_index(self, obj) -> dict:
+        """The index normalised (``current`` and ``accepted`` ints, ``versions`` keyed by canonical
+        positive integer strings, each a dict) or BundleError. ``current`` must be 0 or registered;
+        ``accepted`` entries that are not registered are dropped, 0 comes first. Entries' other fields
+        (sha256 included) are checked where they are used."""
+        if not isinstance(obj, dict):
+            raise self._corrupt(f'top level is {type(obj).__name__}, not an object')
+        versions = obj.get('versions')
+        if not isinstance(versions, dict):
+            raise self._corrupt(f'"versions" must be an object, got {_short(versions)}')
+        for key, meta in versions.items():
+            if not _VERSION_KEY.fullmatch(key):
+                raise self._corrupt(f'version key {_short(key)} is not an integer in 1..{MAX_VERSION}')
+            if not isinstance(meta, dict):
+                raise self._corrupt(f'version {key} is {_short(meta)}, not an object')
+            if meta.get('file', f'head_v{key}.npz') != f'head_v{key}.npz':
+                raise self._corrupt(f'version {key} names file {_short(meta.get("file"))}, '
+                                    f'not head_v{key}.npz')
+        cur, acc = obj.get('current'), obj.get('accepted')
+        if not _is_int(cur, 0, MAX_VERSION) or (cur and str(cur) not in versions):
+            raise self._corrupt(f'"current" must be 0 or a registered version, got {_short(cur)}')
+        if not isinstance(acc, list) or not all(_is_int(v, 0, MAX_VERSION) for v in acc):
+            raise self._corrupt(f'"accepted" must be a list of versions, got {_short(acc)}')
+        acc = [0] + [v for v in acc if v and str(v) in versions]
+        return {**obj, 'current': cur, 'accepted': acc, 'versions': {k: dict(m) for k, m in versions.items()}}
+
+    def _write_index(self, idx: dict) -> None:
+        if len(json.dumps(idx, indent=2, sort_keys=True)) >= MAX_INDEX_BYTES:
+            raise BundleError(f'{self.index_path}: the head index would exceed {MAX_INDEX_BYTES} bytes; '
+                              'keep fewer versions (keep_versions / keep_head_versions)')
+        atomic_write_json(self.index_path, idx)
 
     def index(self) -> dict:
         return self._read_index()
@@ -603,20 +675,29 @@ class HeadRegistry:
 
     def load(self, version: int | None = None) -> Head:
         """Load a version (default: current) and validate it against the bundle."""
-        idx = self._read_index()
-        if version is None:
-            version = idx['current']
+        return self._load_from(self._read_index(), version)
+
+    def _load_from(self, idx: dict, version) -> Head:
+        version = _as_version(idx['current'] if version is None else version)
         if version == 0:
             return self.bundle.head
         meta = idx['versions'].get(str(version))
         if meta is None:
             raise BundleError(f'head version {version} is not registered in {self.index_path}')
+        want = meta.get('sha256')
+        if not isinstance(want, str) or not _SHA256.fullmatch(want):
+            raise BundleError(f'head version {version}: the index has no valid sha256 for it (required)')
         p = self.path_of(version)
-        if not p.is_file():
-            raise BundleError(f'head version {version}: file {p} is missing')
-        if meta.get('sha256') and sha256_file(p) != meta['sha256']:
+        bound = head_max_bytes(self.bundle.feature_size)
+        try:
+            data = read_bounded(p, npz_file_bound(bound))
+        except FileNotFoundError as e:
+            raise BundleError(f'head version {version}: file {p} is missing') from e
+        except (OSError, ValueError) as e:
+            raise BundleError(f'head version {version}: {e}') from e
+        if hashlib.sha256(data).hexdigest() != want:
             raise BundleError(f'head version {version}: sha256 mismatch, {p} is corrupt')
-        head = Head.load(p, version=version)
+        head = Head.load(p, version=version, max_bytes=bound, data=data)
         self.check_compatible(head)
         return head
 
@@ -629,40 +710,55 @@ class HeadRegistry:
             raise BundleError(f'head v{head.version} class names do not start with the bundle\'s '
                               f'{len(base)} classes')
 
-    def load_current_or_fallback(self) -> tuple[Head, str | None]:
-        """The current head; if it is unreadable, walk back through accepted versions.
+    @staticmethod
+    def _rollback_target(idx: dict) -> int | None:
+        acc, cur = idx['accepted'], idx['current']
+        pos = acc.index(cur) if cur in acc else len(acc)
+        return acc[pos - 1] if pos else None
 
-        Returns ``(head, warning)``; the warning explains a fallback (None if none was needed).
+    def load_current_or_fallback(self) -> tuple[Head, str | None]:
+        """The current head; if it is unusable, the previous accepted versions in turn, else the bundle head.
+
+        Never raises. Returns ``(head, warning)``; the warning explains a fallback (None if none was
+        needed). The index is read once (linear in the number of versions tried).
         """
         try:
             idx = self._read_index()
         except BundleError as e:
-            return self.bundle.head, str(e)
-        for v in reversed([v for v in idx['accepted'] if v <= idx['current']] or [0]):
+            return self.bundle.head, f'{e}; using the bundle head (v0)'
+        acc, cur = idx['accepted'], idx['current']
+        pos = acc.index(cur) if cur in acc else len(acc)
+        first_error = None
+        for v in dict.fromkeys([cur, *reversed(acc[:pos]), 0]):
             try:
-                head = self.load(v)
-                warn = None if v == idx['current'] else f'head v{idx["current"]} unusable, using v{v}'
-                return head, warn
-            except BundleError:
+                head = self._load_from(idx, v)
+            except BundleError as e:
+                first_error = first_error or str(e)
                 continue
+            return head, None if first_error is None else f'head v{cur} unusable ({first_error}), using v{v}'
         return self.bundle.head, 'no usable adapted head, using the bundle head (v0)'
 
     @contextlib.contextmanager
     def _locked(self):
         """Serialise read-modify-write of ``index.json`` across threads and processes (``flock`` on
         ``heads/.lock``; released by the kernel if the holder dies). Without a writable directory there
-        is nothing to serialise: the write that follows fails with the real error."""
-        fd = None
-        try:
+        is nothing to serialise: the write that follows fails with the real error. The lock file is never
+        followed through a symlink (BundleError), so nothing is created outside the state directory."""
+        lock = self.dir / '.lock'
+        with contextlib.suppress(OSError):
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.dir / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
+        fd = None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
             try:
-                fd = os.open(self.dir / '.lock', os.O_RDONLY)
-            except OSError:
-                fd = None
+                fd = os.open(lock, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+                break
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise BundleError(f'{lock} is a symbolic link; refusing to follow it (remove it)') from e
         try:
             if fd is not None:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise BundleError(f'{lock} is not a regular file (remove it)')
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -670,7 +766,8 @@ class HeadRegistry:
                 os.close(fd)  # releases the lock
 
     def add(self, head: Head, metrics: dict | None = None, activate: bool = True) -> Head:
-        """Write ``head`` as the next version (atomic), register it, and make it current.
+        """Write ``head`` as the next version (atomic), register it, and make it current; then apply
+        retention (``keep_versions``).
 
         Safe against concurrent writers (threads or processes) and write failures (ENOSPC, EROFS, ...):
         on any error the index and the current head are unchanged and no new file is left behind.
@@ -689,25 +786,59 @@ class HeadRegistry:
             if activate:
                 idx['accepted'].append(version)
                 idx['current'] = version
+            doomed = self._prune(idx, version) if self.keep_versions else []
             try:
-                atomic_write_json(self.index_path, idx)
+                self._write_index(idx)
             except BaseException:
                 try:  # not registered: do not leave an orphan version file behind
                     p.unlink()
                 except OSError:
                     pass
                 raise
+            for v in doomed:  # unregistered now: a crash before the unlink leaves a stray, removed later
+                with contextlib.suppress(OSError):
+                    self.path_of(v).unlink()
+            if self.keep_versions:
+                self._remove_strays(idx)
         return head
+
+    def _prune(self, idx: dict, new_version: int) -> list[int]:
+        """Drop the oldest registered versions beyond ``keep_versions`` from ``idx``; return them."""
+        registered = sorted(int(v) for v in idx['versions'])
+        keep = {*registered[-self.keep_versions:], idx['current'], self._rollback_target(idx), new_version}
+        doomed = [v for v in registered if v not in keep]
+        for v in doomed:
+            del idx['versions'][str(v)]
+        gone = set(doomed)
+        idx['accepted'] = [v for v in idx['accepted'] if v not in gone]
+        return doomed
+
+    def _remove_strays(self, idx: dict) -> None:
+        """Unregistered ``head_v<N>.npz`` and temp files older than STRAY_AGE_S (called under the lock,
+        so no writer of ours is between writing such a file and registering it)."""
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for e in entries:
+            m = _STRAY.fullmatch(e.name)
+            if m is None or (m['v'] and m['v'] in idx['versions']):
+                continue
+            with contextlib.suppress(OSError):
+                old = now - e.stat(follow_symlinks=False).st_mtime > STRAY_AGE_S
+                if old and e.is_file(follow_symlinks=False):
+                    os.unlink(e.path)
 
     def activate(self, version: int) -> Head:
         """Make a registered version current (validating it first)."""
         with self._locked():
-            head = self.load(version)
             idx = self._read_index()
-            if version not in idx['accepted']:
-                idx['accepted'].append(version)
-            idx['current'] = version
-            atomic_write_json(self.index_path, idx)
+            head = self._load_from(idx, version)
+            if head.version not in idx['accepted']:
+                idx['accepted'].append(head.version)
+            idx['current'] = head.version
+            self._write_index(idx)
         return head
 
     def rollback(self) -> Head:
@@ -720,10 +851,10 @@ class HeadRegistry:
             if pos == 0:
                 raise BundleError('already at the first accepted head (v0); nothing to roll back to')
             prev = acc[pos - 1]
-            head = self.load(prev)
+            head = self._load_from(idx, prev)
             idx['accepted'] = acc[:pos]
             idx['current'] = prev
-            atomic_write_json(self.index_path, idx)
+            self._write_index(idx)
         return head
 
 
