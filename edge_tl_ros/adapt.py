@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bundle import Head, HeadRegistry, ModelBundle
+from .bundle import MAX_CLASSES, Head, HeadRegistry, ModelBundle, check_class_name
 from .headtrain import accuracy, class_weights, train_head
 from .store import LABEL_SOURCES, FrameStore, StoreArrays
 
@@ -229,8 +229,11 @@ class Adapter:
         unknown = sorted({names[i] for i in keep} - known)
         dropped = 0
         if unknown and cfg.allow_new_classes:
+            # a new class needs a valid name and room under the bound; labels of the others are dropped
+            unknown = [c for c in unknown if check_class_name(c) is None][:max(0, MAX_CLASSES - len(known))]
             class_names += unknown
-        elif unknown:
+            known |= set(unknown)
+        if any(names[i] not in known for i in keep):
             before = len(keep)
             keep = [i for i in keep if names[i] in known]
             dropped = before - len(keep)

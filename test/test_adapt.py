@@ -177,6 +177,26 @@ def test_new_classes(toy, tmp_path):
     assert reg.load().class_names[-1] == 'purple'
 
 
+def test_new_classes_are_bounded(toy, tmp_path, monkeypatch):
+    """allow_new_classes admits only valid names, and no more classes than the bound (a 1 MB label
+    made a 176 MB head file per version)."""
+    import edge_tl_ros.adapt as adapt
+
+    _, X, y = shifted(8, 90)
+    labels = names(y)
+    bad = ['x' * 1_000_000, 'tab\there', 'line\nbreak']
+    for k, i in enumerate(range(0, 90, 3)):
+        labels[i] = bad[k % 3] if k < 9 else f'new{k % 7}'
+    ad = Adapter(toy, None, AdaptConfig(allow_new_classes=True))
+    ld = ad.gather((X, labels, ['topic'] * 90), toy.head)
+    assert sorted(ld.new_classes) == [f'new{k}' for k in range(7)]
+    assert ld.dropped_unknown == 9 and len(ld.labels) == 81
+    monkeypatch.setattr(adapt, 'MAX_CLASSES', len(TOY_CLASSES) + 2)  # room for two more classes only
+    ld = ad.gather((X, labels, ['topic'] * 90), toy.head)
+    assert len(ld.class_names) == len(TOY_CLASSES) + 2 and ld.new_classes == ('new0', 'new1')
+    assert set(ld.labels.tolist()) <= set(range(len(TOY_CLASSES) + 2))
+
+
 def test_select_prefers_uncertain_and_disagreeing(toy):
     ad = Adapter(toy, None, AdaptConfig(seed=1))
     n = 4000
