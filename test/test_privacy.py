@@ -221,7 +221,9 @@ def test_store_limits_and_wipe_through_the_node(ros_context, tmp_path):
         assert wait_for(lambda: 0 in node._pending and node.status()['pending_labels'] >= 1, 5)
         r = io.call(io.node.create_client(Trigger, '/adaptation/wipe_store'))
         assert r.success and 'wiped 10' in r.message
-        assert not list((state / 'store').iterdir()) and node.status()['pending_labels'] == 0
+        # only the store's ownership marker stays (no frame data in it)
+        assert [p.name for p in (state / 'store').iterdir()] == ['.edge_tl_store']
+        assert node.status()['pending_labels'] == 0
     finally:
         ex.shutdown(timeout_sec=2)
         node.destroy_node()

@@ -1,11 +1,14 @@
 """adaptation_node: collects frames and labels on the robot and trains better heads, off the hot path.
 
 Data path:
-  ``image`` (or ``image/compressed``) callback -> a small bounded queue (newest frames win) -> worker
-  thread: decode (zero-copy view) -> own student :class:`Engine` (1 thread, low priority) -> features +
-  probs -> keep it? (labelled, or sampled at ``sample_rate_hz`` and chosen by ``selection``) ->
-  :class:`FrameStore` (crash-safe, bounded). With ``use_perception_features`` (perception in deployment
-  mode ``incremental``) the backbone features come from ``<perception_node>/features`` by stamp instead.
+  ``image`` (or ``image/compressed``) callback -> a queue bounded by bytes (newest frames win) -> worker
+  thread: decode (zero-copy view) -> shrink to the store's RGB crop + the student's input size (the
+  full frame is released here; :mod:`edge_tl_ros.recent` remembers the small copies a late label may
+  still claim, bounded by ``memory_max_bytes``) -> own student :class:`Engine` (1 thread, low priority)
+  -> features + probs -> keep it? (labelled, or sampled at ``sample_rate_hz`` and chosen by
+  ``selection``) -> :class:`FrameStore` (crash-safe, bounded). With ``use_perception_features``
+  (perception in deployment mode ``incremental``) the backbone features come from
+  ``<perception_node>/features`` by stamp instead (malformed or non-finite ones are counted and ignored).
   ``labels`` (vision_msgs/Classification: the labelled frame's stamp + results[0].class_id) -> the same
   worker: label the stored entry with that stamp, or store the recent frame with that stamp, or keep
   the label briefly (``label_pending_s``) until the frame arrives.
@@ -27,7 +30,6 @@ import re
 import threading
 import time
 
-import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -41,15 +43,19 @@ from std_srvs.srv import Trigger
 from vision_msgs.msg import Classification
 
 from ..adapt import POLICIES, AdaptConfig, Adapter, run_round_in_subprocess
-from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
+from ..bundle import (BundleError, HeadRegistry, check_class_name, default_state_dir, load_bundle,
+                      resolve_bundle_path)
 from ..engine import Engine, Prediction, softmax
-from ..imaging import FrameError, decode_compressed, image_view, to_order
-from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns
+from ..imaging import FrameError, decode_compressed, image_view
+from ..recent import ByteBoundedQueue, RecentFrame, RecentFrames, features_from_fields, shrink
+from ..store import LABEL_SOURCES, FrameStore, stamp_to_ns, valid_stamp
 from .params import declare_all, run_node
 
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$')
-RECENT_FRAMES = 64  # frames remembered (by reference) for labels that arrive after their frame
+RECENT_FRAMES = 64  # frames remembered (as small crops) for labels that arrive after their frame
 MAX_PENDING_LABELS = 512
+WARN_WINDOW_S = 10.0  # /diagnostics WARNs for bad input / failed writes seen within this window
+FRAME_QUEUE_ITEMS = 16  # messages between the callback and the worker (also bounded by bytes)
 RELOAD_TIMEOUT_S = 10.0  # a reload_head call without an answer (perception killed mid-call) gives up
 
 
@@ -131,8 +137,15 @@ PARAMETERS = {
     'use_perception_features': (False, dict(
         text='Take backbone features from <perception_node>/features (perception in deployment_mode '
              'incremental), matched by frame stamp, instead of running the backbone here.', read_only=True)),
-    'label_pending_s': (10.0, dict(text='How long a label waits for its frame.',
+    'label_pending_s': (10.0, dict(text='How long a label waits for its frame (and a frame for its label).',
                                    float_range=(0.1, 3600.0))),
+    'memory_max_bytes': (64 << 20, dict(
+        text='Camera data held in memory: incoming messages waiting for the worker plus the small crops '
+             'of recent frames a late label can claim (oldest dropped first; the newest message is always '
+             'kept).', int_range=(1 << 20, 1 << 40), read_only=True)),
+    'keep_head_versions': (20, dict(
+        text='Adapted head versions kept on disk (older ones are deleted, never the current one or its '
+             'rollback target; 0 = keep all).', int_range=(0, 1_000_000), read_only=True)),
     'diagnostics_period_s': (1.0, dict(text='Diagnostics and status publishing period.',
                                        float_range=(0.1, 60.0), read_only=True)),
     'executor_threads': (1, dict(
@@ -161,16 +174,19 @@ class AdaptationNode(Node):
         p = self._p
         self.bundle = load_bundle(resolve_bundle_path(p('model_bundle')))
         self.state_dir = p('state_dir') or str(default_state_dir(self.bundle.name))
-        self.registry = HeadRegistry(self.bundle, self.state_dir)
+        self.registry = HeadRegistry(self.bundle, self.state_dir, keep_versions=p('keep_head_versions'))
         head, warn = self.registry.load_current_or_fallback()
         if warn:
             self.get_logger().warning(warn)
         self.engine = Engine(self.bundle, 'feature_extractor', num_threads=1, low_priority=True, head=head)
         size = p('crop_size')
         self.store = FrameStore(p('store_dir') or f'{self.state_dir}/store', p('store_max_entries'),
-                                p('store_max_bytes'), p('store_max_age_s'), crop_size=(size, size))
+                                p('store_max_bytes'), p('store_max_age_s'), crop_size=(size, size),
+                                feature_size=self.bundle.feature_size)  # StoreError: a directory not its own
         if self.store.corrupt_removed:
             self.get_logger().warning(f'frame store: removed {self.store.corrupt_removed} corrupt entries')
+        if self.store.skipped:
+            self.get_logger().warning(f'frame store: left alone files it did not write: {self.store.skipped}')
         self.adapter = Adapter(self.bundle, self.registry, self._config())
         self.teacher: str | None = None
         self.teacher_error: str | None = None
@@ -183,15 +199,20 @@ class AdaptationNode(Node):
                 self.get_logger().error(self.teacher_error)
 
         # worker state (frames/labels are handed over through deques; the worker owns the store writes)
-        self._frames: collections.deque = collections.deque(maxlen=16)
+        budget = p('memory_max_bytes')
+        self._frames = ByteBoundedQueue(budget - budget // 4, FRAME_QUEUE_ITEMS)  # msg, len(msg.data)
         self._labels: collections.deque = collections.deque(maxlen=4096)
-        self._recent: collections.OrderedDict = collections.OrderedDict()  # stamp -> msg
+        self._recent = RecentFrames(budget // 4, RECENT_FRAMES, p('label_pending_s'))  # stamp -> crops
+        self._generation = 0  # bumped by ~/wipe_store: frames taken in before it are never stored
         self._pending: dict[int, tuple[str, float]] = {}  # stamp -> (class name, monotonic time)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._last_sample = 0.0
         self.counters = collections.Counter()
-        self.bad_reasons: collections.Counter = collections.Counter()
+        self.bad_reasons: collections.Counter = collections.Counter()  # frames, by reason
+        self.bad_labels: collections.Counter = collections.Counter()  # label messages, by reason
+        self.bad_features: collections.Counter = collections.Counter()  # ~/features messages, by reason
+        self._fault_history: collections.deque = collections.deque([(time.monotonic(), {})])
         self._since_round = 0  # new trainable frames since the last round started
         self._round_lock = threading.Lock()
         self._round_thread: threading.Thread | None = None
@@ -279,6 +300,8 @@ class AdaptationNode(Node):
         if names & {'store_max_entries', 'store_max_bytes', 'store_max_age_s'}:
             self.store.set_caps(values['store_max_entries'], values['store_max_bytes'],
                                 values['store_max_age_s'])
+        if 'label_pending_s' in names:
+            self._recent.ttl_s = float(values['label_pending_s'])
         if names & set(_CONFIG_FIELDS):
             self.adapter.config = AdaptConfig(**{f: values[f] for f in _CONFIG_FIELDS})
         return SetParametersResult(successful=True)
@@ -288,17 +311,23 @@ class AdaptationNode(Node):
 
     # -- callbacks (never block: hand over to the worker) -------------------------------------------------
     def _on_frame(self, msg) -> None:
-        self._frames.append(msg)
+        self._frames.put(msg, len(msg.data))
         self.counters['frames_received'] += 1
         self._wake.set()
 
     def _on_features(self, msg: Image) -> None:
-        """Pooled features from the perception node (incremental mode), kept briefly by stamp."""
-        if msg.encoding != '32FC1' or msg.height != 1 or msg.width != self.bundle.feature_size:
-            self.counters['features_bad'] += 1
-            return
+        """Pooled features from the perception node (incremental mode), kept briefly by stamp; a
+        malformed message is counted (``features_bad``, by reason in ``bad_features``) and ignored."""
+        feats, reason = features_from_fields(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian,
+                                             msg.data, self.bundle.feature_size)
         stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
-        self._perception_features[stamp] = np.frombuffer(msg.data, np.float32, count=msg.width)
+        if reason is None and not valid_stamp(stamp):
+            reason = 'bad_stamp'
+        if reason is not None:
+            self.counters['features_bad'] += 1
+            self.bad_features[reason] += 1
+            return
+        self._perception_features[stamp] = feats
         while len(self._perception_features) > RECENT_FRAMES:
             self._perception_features.popitem(last=False)
 
@@ -313,13 +342,22 @@ class AdaptationNode(Node):
 
     def _on_label(self, msg: Classification) -> None:
         self.counters['labels_received'] += 1
-        if not msg.results or not msg.results[0].class_id:
+        stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        name = msg.results[0].class_id if msg.results else ''
+        if not name:
+            reason = 'no_class_id'
+        elif not valid_stamp(stamp):
+            reason = 'bad_stamp'
+        else:
+            bad = check_class_name(name)
+            reason = None if bad is None else 'bad_class_name'
+        if reason is not None:
             self.counters['labels_bad'] += 1
-            self.get_logger().warning('label message without results[0].class_id ignored',
-                                      throttle_duration_sec=5.0)
+            self.bad_labels[reason] += 1
+            self.get_logger().warning(f'label message ignored ({reason}; '
+                                      f'{self.counters["labels_bad"]} so far)', throttle_duration_sec=5.0)
             return
-        self._labels.append((stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec),
-                             str(msg.results[0].class_id)))
+        self._labels.append((stamp, str(name)))
         self._wake.set()
 
     # -- worker ------------------------------------------------------------------------------------------
@@ -345,50 +383,80 @@ class AdaptationNode(Node):
     def _work(self) -> None:
         """Frames -> recent ring (cheap), labels -> store/ring/pending; between the slow steps (student
         inference + a store write per labelled frame) the queues are drained again so none overflows."""
-        todo: collections.deque = collections.deque()  # (msg, stamp, label)
+        todo: collections.deque = collections.deque()  # (RecentFrame, label)
         newest = None
         while not self._stop.is_set():
-            while self._frames:
-                msg = self._frames.popleft()
+            while True:
+                msg = self._frames.get()
+                if msg is None:
+                    break
                 self.counters['frames_handled'] += 1
-                stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
-                pending = self._pending.pop(stamp, None)
+                frame = self._take_in(msg)  # the full frame is released after this
+                if frame is None:
+                    continue
+                pending = self._pending.pop(frame.stamp, None)
                 if pending is not None:
-                    todo.append((msg, stamp, pending[0]))
+                    todo.append((frame, pending[0]))
                 else:
-                    self._remember(stamp, msg)
-                    newest = (msg, stamp)
+                    self._recent.put(frame)
+                    newest = frame
             while self._labels:
                 stamp, name = self._labels.popleft()
                 self.counters['labels_handled'] += 1
-                msg = self._handle_label(stamp, name)
-                if msg is not None:
-                    todo.append((msg, stamp, name))
+                frame = self._handle_label(stamp, name)
+                if frame is not None:
+                    todo.append((frame, name))
             if not todo:
                 break
             self._ingest(*todo.popleft())
         rate = self._p('sample_rate_hz')
         now = time.monotonic()
         if newest is not None and rate > 0 and now - self._last_sample >= 1.0 / rate \
-                and newest[1] in self._recent:
+                and newest.stamp in self._recent:
             self._last_sample = now
-            self._ingest(newest[0], newest[1], None)
+            self._ingest(newest, None)
         self._expire_pending()
 
-    def _remember(self, stamp: int, msg) -> None:
-        """Keep a reference to a recent frame: its label may still arrive."""
-        self._recent[stamp] = msg
-        while len(self._recent) > RECENT_FRAMES:
-            self._recent.popitem(last=False)
+    def _take_in(self, msg) -> RecentFrame | None:
+        """A message -> what the node keeps of it (small crops; a compressed payload as it came), or
+        None for a bad frame (counted by reason)."""
+        stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        frame = RecentFrame(stamp, time.monotonic(), self._generation)
+        try:
+            if not valid_stamp(stamp):
+                raise FrameError('bad_stamp', f'header stamp {msg.header.stamp.sec}.'
+                                              f'{msg.header.stamp.nanosec:09d} is not a valid time')
+            if isinstance(msg, CompressedImage):
+                frame.payload, frame.fmt = bytes(msg.data), str(msg.format)
+            else:
+                self._shrink(frame, *image_view(msg.encoding, msg.height, msg.width, msg.step,
+                                                msg.is_bigendian, msg.data))
+        except Exception as e:
+            self._bad_frame(e)
+            return None
+        return frame
+
+    def _shrink(self, frame: RecentFrame, img, order: str) -> None:
+        frame.crop, frame.small = shrink(img, order, self.store.crop_size, self.engine.input_hw)
+        frame.order, frame.payload = order, None
+
+    def _bad_frame(self, e: Exception) -> None:
+        reason = e.reason if isinstance(e, FrameError) else 'inference_error'
+        self.counters['frames_bad'] += 1
+        self.bad_reasons[reason] += 1
+        self.get_logger().warning(f'bad frame ({self.counters["frames_bad"]} so far): '
+                                  f'{e if isinstance(e, FrameError) else f"{type(e).__name__}: {e}"}',
+                                  throttle_duration_sec=5.0)
 
     def _expire_pending(self) -> None:
+        self._recent.expire()
         if not self._pending:
             return
         ttl = self._p('label_pending_s')
         now = time.monotonic()
-        for s in [s for s, (_, t) in self._pending.items() if now - t > ttl]:
-            del self._pending[s]
-            self.counters['labels_expired'] += 1
+        for s in [s for s, (_, t) in list(self._pending.items()) if now - t > ttl]:
+            if self._pending.pop(s, None) is not None:
+                self.counters['labels_expired'] += 1
 
     def _handle_label(self, stamp: int, name: str):
         """Apply a label; returns the frame message if it still has to be ingested with this label."""
@@ -398,9 +466,9 @@ class AdaptationNode(Node):
         if stamp in self.store:  # exists, but the rewrite failed (disk) or a better label exists
             self.counters['labels_not_applied'] += 1
             return None
-        msg = self._recent.pop(stamp, None)
-        if msg is not None:
-            return msg
+        frame = self._recent.pop(stamp)
+        if frame is not None:
+            return frame
         if len(self._pending) >= MAX_PENDING_LABELS:
             self._pending.pop(next(iter(self._pending)))
             self.counters['labels_expired'] += 1
@@ -413,29 +481,22 @@ class AdaptationNode(Node):
         if name not in self.engine.head.class_names:
             self.counters['labels_unknown_class'] += 1
 
-    def _decode(self, msg):
-        if isinstance(msg, CompressedImage):
-            return decode_compressed(msg.format, msg.data)
-        return image_view(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
-
-    def _ingest(self, msg, stamp: int, label: str | None) -> None:
+    def _ingest(self, frame: RecentFrame, label: str | None) -> None:
         """Student features/probs for one frame, then store it if labelled or selected."""
         try:
-            img, order = self._decode(msg)
-            feats = self._wait_perception_features(stamp) if self._use_pf else None
+            if frame.payload is not None:  # compressed: decoded only now that it is needed
+                self._shrink(frame, *decode_compressed(frame.fmt, frame.payload))
+            feats = self._wait_perception_features(frame.stamp) if self._use_pf else None
             if feats is not None:  # the perception node already ran the backbone on this frame
                 head = self.engine.head
                 pred = Prediction(softmax(head.logits(feats)[None])[0], feats, head)
                 self.counters['features_reused'] += 1
             else:
-                pred = self.engine.infer(img, order)
+                pred = self.engine.infer(frame.small, frame.order)  # = the full frame's features
+            if not (np.isfinite(pred.features).all() and np.isfinite(pred.probs).all()):
+                raise FrameError('non_finite', 'the student gave NaN/Inf features or scores')
         except Exception as e:  # FrameError, or anything else one odd frame triggers: count it, go on
-            reason = e.reason if isinstance(e, FrameError) else 'inference_error'
-            self.counters['frames_bad'] += 1
-            self.bad_reasons[reason] += 1
-            self.get_logger().warning(f'bad frame ({self.counters["frames_bad"]} so far): '
-                                      f'{e if isinstance(e, FrameError) else f"{type(e).__name__}: {e}"}',
-                                      throttle_duration_sec=5.0)
+            self._bad_frame(e)
             return
         self.counters['frames_evaluated'] += 1
         if label is None:
@@ -443,12 +504,11 @@ class AdaptationNode(Node):
                                        rate=self._p('keep_fraction'))[0]
             if not keep:
                 return  # still in the recent ring: a late label can take it
-        size = self.store.crop_size
-        h, w = img.shape[:2]
-        interp = cv2.INTER_AREA if h > size[0] or w > size[1] else cv2.INTER_LINEAR
-        crop = cv2.resize(np.ascontiguousarray(img), (size[1], size[0]), interpolation=interp)
-        crop = to_order(crop, order, 'rgb')
-        if self.store.add(stamp, crop, pred.features, pred.probs, label, 'topic' if label else ''):
+        if frame.generation != self._generation:  # ~/wipe_store ran since this frame came in
+            self.counters['frames_wiped'] += 1
+            return
+        source = 'topic' if label else ''
+        if self.store.add(frame.stamp, frame.crop, pred.features, pred.probs, label, source):
             self.counters['frames_stored'] += 1
             if label:
                 self._label_applied(label)
@@ -581,10 +641,16 @@ class AdaptationNode(Node):
         return response
 
     def _srv_wipe(self, request, response):
-        n = self.store.wipe()
+        # nothing taken in before the wipe may reach the store afterwards: frames in memory are dropped,
+        # and a frame the worker holds right now carries the old generation (_ingest checks it)
+        self._generation += 1
+        self._frames.clear()
+        self._recent.clear()
+        self._perception_features.clear()
         self._pending.clear()
+        n = self.store.wipe()
         self._since_round = 0
-        left = len(list(self.store.root.glob('f_*.npz'))) if self.store.root.is_dir() else 0
+        left = self.store.remaining_entries()
         if left:  # e.g. a read-only file system: say so, never report a wipe that did not happen
             response.success = False
             response.message = f'could not delete {left} stored frames: {self.store.last_error}'
@@ -616,8 +682,24 @@ class AdaptationNode(Node):
             cli.remove_pending_request(future)
             future.cancel()
 
+    def _follow_registry(self) -> None:
+        """Use the registry's current head (another process, e.g. the perception node's ~/rollback, may
+        have moved it), so both nodes agree on the version and rounds start from the deployed head."""
+        try:
+            current = self.registry.current_version
+            if current == self.engine.head.version or self.round_running:
+                return
+            head = self.registry.load(current)
+        except Exception as e:  # an unreadable registry: keep the head in use, say why once in a while
+            self.get_logger().warning(f'head registry unreadable, keeping head v{self.engine.head.version}: '
+                                      f'{e}', throttle_duration_sec=30.0)
+            return
+        old = self.engine.swap_head(head)
+        self.get_logger().info(f'head registry moved to v{head.version}: following it (was v{old.version})')
+
     def _on_timer(self) -> None:
         self._check_reload_timeout()
+        self._follow_registry()
         self.store.evict_expired()
         period = self._p('adapt_period_s')
         now = time.monotonic()
@@ -637,8 +719,12 @@ class AdaptationNode(Node):
             'head_version': self.engine.head.version, 'registry_version': current,
             'store': self.store.stats(), 'label_counts': self.store.label_counts(),
             'counters': dict(self.counters), 'bad_frames': dict(self.bad_reasons),
+            'bad_labels': dict(self.bad_labels), 'bad_features': dict(self.bad_features),
             'frames_dropped': max(0, self.counters['frames_received'] - self.counters['frames_handled']
                                   - len(self._frames)),
+            'memory': {'queued_frames': len(self._frames), 'queued_bytes': self._frames.nbytes,
+                       'recent_frames': len(self._recent), 'recent_bytes': self._recent.nbytes,
+                       'max_bytes': self._p('memory_max_bytes')},
             # labels that overflowed the queue (a label flood): received - malformed - handled - queued
             'labels_dropped': max(0, self.counters['labels_received'] - self.counters['labels_bad']
                                   - self.counters['labels_handled'] - len(self._labels)),
@@ -654,24 +740,43 @@ class AdaptationNode(Node):
         except Exception as e:  # publishing during shutdown
             self.get_logger().debug(f'status not published: {e}')
 
+    def _recent_faults(self, store_dropped: int) -> dict:
+        """Fault counts over the last ~WARN_WINDOW_S: a WARN says what is wrong now, not what once was
+        (the all-time counts stay in the key/values)."""
+        now = time.monotonic()
+        cur = {'frames_bad': self.counters['frames_bad'], 'labels_bad': self.counters['labels_bad'],
+               'features_bad': self.counters['features_bad'], 'store_dropped': store_dropped}
+        hist = self._fault_history
+        hist.append((now, cur))
+        while len(hist) > 1 and now - hist[1][0] >= WARN_WINDOW_S:
+            hist.popleft()
+        return {k: v - hist[0][1].get(k, 0) for k, v in cur.items()}
+
     def _publish_diagnostics(self) -> None:
         s = self.store.stats()
+        recent = self._recent_faults(s['dropped'])
         st = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: adaptation',
                               hardware_id=self.bundle.name, level=DiagnosticStatus.OK, message='ok')
         last = self.last_round or {}
         if last.get('failed'):
             st.level, st.message = DiagnosticStatus.WARN, f'last round failed: {last.get("reason")}'
-        elif s['dropped']:
+        elif recent['store_dropped']:
             st.level = DiagnosticStatus.WARN
-            st.message = f'{s["dropped"]} frames not stored ({s["last_error"]})'
+            st.message = (f'{recent["store_dropped"]} frames not stored in the last {WARN_WINDOW_S:.0f} s '
+                          f'({s["last_error"]})')
         elif self.teacher_error:
             st.level, st.message = DiagnosticStatus.WARN, self.teacher_error
-        elif self.counters['frames_bad']:
-            st.level, st.message = DiagnosticStatus.WARN, f'bad frames: {dict(self.bad_reasons)}'
+        elif recent['frames_bad'] or recent['labels_bad'] or recent['features_bad']:
+            st.level = DiagnosticStatus.WARN
+            st.message = (f'bad input in the last {WARN_WINDOW_S:.0f} s: {recent["frames_bad"]} frames, '
+                          f'{recent["labels_bad"]} labels, {recent["features_bad"]} features messages '
+                          f'(all time: frames {dict(self.bad_reasons)}, labels {dict(self.bad_labels)})')
         elif self.round_running:
             st.message = 'round running'
         kv = {'head_version': self.engine.head.version, 'store_entries': s['entries'],
               'store_bytes': s['bytes'], 'store_dropped': s['dropped'], 'store_evicted': s['evicted'],
+              'store_skipped': sum(s['skipped'].values()),
+              'store_skipped_non_finite': s['skipped_non_finite'],
               'round_running': self.round_running, 'rounds': self.rounds,
               'last_round_accepted': last.get('accepted'), 'last_round_reason': last.get('reason'),
               'pending_labels': len(self._pending)}
