@@ -114,6 +114,18 @@ def make_bad_bundles(root: Path, marker: Path) -> dict:
     (d / 'manifest.yaml').write_text('name: [unclosed\n  files: {\n')
     d = clone('binary_manifest', 'cannot read the manifest')
     (d / 'manifest.yaml').write_bytes(bytes(range(256)))
+    # wrong field types and values printed tracebacks (TypeError) or passed and gave NaN at run time
+    for name, key, value, phrase in (('std_strings', 'std', ['a', 'b', 'c'], 'std must be 3 finite values'),
+                                     ('std_subnormal', 'std', [1e-45, 1.0, 1.0], 'std > 0 (1e-6..1e6)'),
+                                     ('input_int', None, 5, 'input must be a mapping'),
+                                     ('class_names_int', 'class_names', 3, 'class_names must be a list')):
+        d = clone(name, phrase)
+        m = _manifest(d)
+        if key == 'std':
+            m['input']['std'] = value
+        else:
+            m[key or 'input'] = value
+        write_manifest(d, m)
     return out
 
 
@@ -158,7 +170,8 @@ def test_startup_failures_exit_with_one_clear_line(tmp_path, ros_domain):
     # the processes (2 cores: each start costs ~1 s of CPU, so the issue's list, not every variant)
     cases = []  # (command, phrase)
     as_process = ('missing_dir', 'missing_backbone', 'truncated_onnx', 'wrong_input_shape', 'class_count',
-                  'hash_mismatch', 'pickle_head', 'manifest_version', 'invalid_yaml')
+                  'hash_mismatch', 'pickle_head', 'manifest_version', 'invalid_yaml', 'std_strings',
+                  'std_subnormal')
     for k, name in enumerate(as_process):
         cmd = perception if k % 2 else module  # both entry points, alternating
         cases.append(([*cmd, '--ros-args', '-p', f'model_bundle:={bad[name][0]}', *state], bad[name][1]))
