@@ -19,7 +19,8 @@ import time
 
 from bench import common
 
-BENCHMARKS = ('node_latency', 'overload', 'swap', 'adaptation_interference', 'model_zoo', 'adaptation')
+BENCHMARKS = ('node_latency', 'overload', 'swap', 'adaptation_interference', 'model_zoo', 'adaptation',
+              'adaptation_memory')
 REQUIRED = {
     'node_latency': ('p50_ms', 'p99_ms', 'naive_p50_ms', 'speedup_vs_naive', 'drops'),
     'overload': ('max_lag_frames', 'rss_growth_mb'),
@@ -27,6 +28,7 @@ REQUIRED = {
     'adaptation_interference': ('p99_ratio',),
     'model_zoo': ('models',),
     'adaptation': ('gap_recovered', 'round_seconds'),
+    'adaptation_memory': ('rss_growth_ratio', 'growth_vs_old_design', 'bound_held'),
 }
 TIMEOUT_S = {'quick': 240, 'full': 1200}
 
