@@ -78,6 +78,9 @@ def test_run_all_quick_writes_valid_results(tmp_path):
                 assert set(m) >= {'accuracy', 'gflops', 'latency_ms'}, model
                 assert _is_number(m['latency_ms']) and _is_number(m['gflops']), model
                 assert m['accuracy'] is None or 0.0 <= m['accuracy'] <= 1.0, model
+        elif name == 'adaptation_memory':  # the bound is a yes/no, the rest are figures
+            assert d['bound_held'] is True, d.get('cases')
+            assert _is_number(d['rss_growth_ratio']) and _is_number(d['growth_vs_old_design']), d
         else:
             for k in REQUIRED[name]:
                 assert _is_number(d[k]), f'{name}.{k} = {d[k]!r} is not a finite number'
