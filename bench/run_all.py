@@ -3,8 +3,8 @@
     python -m bench.run_all [--quick] [--only NAME ...] [--summary-only] [--results-dir DIR] [--bundle DIR]
 
 Each benchmark runs in its own process (``python -m bench.<name>``) and writes ``<results-dir>/<name>.json``
-(+ a PNG); this writes ``summary.json`` beside them. Full suite: about 20 min on 2 cores; ``--quick``
-(CI: checks the code works and writes valid results, not speed): about 3 min, into bench/results/quick.
+(+ a PNG); this writes ``summary.json`` beside them. Full suite: about 25 min on 2 cores; ``--quick``
+(CI: checks the code works and writes valid results, not speed): about 4 min, into bench/results/quick.
 Benchmarks that need trained models or data absent here write ``{"skipped": reason}``.
 Exit status 1 if a benchmark failed (crashed or wrote no result).
 """
