@@ -68,7 +68,8 @@ PARAMETERS = {
                                      'shipped bundle ("" = none).', read_only=True)),
     'state_dir': ('', dict(text='Directory of head versions, shared with the perception node '
                                 '("" = $ROS_HOME/edge_tl_ros/<bundle name>).', read_only=True)),
-    'store_dir': ('', dict(text='Frame store directory ("" = <state_dir>/store).', read_only=True)),
+    'store_dir': ('', dict(text='Frame store directory: empty or the store\'s own, never shared with other '
+                                'files ("" = <state_dir>/store).', read_only=True)),
     'store_max_entries': (2000, dict(text='Frame store: maximum number of entries (oldest evicted).',
                                      int_range=(1, 10_000_000))),
     'store_max_bytes': (256 << 20, dict(text='Frame store: maximum bytes on disk (oldest evicted).',
