@@ -20,20 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .imaging import resize_to, to_order
-
-
-def downscale(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """``img`` (HxW[xC] uint8, any size) to ``h x w``: the rule inference uses (``Engine.preprocess``).
-
-    A strided view first (no copy; still >= 2x2 samples per output pixel), then :func:`resize_to`.
-    """
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    s = min(img.shape[0] // (2 * h), img.shape[1] // (2 * w))
-    if s > 1:
-        img = img[::s, ::s]
-    return np.ascontiguousarray(resize_to(img, h, w))
+from .imaging import downscale, to_order
 
 
 @dataclass

@@ -69,6 +69,7 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_write_bytes, npz_bytes
+from .imaging import resize_to
 
 LABEL_SOURCES = ('topic', 'teacher', 'self')
 # a label from a more trusted source is never overwritten by a less trusted one
@@ -352,9 +353,7 @@ class FrameStore:
         """Resize an RGB image to ``crop_size`` and PNG-encode it (returns the bytes as uint8 array)."""
         h, w = self.crop_size
         img = image_rgb
-        if img.shape[:2] != (h, w):
-            interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
-            img = cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=interp)
+        img = resize_to(img, h, w)  # the one resize rule (crops normally arrive at crop_size already)
         ok, enc = cv2.imencode('.png', cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
         if not ok:
             raise ValueError('OpenCV failed to PNG-encode the crop')

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_tl_ros.imaging import resize_to
-from edge_tl_ros.recent import (ByteBoundedQueue, RecentFrame, RecentFrames, downscale, features_from_fields,
-                                shrink)
+from edge_tl_ros.imaging import downscale, resize_to
+from edge_tl_ros.recent import ByteBoundedQueue, RecentFrame, RecentFrames, features_from_fields, shrink
 
 
 def _frame(stamp, t=0.0, nbytes=1000):
