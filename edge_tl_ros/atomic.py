@@ -4,6 +4,7 @@ a huge file or a zip bomb is refused without blocking or allocating."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -71,28 +72,44 @@ NPZ_MAX_MEMBERS = 64
 _MEMBER = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.npy')
 
 
-def _open_regular(path: str | os.PathLike, max_bytes: int):
+class ReadRefused(ValueError):
+    """A file refused before reading it; ``reason`` is ``not_regular`` or ``too_large``."""
+
+    def __init__(self, path, reason: str, detail: str):
+        super().__init__(f'{path}: {detail}')
+        self.reason = reason
+
+
+def _open_regular(path: str | os.PathLike, max_bytes: int, follow_symlinks: bool = True):
     """``path`` opened for reading (binary) after checking it is a regular file of at most ``max_bytes``
-    bytes (never blocks on a FIFO). OSError if it cannot be opened, ValueError if it is not acceptable."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    bytes (never blocks on a FIFO; with ``follow_symlinks=False`` a symlink is refused, not followed).
+    OSError if it cannot be opened, :class:`ReadRefused` if it is not acceptable."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:  # ELOOP: a symlink (O_NOFOLLOW); ENXIO: a socket
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise ReadRefused(path, 'not_regular', 'not a regular file') from e
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f'{path}: not a regular file')
+            raise ReadRefused(path, 'not_regular', 'not a regular file')
         if st.st_size > max_bytes:
-            raise ValueError(f'{path}: {st.st_size} bytes, more than the {max_bytes} allowed')
+            raise ReadRefused(path, 'too_large', f'{st.st_size} bytes, more than the {max_bytes} allowed')
         return os.fdopen(fd, 'rb')
     except BaseException:
         os.close(fd)
         raise
 
 
-def read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """The bytes of the regular file ``path`` if it holds at most ``max_bytes`` (else ValueError)."""
-    with _open_regular(path, max_bytes) as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew after the check
-        raise ValueError(f'{path}: more than the {max_bytes} bytes allowed')
+def read_bounded(path: str | os.PathLike, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file ``path`` if it holds at most ``max_bytes`` (else ReadRefused)."""
+    with _open_regular(path, max_bytes, follow_symlinks) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1)  # what fstat saw, +1 to notice growth (read(n) allocates n bytes at once)
+    if len(data) > size:  # grew after the check (files written here are replaced by rename, never grown)
+        raise ReadRefused(path, 'too_large', f'grew while being read (more than {size} bytes)')
     return data
 
 
@@ -107,8 +124,9 @@ def npz_file_bound(max_bytes: int) -> int:
 
 
 def load_npz(path: str | os.PathLike, max_bytes: int = NPZ_MAX_BYTES, max_members: int = NPZ_MAX_MEMBERS,
-             data: bytes | None = None) -> dict[str, np.ndarray]:
-    """Load an ``.npz`` (from ``path``, or from ``data`` read from it) with pickle disabled.
+             data: bytes | None = None, keys=None) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` (from ``path``, or from ``data`` read from it) with pickle disabled; only the
+    arrays ``keys`` (all of which must be there) when given, else every array.
 
     Checked before anything is inflated or allocated: at most ``max_members`` members, each a plain
     ``<name>.npy`` (no directories), stored or deflated (no other compression, no encryption), their total
@@ -125,7 +143,7 @@ def load_npz(path: str | os.PathLike, max_bytes: int = NPZ_MAX_BYTES, max_member
         else:
             f = io.BytesIO(data)
         with f:
-            return _read_npz(f, max_bytes, max_members)
+            return _read_npz(f, max_bytes, max_members, keys)
     except _Refused as e:
         raise ValueError(f'{path}: refused npz file: {e}') from e
     except ValueError as e:
@@ -136,7 +154,7 @@ def load_npz(path: str | os.PathLike, max_bytes: int = NPZ_MAX_BYTES, max_member
         raise ValueError(f'{path}: not a valid npz file ({e.__class__.__name__}: {e})') from e
 
 
-def _read_npz(f, max_bytes: int, max_members: int) -> dict[str, np.ndarray]:
+def _read_npz(f, max_bytes: int, max_members: int, keys=None) -> dict[str, np.ndarray]:
     size = f.seek(0, os.SEEK_END)
     tail = min(size, 22 + 65535)  # the end-of-central-directory record, found like zipfile finds it
     f.seek(size - tail)
@@ -162,6 +180,9 @@ def _read_npz(f, max_bytes: int, max_members: int) -> dict[str, np.ndarray]:
                 raise _Refused(f'member {name[:80]!r} is not a plain, unique <name>.npy array')
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
                 raise _Refused(f'member {name!r} is encrypted or uses compression {info.compress_type}')
+            if keys is not None and name[:-4] not in keys:
+                out[name[:-4]] = None  # checked, not read
+                continue
             with zf.open(info) as m:
                 version = np.lib.format.read_magic(m)
                 if version == (1, 0):
@@ -178,4 +199,9 @@ def _read_npz(f, max_bytes: int, max_members: int) -> dict[str, np.ndarray]:
                                    f'the member holds {info.file_size - m.tell()}')
             with zf.open(info) as m:
                 out[name[:-4]] = np.lib.format.read_array(m, allow_pickle=False)
+        if keys is not None:
+            missing = [k for k in keys if k not in out]
+            if missing:
+                raise _Refused(f'no array {missing[0]!r}')
+            return {k: out[k] for k in keys}
         return out

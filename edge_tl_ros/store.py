@@ -31,8 +31,8 @@ The store owns its directory and touches nothing it did not write:
   symlinks, FIFOs, sockets, directories -- is never followed, read or deleted, and is counted in
   :attr:`FrameStore.skipped` ('foreign', 'not_regular'; also 'too_large', 'unreadable') at each scan.
   Entries are opened with O_NOFOLLOW | O_NONBLOCK and checked with fstat (a FIFO never blocks); files
-  larger than ``max(max_bytes, 64 MiB)`` are not read ('too_large'); the npy members are parsed with
-  bounded reads (no np.load, no pickle, no allocation sized by an untrusted header).
+  larger than ``max(max_bytes, 64 MiB)`` are not read ('too_large'); the arrays are read with
+  :func:`~edge_tl_ros.atomic.load_npz` (no pickle, no allocation sized by an untrusted header).
 
 Bounds (count, bytes, age) hold at all times: room is made (oldest ``created`` first) *before* a new
 file is written. :meth:`FrameStore.add` validates its input once, here: an invalid stamp, non-finite
@@ -52,7 +52,6 @@ ever published.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
@@ -61,14 +60,13 @@ import stat
 import struct
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_bytes, npz_bytes
+from .atomic import ReadRefused, atomic_write_bytes, load_npz, npz_bytes, npz_file_bound, read_bounded
 from .imaging import resize_to
 
 LABEL_SOURCES = ('topic', 'teacher', 'self')
@@ -86,7 +84,6 @@ _ANY_NAME = re.compile(r'^f_(-?[0-9]+)\.npz$')
 _TMP = re.compile(r'^\.(.+)\.[A-Za-z0-9_]+\.tmp$')  # atomic_write_bytes: '.' + name + '.' + random + '.tmp'
 _REQUIRED = ('meta', 'features', 'probs', 'crop')
 _META_KEYS = ('stamp', 'created', 'label', 'source', 'top', 'conf')
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
 STALE_TMP_S = 60.0  # temp files older than this at start-up belong to a crashed writer
 
 
@@ -609,32 +606,11 @@ def _finite_number(v) -> bool:
         and math.isfinite(v)
 
 
-def _open_regular(path: Path, limit: int):
-    """``(file, None)`` for a regular file of at most ``limit`` bytes, else ``(None, reason)``; never
-    follows a symlink and never blocks (a FIFO is opened non-blocking and refused after fstat)."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        return None, 'vanished'
-    except OSError as e:  # ELOOP: a symlink; ENXIO: a socket; EACCES, ...
-        return None, 'not_regular' if e.errno in (errno.ELOOP, errno.ENXIO) else 'unreadable'
-    st = os.fstat(fd)
-    why = 'not_regular' if not stat.S_ISREG(st.st_mode) else 'too_large' if st.st_size > limit else None
-    if why is not None:
-        os.close(fd)
-        return None, why
-    return os.fdopen(fd, 'rb'), None
-
-
 def _marker_format(path: Path):
     """The format of a valid marker file; None if missing or unreadable; StoreError if newer."""
-    f, _ = _open_regular(path, 4096)
-    if f is None:
-        return None
     try:
-        with f:
-            fmt = json.loads(f.read().decode()).get('format')
-    except Exception:  # garbage: the directory is checked as if unmarked
+        fmt = json.loads(read_bounded(path, 4096, follow_symlinks=False).decode()).get('format')
+    except Exception:  # missing, not a regular file, garbage: the directory is checked as if unmarked
         return None
     if not isinstance(fmt, int) or isinstance(fmt, bool):
         return None
@@ -642,24 +618,6 @@ def _marker_format(path: Path):
         raise StoreError(f'store_dir {path.parent} was written by a newer frame store (format {fmt}, '
                          f'this one reads {FORMAT})')
     return fmt
-
-
-def _npy(zf: zipfile.ZipFile, key: str, limit: int) -> np.ndarray:
-    """One npy member, parsed with a bounded read (no pickle, no allocation from an untrusted header)."""
-    info = zf.getinfo(key + '.npy')
-    if info.file_size > limit:
-        raise ValueError('member too large')
-    with zf.open(info) as m:
-        data = m.read(limit + 1)
-    b = io.BytesIO(data)
-    version = np.lib.format.read_magic(b)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}[version]
-    shape, fortran, dtype = read_header(b)
-    n = math.prod(shape)
-    if dtype.hasobject or len(data) > limit or n * dtype.itemsize != len(data) - b.tell():
-        raise ValueError('bad npy member')
-    return np.frombuffer(data, dtype, n, b.tell()).reshape(shape, order='F' if fortran else 'C').copy()
 
 
 def _meta_ok(m, stamp: int | None) -> bool:
@@ -679,14 +637,16 @@ def _load(path, keys, limit: int = READ_LIMIT, stamp: int | None = None):
     'unreadable', 'too_large', 'corrupt' or 'non_finite'. Never raises."""
     path = Path(path)
     stamp = _entry_stamp(path.name) if stamp is None else stamp
-    f, why = _open_regular(path, limit)
-    if f is None:
-        return None, why
+    try:  # never follows a symlink, never blocks on a FIFO, never reads a huge file
+        data = read_bounded(path, npz_file_bound(limit), follow_symlinks=False)
+    except FileNotFoundError:
+        return None, 'vanished'
+    except ReadRefused as e:
+        return None, e.reason
+    except OSError:
+        return None, 'unreadable'
     try:
-        with f, zipfile.ZipFile(f) as zf:
-            if not {k + '.npy' for k in _REQUIRED} <= set(zf.namelist()):
-                return None, 'corrupt'
-            out = {k: _npy(zf, k, limit) for k in keys}
+        out = load_npz(path, max_bytes=limit, data=data, keys=keys)  # bounded: no bomb, no pickle
         for k, a in out.items():
             if a.ndim != 1 or a.dtype != (np.float32 if k in ('features', 'probs') else np.uint8) \
                     or (k == 'features' and not a.size) or (k == 'meta' and a.size > MAX_META_BYTES):
