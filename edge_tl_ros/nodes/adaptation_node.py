@@ -460,7 +460,7 @@ class AdaptationNode(Node):
                 self.counters['labels_expired'] += 1
 
     def _handle_label(self, stamp: int, name: str):
-        """Apply a label; returns the frame message if it still has to be ingested with this label."""
+        """Apply a label; returns the remembered frame if it still has to be ingested with this label."""
         if self.store.set_label(stamp, name, 'topic'):
             self._label_applied(name)
             return None
@@ -491,11 +491,11 @@ class AdaptationNode(Node):
             if feats is not None:  # the perception node already ran the backbone on this frame
                 head = self.engine.head
                 pred = Prediction(softmax(head.logits(feats)[None])[0], feats, head)
+                if not np.isfinite(pred.probs).all():  # (the features were checked on arrival)
+                    raise FrameError('non_finite', 'the head gave NaN/Inf scores on perception features')
                 self.counters['features_reused'] += 1
-            else:
-                pred = self.engine.infer(frame.small, frame.order)  # = the full frame's features
-            if not (np.isfinite(pred.features).all() and np.isfinite(pred.probs).all()):
-                raise FrameError('non_finite', 'the student gave NaN/Inf features or scores')
+            else:  # = the full frame's features; FrameError non_finite on NaN/Inf
+                pred = self.engine.infer(frame.small, frame.order)
         except Exception as e:  # FrameError, or anything else one odd frame triggers: count it, go on
             self._bad_frame(e)
             return
