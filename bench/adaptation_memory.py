@@ -87,43 +87,37 @@ def floor_subscriber() -> int:
     the same QoS (sensor data) on the same executor (single-threaded), dropping every message at once;
     its ``~/status`` only counts. What any subscriber of these frames costs in this process."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
     from vision_msgs.msg import Classification
 
-    rclpy.init()
-    node = rclpy.create_node('adaptation')
-    n = {'frames_received': 0, 'labels_received': 0}
+    from edge_tl_ros.nodes.params import run_node
 
-    def on_frame(msg):
-        n['frames_received'] += 1
+    def make_node():
+        node = rclpy.create_node('adaptation')
+        n = {'frames_received': 0, 'labels_received': 0}
 
-    def on_label(msg):
-        n['labels_received'] += 1
+        def on_frame(msg):
+            n['frames_received'] += 1
 
-    node.create_subscription(Image, 'image', on_frame, qos_profile_sensor_data)
-    node.create_subscription(Classification, 'labels', on_label,
-                             QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-    pub = node.create_publisher(String, '~/status', QoSProfile(
-        depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        def on_label(msg):
+            n['labels_received'] += 1
 
-    def tick():
-        pub.publish(String(data=json.dumps({'pid': os.getpid(), 'counters': dict(n), 'memory': None})))
+        node.create_subscription(Image, 'image', on_frame, qos_profile_sensor_data)
+        node.create_subscription(Classification, 'labels', on_label,
+                                 QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        pub = node.create_publisher(String, '~/status', QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
 
-    tick()
-    node.create_timer(0.5, tick)
-    ex = SingleThreadedExecutor()
-    ex.add_node(node)
-    try:
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+        def tick():
+            pub.publish(String(data=json.dumps({'pid': os.getpid(), 'counters': dict(n), 'memory': None})))
+
+        tick()
+        node.create_timer(0.5, tick)
+        return node
+
+    return run_node(make_node, 'adaptation', num_threads=1)  # the nodes' main(): SingleThreadedExecutor
 
 
 class TimeUp(BaseException):
