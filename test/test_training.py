@@ -40,7 +40,7 @@ def _threads():
 
 # -- KD loss ---------------------------------------------------------------------------------------
 def test_kd_loss_matches_hand_computation():
-    from edge_tl_ros.training.distill import kd_loss
+    from edge_tl_ros.training.loop import kd_loss
 
     # two classes, student logits [1, 0], teacher [0, 1], label 0, T = 2:
     #   p_s = softmax([.5, 0]), p_t = softmax([0, .5]) = reversed p_s, so
@@ -62,7 +62,7 @@ def test_kd_loss_matches_hand_computation():
 
 
 def test_kd_loss_batch_against_numpy():
-    from edge_tl_ros.training.distill import kd_loss
+    from edge_tl_ros.training.loop import kd_loss
 
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(5, 4)) * 3, rng.normal(size=(5, 4)) * 3

@@ -133,39 +133,31 @@ def cmd_convert_data(args) -> int:
 
 # -- training ------------------------------------------------------------------------------------------------
 def _teacher_cfg(args):
+    from dataclasses import replace
+
     from .teacher import TeacherConfig
 
-    return TeacherConfig(
-        arch=args.arch,
-        weights=args.weights,
-        pretrained=not args.no_pretrained,
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        low_res_size=args.low_res_size,
-        low_res_epochs=args.low_res_epochs,
-    )
+    cfg = TeacherConfig(arch=args.arch, weights=args.weights, pretrained=not args.no_pretrained,
+                        low_res_size=args.low_res_size, low_res_epochs=args.low_res_epochs)
+    cfg.fit = replace(cfg.fit, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed)
+    return cfg
 
 
-def _student_cfg(args, alpha=None):
+def _student_cfg(args):
+    from dataclasses import replace
+
     from .distill import StudentConfig
 
-    return StudentConfig(
-        arch=args.student,
-        input_size=args.student_input_size or args.image_size,
-        epochs=args.student_epochs,
-        batch_size=args.student_batch_size,
-        lr=args.student_lr,
-        temperature=args.temperature,
-        alpha=args.alpha if alpha is None else alpha,
-        seed=args.seed,
-    )
+    cfg = StudentConfig(arch=args.student)
+    cfg.fit = replace(cfg.fit, input_size=args.student_input_size or args.image_size,
+                      epochs=args.student_epochs, batch_size=args.student_batch_size, lr=args.student_lr,
+                      temperature=args.temperature, alpha=args.alpha, seed=args.seed)
+    return cfg
 
 
 def cmd_train_teacher(args) -> int:
-    from .export import creation_command
+    from .manifest import creation_command
     from .teacher import train_teacher
 
     _nice(args)
@@ -188,7 +180,7 @@ def cmd_train_teacher(args) -> int:
 
 def cmd_distill(args) -> int:
     from .distill import train_student
-    from .export import creation_command
+    from .manifest import creation_command
 
     _nice(args)
     log = _Log(Path(args.work) / 'distill.log' if args.work else None)
@@ -215,7 +207,8 @@ def cmd_export(args) -> int:
     import torch
 
     from .datasets import load_dataset
-    from .export import creation_command, export_bundle
+    from .export import export_bundle
+    from .manifest import creation_command
     from .models import build_model, cost_summary, load_state_dict_file
 
     ds = load_dataset(args.data, image_size=args.image_size)
@@ -242,20 +235,13 @@ def cmd_export(args) -> int:
 
 def cmd_quantize(args) -> int:
     from .datasets import training_data
-    from .export import update_manifest
-    from .quantize import quantize_backbone
+    from .quantize import calibration_frames, quantize_backbone
 
     data = training_data(
         args.data, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed
     )
-    import numpy as np
-
-    rng = np.random.default_rng(args.seed)
-    calib = data.train.images[
-        np.sort(rng.choice(len(data.train), min(args.calib, len(data.train)), replace=False))
-    ]
+    calib = calibration_frames(data.train.images, args.calib, args.seed)
     q = quantize_backbone(args.bundle, calib, data.val, data.test, max_drop=args.max_drop)
-    update_manifest(args.bundle, metrics={'int8': q})
     print(json.dumps(q, indent=1))
     return 0
 
@@ -355,7 +341,7 @@ def cmd_train_default(args) -> int:
 
     from ..bundle import load_bundle
     from .distill import train_student
-    from .export import creation_command, update_manifest
+    from .manifest import creation_command, update_manifest
     from .plots import plot_curves
     from .teacher import train_teacher
 

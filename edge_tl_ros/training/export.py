@@ -2,7 +2,8 @@
 
 Writes ``backbone.onnx`` (image -> features), ``head.npz`` (the Linear head, numpy), optionally
 ``full.onnx`` (image -> logits) and ``anchor.npz`` (class-balanced source-domain features), then the
-manifest via :func:`edge_tl_ros.bundle.write_manifest` (which fills in the sha256 of every file).
+manifest via :func:`edge_tl_ros.bundle.write_manifest` (which fills in the sha256 of every file; the
+training commands add their keys through ``manifest_extra``, see :mod:`edge_tl_ros.training.manifest`).
 ONNX files come from the legacy TorchScript exporter (``dynamo=False``: single-file models), opset 17,
 with a dynamic batch axis; every export is checked against torch with ONNX Runtime (:func:`check_parity`
 raises :class:`ExportError` when the outputs differ beyond tolerance).
@@ -10,10 +11,7 @@ raises :class:`ExportError` when the outputs differ beyond tolerance).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ import torch
 
 from ..bundle import Head, write_manifest
 from ..data import Split
+from .loop import to_tensor_batch
+from .manifest import plain
 
 OPSET = 17
 
@@ -82,8 +82,6 @@ def parity_input(
     model, images: np.ndarray | None, input_size: int, n: int = 16, seed: int = 0
 ) -> torch.Tensor:
     """Real images when given (normalised as the model expects), plus a few random ones."""
-    from .distill import to_tensor_batch
-
     g = torch.Generator().manual_seed(seed)
     parts = [torch.randn(4, 3, input_size, input_size, generator=g)]
     if images is not None and len(images):
@@ -115,8 +113,6 @@ def onnx_features(
     """Features from the exported backbone (what the robot will compute)."""
     import onnxruntime as ort
 
-    from .distill import to_tensor_batch
-
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=['CPUExecutionProvider'])
@@ -129,39 +125,6 @@ def onnx_features(
         for i in range(0, len(images), batch)
     ]
     return np.concatenate(out).astype(np.float32)
-
-
-def creation_command(args=None) -> str:
-    """The ``edge-tl`` command line that made a bundle.
-
-    With the parsed ``args`` of an ``edge-tl`` subcommand (registered with ``_parser`` in its defaults),
-    the command line is rebuilt from the parser: the subcommand, its positionals and every option whose
-    value differs from its default, so it is exact however the command was invoked (console script,
-    ``python -m``, or ``edge_tl_ros.cli.main([...])`` from Python). Without it, ``sys.argv`` is used.
-    """
-    parser = getattr(args, '_parser', None) if args is not None else None
-    if parser is None:
-        return 'edge-tl ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
-    words = [parser.prog.split()[-1]]
-    for act in parser._actions:
-        if act.dest in ('help', '_parser', 'func') or act.default == argparse.SUPPRESS:
-            continue
-        val = getattr(args, act.dest, None)
-        if not act.option_strings:
-            if val is not None:
-                words.append(str(val))
-            continue
-        if val == act.default:
-            continue
-        opt = act.option_strings[-1]
-        if isinstance(act, argparse._StoreConstAction):
-            words.append(opt)
-        elif isinstance(act, argparse._AppendAction):
-            for v in val or []:
-                words += [opt, str(v)]
-        else:
-            words += [opt, str(val)]
-    return 'edge-tl ' + ' '.join(shlex.quote(w) for w in words)
 
 
 def export_bundle(
@@ -259,37 +222,3 @@ def export_bundle(
     log(f'exported bundle {out} (files: {", ".join(files.values())}; parity {parity})')
     return out
 
-
-def plain(obj):
-    """Manifest-safe (yaml.safe_dump) copy: numpy scalars/arrays, tuples, paths -> plain Python."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
-
-
-MERGED_KEYS = ('metrics', 'training')
-
-
-def update_manifest(root: str | Path, **updates) -> Path:
-    """Update an existing manifest (sha256 recomputed): ``metrics``/``training`` are merged key by key,
-    every other key is replaced."""
-    import yaml
-
-    root = Path(root)
-    manifest = yaml.safe_load((root / 'manifest.yaml').read_text())
-    for k, v in updates.items():
-        if k in MERGED_KEYS and isinstance(v, dict) and isinstance(manifest.get(k), dict):
-            manifest[k] = {**manifest[k], **v}
-        else:
-            manifest[k] = v
-    return write_manifest(root, plain(manifest))

@@ -1,8 +1,9 @@
 """Static int8 quantisation of a bundle's backbone (ONNX Runtime, QDQ format).
 
-Calibrated on real training frames. The int8 backbone stays in the bundle (``files.backbone_int8``)
-only if it is faster at batch 1 AND loses at most ``max_drop`` accuracy points on held-out data;
-both the fp32 and the int8 figures are recorded in the manifest either way.
+Calibrated on real training frames (:func:`calibration_frames`). The int8 backbone stays in the bundle
+(``files.backbone_int8``) only if it is faster at batch 1 AND loses at most ``max_drop`` accuracy points
+on held-out data; both the fp32 and the int8 figures are recorded in the manifest (``metrics.int8``)
+either way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import numpy as np
 from ..bundle import load_bundle
 from ..data import Split
 from ..engine import Engine
+from .evaluate import latency, predict
+from .manifest import update_manifest
+
+
+def calibration_frames(images: np.ndarray, n: int = 512, seed: int = 0) -> np.ndarray:
+    """``n`` random frames of ``images`` (in their order), the calibration set."""
+    rng = np.random.default_rng(seed)
+    return images[np.sort(rng.choice(len(images), min(n, len(images)), replace=False))]
 
 
 class _Reader:
@@ -40,11 +49,9 @@ def quantize_backbone(
     per_channel: bool = True,
     log=print,
 ) -> dict:
-    """Write ``backbone.int8.onnx``, measure it against fp32, keep or delete it, return the figures."""
+    """Write ``backbone.int8.onnx``, measure it against fp32, keep or delete it, record the figures in the
+    manifest (``metrics.int8``) and return them."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from .evaluate import latency, predict
-    from .export import update_manifest
 
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
@@ -89,28 +96,15 @@ def quantize_backbone(
             'per_channel': bool(per_channel),
         }
     }
+
+    def acc(split, use_int8):
+        return round(float((predict(bundle, split.images, 'feature_extractor', use_int8).argmax(1)
+                            == split.labels).mean()), 5)
+
     for tag, use_int8 in (('fp32', False), ('int8', True)):
-        r = {
-            'heldout_accuracy': round(
-                float(
-                    (
-                        predict(bundle, heldout.images, 'feature_extractor', use_int8).argmax(1)
-                        == heldout.labels
-                    ).mean()
-                ),
-                5,
-            ),
-            'heldout_n': int(len(heldout)),
-        }
+        r = {'heldout_accuracy': acc(heldout, use_int8), 'heldout_n': int(len(heldout))}
         if test is not None:
-            r['test_accuracy'] = round(
-                float(
-                    (
-                        predict(bundle, test.images, 'feature_extractor', use_int8).argmax(1) == test.labels
-                    ).mean()
-                ),
-                5,
-            )
+            r['test_accuracy'] = acc(test, use_int8)
             r['test_n'] = int(len(test))
         r['latency_ms_batch1_1thread'] = latency(bundle, 1, 'feature_extractor', use_int8, runs=300)[
             'onnx_ms_median'
@@ -125,7 +119,7 @@ def quantize_backbone(
     res['rule'] = f'keep only if faster at batch 1 and heldout accuracy drop <= {max_drop} points'
     if not keep:
         files.pop('backbone_int8')
-        update_manifest(bundle_dir, files=files)
         int8_path.unlink(missing_ok=True)
+    update_manifest(bundle_dir, files=files, metrics={'int8': res})
     log(f'quantize: fp32 {res["fp32"]} int8 {res["int8"]} -> {"kept" if keep else "dropped"}')
     return res
