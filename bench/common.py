@@ -1,12 +1,15 @@
 """Shared plumbing of the benchmarks: results files, machine description, bundles, ROS processes.
 
-Every benchmark module has ``run(args) -> dict`` and ``main()``; ``add_common_args`` gives each the same
-flags (``--quick``, ``--results-dir``, ``--bundle``). Results are written with :func:`write_result` to
+Every benchmark module has ``run(args) -> dict`` and ``main()`` (:func:`main`: the same flags for each,
+``--quick``, ``--results-dir``, ``--bundle``, from :func:`add_common_args`). Results are written with
+:func:`write_result` (or :func:`report`: write, print the table, say where) to
 ``<results-dir>/<name>.json`` (``bench/results`` for full runs, ``bench/results/quick`` for ``--quick``).
 
 The node benchmarks run three processes on one ROS domain of their own (``ros_env``): the node under
-test (:mod:`bench.node_runner`), a frame publisher and a receiver (:mod:`bench.traffic`). Header stamps
-and receipt times are wall-clock (``time.time()``) on the same machine, so they share one clock.
+test (:mod:`bench.node_runner`, arguments from :func:`node_args` / :func:`perception_params`), a frame
+publisher and a receiver (:mod:`bench.traffic`; :func:`stream_session`). Header stamps and receipt times
+are wall-clock (``time.time()``) on the same machine, so they share one clock. The benchmarks that start
+the shipped nodes themselves (``soak``, ``adaptation_memory``) drive them from a :class:`Driver` node.
 """
 
 from __future__ import annotations
@@ -51,6 +54,45 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_teacher_data_args(p: argparse.ArgumentParser) -> None:
+    """``--teacher`` (default models/gtsrb_teacher) and ``--data`` of the benchmarks that evaluate models."""
+    p.add_argument('--teacher', default=str(TEACHER))
+    p.add_argument('--data', default=None,
+                   help='gtsrb32.npz or its folder (default $EDGE_TL_DATA / ../shared/data)')
+
+
+def bench_parser(doc: str | None, add_args=None) -> argparse.ArgumentParser:
+    """The common flags, then the benchmark's own (``add_args(parser)``)."""
+    p = add_common_args(argparse.ArgumentParser(description=doc,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    if add_args is not None:
+        add_args(p)
+    return p
+
+
+def main(run, doc: str | None, argv=None, add_args=None, ok=None) -> int:
+    """A benchmark's ``main()``: parse, ``run(args)``; exit status 1 where ``ok(result)`` says no."""
+    data = run(bench_parser(doc, add_args).parse_args(argv))
+    return 0 if ok is None or ok(data) else 1
+
+
+def add_qos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--qos', choices=('best_effort', 'reliable'), default='best_effort',
+                   help="student node's qos_reliability (the publisher is reliable, depth 10)")
+
+
+def add_dds_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument('--dds', choices=tuple(DDS_PROFILES), default='large_shm', help=help)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, so ``run()``'s finally stops the processes it started."""
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+
+
 def results_dir(args) -> Path:
     if getattr(args, 'results_dir', None):
         d = Path(args.results_dir)
@@ -71,14 +113,9 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    info = {
-        'cores': os.cpu_count(),
-        'cores_usable': len(os.sched_getaffinity(0)),
-        'cpu_model': _cpu_model(),
-        'python': platform.python_version(),
-        'platform': platform.platform(),
-        'load_avg_1m': os.getloadavg()[0],
-    }
+    info = {'cores': os.cpu_count(), 'cores_usable': len(os.sched_getaffinity(0)), 'cpu_model': _cpu_model(),
+            'python': platform.python_version(), 'platform': platform.platform(),
+            'load_avg_1m': os.getloadavg()[0]}
     try:
         import onnxruntime
 
@@ -106,21 +143,13 @@ def _clean(o):
     return o
 
 
-def write_result(
-    name: str, data: dict, args, t_start: float | None = None, module: str | None = None
-) -> Path:
-    out = {
-        'name': name,
-        'quick': bool(args.quick),
-        'timestamp': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
-        'command': ' '.join(
-            shlex.quote(a)
-            for a in [Path(sys.executable).name, '-m', f'bench.{module or name}'] + sys.argv[1:]
-        )
-        if sys.argv and sys.argv[0]
-        else None,
-        'machine': machine_info(),
-    }
+def write_result(name: str, data: dict, args, t_start: float | None = None, module: str | None = None
+                 ) -> Path:
+    argv = [Path(sys.executable).name, '-m', f'bench.{module or name}'] + sys.argv[1:]
+    out = {'name': name, 'quick': bool(args.quick),
+           'timestamp': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
+           'command': ' '.join(shlex.quote(a) for a in argv) if sys.argv and sys.argv[0] else None,
+           'machine': machine_info()}
     if t_start is not None:
         out['duration_s'] = round(time.monotonic() - t_start, 1)
     out.update(data)
@@ -146,17 +175,23 @@ def lat_summary(ms) -> dict:
     ms = np.asarray(ms, np.float64)
     if not ms.size:
         return {'n': 0, 'p50_ms': None, 'p90_ms': None, 'p99_ms': None, 'max_ms': None, 'mean_ms': None}
-    return {
-        'n': int(ms.size),
-        'p50_ms': pct(ms, 50),
-        'p90_ms': pct(ms, 90),
-        'p99_ms': pct(ms, 99),
-        'max_ms': float(ms.max()),
-        'mean_ms': float(ms.mean()),
-    }
+    return {'n': int(ms.size), 'p50_ms': pct(ms, 50), 'p90_ms': pct(ms, 90), 'p99_ms': pct(ms, 99),
+            'max_ms': float(ms.max()), 'mean_ms': float(ms.mean())}
 
 
-def print_table(rows: list[dict], cols: list[str], title: str | None = None) -> str:
+def report(name: str, data: dict, args, t_start: float, rows: list[dict], cols: list[str] | None = None,
+           title: str | None = None) -> Path:
+    """:func:`write_result`, then the table of ``rows`` (title: the name, cores, ``title``), then where."""
+    path = write_result(name, data, args, t_start)
+    print_table(rows, cols, title=f'{name} ({machine_info()["cores"]} cores; {title})')
+    print(f'[{name}] wrote {path}')
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str] | None = None, title: str | None = None) -> str:
+    """``rows`` as a text table; ``cols`` (default: the keys of the rows, in order) pick the columns."""
+    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
+
     def fmt(v):
         if isinstance(v, float):
             return f'{v:.3g}' if abs(v) < 1000 else f'{v:.0f}'
@@ -164,11 +199,8 @@ def print_table(rows: list[dict], cols: list[str], title: str | None = None) -> 
 
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    lines = ([title] if title else []) + [
-        '  '.join(c.ljust(w) for c, w in zip(cols, widths)),
-        '  '.join('-' * w for w in widths),
-    ]
-    lines += ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ([title] if title else []) + ['  '.join(v.ljust(w) for v, w in zip(row, widths))
+                                          for row in [cols, ['-' * w for w in widths], *cells]]
     text = '\n'.join(lines)
     print(text, flush=True)
     return text
@@ -182,6 +214,13 @@ def savefig(fig, name: str, args) -> Path:
 
     plt.close(fig)
     return path
+
+
+def plot_cdf(ax, x, label: str) -> None:
+    """The empirical CDF of ``x`` on ``ax`` (nothing where ``x`` is empty)."""
+    if len(x):
+        xs = np.sort(x)
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
 
 
 def plt():
@@ -222,15 +261,10 @@ def resolve_bundle(arg: str | None) -> tuple[Path, dict]:
             make_toy_bundle(path, size=32, name='toy32')
             note = note or 'models/gtsrb_student absent: toy bundle (mean-colour ONNX backbone), 32x32'
     b = load_bundle(path)
-    info = {
-        'path': str(path),
-        'name': b.name,
-        'input_size': list(b.input_size),
-        'feature_size': b.feature_size,
-        'num_classes': len(b.class_names),
-        'is_toy': b.manifest.get('architecture') == 'toy_mean_colour',
-        'architecture': b.manifest.get('architecture'),
-    }
+    arch = b.manifest.get('architecture')
+    info = {'path': str(path), 'name': b.name, 'input_size': list(b.input_size),
+            'feature_size': b.feature_size, 'num_classes': len(b.class_names),
+            'is_toy': arch == 'toy_mean_colour', 'architecture': arch}
     if note:
         info['note'] = note
     return path, info
@@ -242,12 +276,13 @@ def teacher_info() -> dict | None:
         return None
     import yaml
 
-    m = yaml.safe_load((TEACHER / 'manifest.yaml').read_text())
-    return m
+    return yaml.safe_load((TEACHER / 'manifest.yaml').read_text())
 
 
 # -- ROS processes -------------------------------------------------------------------------------------
 DDS_PROFILES = {'default': None, 'large_shm': REPO / 'config' / 'fastdds_large_shm.xml'}
+ROS_ENV_KEYS = ('RMW_IMPLEMENTATION', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY', 'ROS_DOMAIN_ID',
+                'FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
 
 
 def ros_env(domain: int | None = None, dds: str = 'default') -> dict:
@@ -268,21 +303,54 @@ def ros_env(domain: int | None = None, dds: str = 'default') -> dict:
     return env
 
 
-class Proc:
-    """A benchmark subprocess; ``stop()`` sends SIGINT (the process writes its log) and waits."""
+def adopt_ros_env(env: dict) -> None:
+    """This process joins the ROS set-up of ``env`` (middleware, discovery, domain, DDS profile)."""
+    for k in ROS_ENV_KEYS:
+        if k in env:
+            os.environ[k] = env[k]
 
-    def __init__(self, argv: list[str], env: dict, log_path: Path, name: str):
+
+def ros_params(params: dict) -> list[str]:
+    """``{name: value}`` -> ``['-p', 'name:=value', ...]`` (the values as ``str`` writes them)."""
+    return [a for k, v in params.items() for a in ('-p', f'{k}:={v}')]
+
+
+def node_args(kind: str, params: dict | None = None, *flags: str) -> list[str]:
+    """Arguments of :mod:`bench.node_runner`: ``--kind``, its own ``flags``, then the node's parameters."""
+    return ['--kind', kind, *flags, *(['--ros-args', *ros_params(params)] if params is not None else [])]
+
+
+def perception_params(bundle, state_dir, qos: str) -> dict:
+    """The perception node's parameters in every node benchmark (each adds its own to the dict)."""
+    return {'model_bundle': bundle, 'state_dir': state_dir, 'qos_reliability': qos,
+            'diagnostics_period_s': 0.5}
+
+
+_libc = None
+
+
+def _die_with_parent():  # in the child before exec: SIGKILL when this process dies (even by SIGKILL)
+    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Proc:
+    """A benchmark subprocess; ``stop()`` sends SIGINT (the process writes its log) and waits.
+
+    ``die_with_parent``: the child is killed when this process dies (a killed benchmark leaves no node).
+    """
+
+    def __init__(self, argv: list[str], env: dict, log_path: Path, name: str, die_with_parent: bool = False):
+        global _libc
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, 'w')
-        self.p = subprocess.Popen(
-            [sys.executable, *argv],
-            env=env,
-            cwd=str(REPO),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        if die_with_parent and _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        self.p = subprocess.Popen([sys.executable, *argv], env=env, cwd=str(REPO), stdout=self._log,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=_die_with_parent if die_with_parent else None)
 
     @property
     def pid(self) -> int:
@@ -290,6 +358,11 @@ class Proc:
 
     def alive(self) -> bool:
         return self.p.poll() is None
+
+    def check(self, what: str = 'exited early', lines: int = 30) -> None:
+        """Raise (with the log's tail) if the process has ended."""
+        if not self.alive():
+            raise RuntimeError(f'{self.name} {what} (rc {self.p.returncode}):\n{self.tail(lines)}')
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -313,30 +386,36 @@ class Proc:
             return ''
 
 
-def wait_file(path: Path, timeout: float, procs=()) -> bool:
+def wait_until(ready, timeout: float, procs=(), poll_s: float = 0.05, what: str = 'exited early') -> bool:
+    """Poll ``ready()`` until it is true (True) or ``timeout`` s pass (False); raise if a process ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists():
+        if ready():
             return True
         for pr in procs:
-            if not pr.alive():
-                raise RuntimeError(f'{pr.name} exited early (rc {pr.p.returncode}):\n{pr.tail()}')
-        time.sleep(0.05)
+            pr.check(what)
+        time.sleep(poll_s)
     return False
+
+
+def wait_file(path: Path, timeout: float, procs=()) -> bool:
+    return wait_until(path.exists, timeout, procs)
 
 
 class ProcMonitor:
     """Samples CPU time and memory of a process every ``period`` s in a thread.
 
-    ``samples``: (wall time, cpu seconds, RSS MB, RssAnon MB, RssShmem MB). RssAnon (heap, stacks) is what
-    a leak grows; RssShmem counts the DDS shared-memory segments' pages as the process touches them.
+    ``samples``: (wall time, cpu seconds, RSS MB, RssAnon MB, RssShmem MB[, open fds with ``fds``]).
+    RssAnon (heap, stacks) is what a leak grows; RssShmem counts the DDS shared-memory segments' pages as
+    the process touches them.
     """
 
-    def __init__(self, pid: int, period: float = 0.5):
+    def __init__(self, pid: int, period: float = 0.5, fds: bool = False):
         import psutil
 
         self.proc = psutil.Process(pid)
         self.period = period
+        self.fds = fds
         self.samples: list[tuple] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -346,6 +425,7 @@ class ProcMonitor:
         try:
             ct = self.proc.cpu_times()
             rss = self.proc.memory_info().rss / 2**20
+            fds = (self.proc.num_fds(),) if self.fds else ()
         except Exception:  # process gone
             return None
         anon = shm = float('nan')
@@ -357,7 +437,7 @@ class ProcMonitor:
                     shm = int(line.split()[1]) / 1024
         except OSError:
             pass
-        s = (time.time(), ct.user + ct.system, rss, anon, shm)
+        s = (time.time(), ct.user + ct.system, rss, anon, shm, *fds)
         self.samples.append(s)
         return s
 
@@ -366,8 +446,9 @@ class ProcMonitor:
             self._sample()
             self._stop.wait(self.period)
 
-    def stop(self):
-        self._sample()
+    def stop(self, last_sample: bool = True):
+        if last_sample:
+            self._sample()
         self._stop.set()
         self._t.join(2)
 
@@ -383,6 +464,17 @@ class ProcMonitor:
         return s[-1][2] if s else float('nan')
 
 
+def first_last(x, k: int) -> tuple[float, float]:
+    """Medians of the first and the last ``k`` values of ``x`` (NaN, NaN when it is empty)."""
+    x = np.asarray(x, np.float64)
+    return (float(np.median(x[:k])), float(np.median(x[-k:]))) if len(x) else (float('nan'),) * 2
+
+
+def slope_per_min(t, y) -> float | None:
+    """Least-squares slope of ``y`` per minute of ``t`` (seconds); None under 4 points."""
+    return float(np.polyfit((np.asarray(t) - t[0]) / 60.0, y, 1)[0]) if len(t) > 3 else None
+
+
 def cleanup(workdir: Path) -> None:
     """Remove a benchmark's scratch directory (kept with BENCH_KEEP=1)."""
     if not os.environ.get('BENCH_KEEP'):
@@ -393,46 +485,36 @@ def new_workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f'{name}_', dir=tmp_root()))
 
 
-def run_session(
-    workdir: Path,
-    node_args: list[str],
-    pub_cfg: dict,
-    recv_cfg: dict,
-    env: dict | None = None,
-    settle_s: float = 1.5,
-    timeout_s: float = 600,
-) -> dict:
+def run_session(workdir: Path, node_argv: list[str], pub_cfg: dict, recv_cfg: dict, env: dict | None = None,
+                settle_s: float = 1.5, timeout_s: float = 600) -> dict:
     """Node under test + receiver + publisher; returns the merged logs and process statistics.
 
-    ``node_args``: arguments of :mod:`bench.node_runner` (``--stats-out`` is added). ``pub_cfg`` /
+    ``node_argv``: arguments of :mod:`bench.node_runner` (``--stats-out`` is added). ``pub_cfg`` /
     ``recv_cfg``: configs of :mod:`bench.traffic` roles ``pub`` / ``recv`` (file paths are added).
     """
     env = env or ros_env()
     stats_path = workdir / 'node_stats.json'
     ready = workdir / 'node.ready'
-    node = Proc(
-        ['-m', 'bench.node_runner', '--stats-out', str(stats_path), '--ready-file', str(ready), *node_args],
-        env,
-        workdir / 'node.log',
-        'node',
-    )
+
+    def traffic(role: str, cfg: dict) -> Proc:
+        (workdir / f'{role}_cfg.json').write_text(json.dumps(dict(cfg, role=role)))
+        return Proc(['-m', 'bench.traffic', str(workdir / f'{role}_cfg.json')], env, workdir / f'{role}.log',
+                    role)
+
+    node = Proc(['-m', 'bench.node_runner', '--stats-out', str(stats_path), '--ready-file', str(ready),
+                 *node_argv], env, workdir / 'node.log', 'node')
     procs = [node]
     try:
         # the receiver starts alongside the node (it waits for the classification publisher itself)
-        rcfg = dict(recv_cfg, role='recv', out=str(workdir / 'recv.json'), ready=str(workdir / 'recv.ready'))
-        (workdir / 'recv_cfg.json').write_text(json.dumps(rcfg))
-        recv = Proc(
-            ['-m', 'bench.traffic', str(workdir / 'recv_cfg.json')], env, workdir / 'recv.log', 'recv'
-        )
+        recv = traffic('recv', dict(recv_cfg, out=str(workdir / 'recv.json'),
+                                    ready=str(workdir / 'recv.ready')))
         procs.append(recv)
         if not wait_file(ready, 120, procs):
             raise RuntimeError(f'node did not start in 120 s:\n{node.tail()}')
         mon = ProcMonitor(node.pid)
         if not wait_file(workdir / 'recv.ready', 60, procs):
             raise RuntimeError(f'receiver not ready in 60 s:\n{recv.tail()}')
-        pcfg = dict(pub_cfg, role='pub', out=str(workdir / 'pub.json'))
-        (workdir / 'pub_cfg.json').write_text(json.dumps(pcfg))
-        pub = Proc(['-m', 'bench.traffic', str(workdir / 'pub_cfg.json')], env, workdir / 'pub.log', 'pub')
+        pub = traffic('pub', dict(pub_cfg, out=str(workdir / 'pub.json')))
         procs.append(pub)
         rc = pub.wait(timeout_s)
         if rc is None:
@@ -452,13 +534,147 @@ def run_session(
             'node_rc': node_rc,
             'monitor': mon,
         }
-        if not os.environ.get('BENCH_KEEP'):  # logs stay only when something failed (or BENCH_KEEP=1)
-            shutil.rmtree(workdir, ignore_errors=True)
+        cleanup(workdir)  # logs stay only when something failed (or BENCH_KEEP=1)
         return res
     finally:
         for pr in reversed(procs):
             if pr.alive():
                 pr.stop()
+
+
+PERCEPTION_RECV = {'cls_topic': '/perception/classification', 'node_name': 'perception'}
+
+
+def stream_session(wd: Path, node_argv: list[str], rate: float, seconds: float, width: int = 640,
+                   height: int = 480, recv_cfg: dict | None = None, dds: str = 'default',
+                   settle_s: float = 1.2) -> dict:
+    """:func:`run_session` of the node benchmarks: ``bgr8`` frames (:func:`frames_for`) at ``rate`` Hz for
+    ``seconds`` s, reliable depth 10, into the node of ``node_argv``; ``recv_cfg`` defaults to the
+    perception node's classification topic."""
+    np.save(wd / 'frames.npy', frames_for(width, height))
+    pub_cfg = {'frames_npy': str(wd / 'frames.npy'), 'rate_hz': rate, 'duration_s': seconds,
+               'qos': 'reliable', 'depth': 10}
+    return run_session(wd, node_argv, pub_cfg, recv_cfg or PERCEPTION_RECV, env=ros_env(dds=dds),
+                       settle_s=settle_s)
+
+
+# -- publishing frames ---------------------------------------------------------------------------------
+class Pacer:
+    """Ticks at ``rate`` Hz; a tick more than one period late restarts the schedule (no burst to catch up,
+    counted in ``resets``)."""
+
+    def __init__(self, rate: float):
+        self.period = 1.0 / rate
+        self.t_next = time.perf_counter()
+        self.resets = 0
+
+    def wait(self) -> None:
+        now = time.perf_counter()
+        if self.t_next > now:
+            time.sleep(self.t_next - now)
+        elif now - self.t_next > self.period:
+            self.resets += 1
+            self.t_next = now
+        self.t_next += self.period
+
+
+def stamp(header, seq: int) -> float:
+    """Header stamp = wall time now, ``frame_id`` = the sequence number; returns the stamp in seconds."""
+    t = time.time()
+    header.stamp.sec, header.stamp.nanosec = int(t), int((t % 1) * 1e9)
+    header.frame_id = str(seq)
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+class Driver:
+    """The benchmark's own rclpy node on a context of its own, spun in a thread: publishes ``image``
+    (reliable, ``image_depth``) and ``labels`` (reliable, depth 100), records ``/adaptation/status``
+    (latched) as ``statuses``: (wall time of receipt, status dict)."""
+
+    def __init__(self, name: str, domain: int, image_depth: int, threads: int = 1):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from rclpy.signals import SignalHandlerOptions
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import String
+        from vision_msgs.msg import Classification
+
+        self.ctx = Context()
+        # Ctrl-C / SIGTERM must reach run()'s finally (which stops the node processes), not only rclpy
+        rclpy.init(context=self.ctx, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node(name, context=self.ctx)
+        self.pub = self.node.create_publisher(Image, 'image', QoSProfile(
+            depth=image_depth, reliability=ReliabilityPolicy.RELIABLE))
+        self.pub_lab = self.node.create_publisher(Classification, 'labels', QoSProfile(
+            depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        self.statuses: list[tuple[float, dict]] = []
+        self._lock = threading.Lock()
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.node.create_subscription(String, '/adaptation/status', self._on_status, latched)
+        self.ex = (SingleThreadedExecutor(context=self.ctx) if threads == 1
+                   else MultiThreadedExecutor(num_threads=threads, context=self.ctx))
+        self.ex.add_node(self.node)
+
+    def start(self) -> None:
+        """Spin (after the subclass made its subscriptions)."""
+        threading.Thread(target=self._spin_loop, daemon=True).start()
+
+    def _spin_loop(self):
+        try:
+            self.ex.spin()
+        except Exception:  # context shut down
+            pass
+
+    def _on_status(self, msg):
+        try:
+            d = json.loads(msg.data)
+        except ValueError:
+            return
+        with self._lock:
+            self.statuses.append((time.time(), d))
+
+    @property
+    def status(self) -> dict:
+        """The latest status ({} before the first)."""
+        with self._lock:
+            return self.statuses[-1][1] if self.statuses else {}
+
+    def status_of(self, pid: int) -> list[tuple[float, dict]]:
+        with self._lock:
+            return [(t, d) for t, d in self.statuses if d.get('pid') == pid]
+
+    def image_messages(self, frames: np.ndarray, encoding: str = 'bgr8') -> list:
+        """``sensor_msgs/Image`` of BGR ``frames`` in ``encoding`` (``bgr8`` or ``rgb8``)."""
+        from sensor_msgs.msg import Image
+
+        from edge_tl_ros.imaging import image_fields
+
+        return [Image(**image_fields(f[..., ::-1] if encoding == 'rgb8' else f, encoding)) for f in frames]
+
+    def label(self, class_name: str, header):
+        """A label for the frame of ``header``: its stamp and frame_id, one class with score 1."""
+        from vision_msgs.msg import Classification, ObjectHypothesis
+
+        lab = Classification(results=[ObjectHypothesis(class_id=class_name, score=1.0)])
+        lab.header.stamp, lab.header.frame_id = header.stamp, header.frame_id
+        return lab
+
+    def wait_ready(self, ready, procs, timeout: float) -> None:
+        """Until ``ready()`` (then 0.5 s more: discovery settles on the nodes' side too)."""
+        if not wait_until(ready, timeout, procs, poll_s=0.1, what='exited during start-up'):
+            raise RuntimeError(f'nodes not ready after {timeout:.0f} s:\n'
+                               + '\n'.join(p.tail(15) for p in procs))
+        time.sleep(0.5)
+
+    def close(self):
+        try:
+            self.ex.shutdown(timeout_sec=2)
+            self.node.destroy_node()
+        finally:
+            self.ctx.try_shutdown()
 
 
 def join_latency(res: dict, warmup_s: float) -> dict:
@@ -472,15 +688,8 @@ def join_latency(res: dict, warmup_s: float) -> dict:
     lat_ms = (t_recv - stamps[seqs_r]) * 1e3
     t0 = stamps[0] + warmup_s if len(stamps) else 0.0
     meas = stamps[seqs_r] >= t0
-    return {
-        'stamps': stamps,
-        'seq': seqs_r,
-        't_recv': t_recv,
-        'lat_ms': lat_ms,
-        'measured': meas,
-        't_measure_start': t0,
-        't_measure_end': float(stamps[-1]) if len(stamps) else 0.0,
-    }
+    return {'stamps': stamps, 'seq': seqs_r, 't_recv': t_recv, 'lat_ms': lat_ms, 'measured': meas,
+            't_measure_start': t0, 't_measure_end': float(stamps[-1]) if len(stamps) else 0.0}
 
 
 def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray:
@@ -493,13 +702,10 @@ def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray
 
         with np.load(find_gtsrb_npz(), allow_pickle=False) as z:
             x = z['X_test']  # only this array is read
-        imgs = x[rng.choice(len(x), n, replace=False)]
-        return np.stack(
-            [cv2.resize(im[..., ::-1], (width, height), interpolation=cv2.INTER_LINEAR) for im in imgs]
-        )
+        small = x[rng.choice(len(x), n, replace=False)][..., ::-1]
     except Exception:  # no data: noise is as good for timing
         small = rng.integers(0, 256, (n, 24, 32, 3), dtype=np.uint8)
-        return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in small])
+    return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in small])
 
 
 def session_summary(res: dict, warmup_s: float) -> dict:
@@ -518,17 +724,12 @@ def session_summary(res: dict, warmup_s: float) -> dict:
     to_node = np.asarray([f[2] - f[1] for f in fr]) * 1e3
     proc = np.asarray([f[3] for f in fr], np.float64)
     out = {
-        'published': len(j['stamps']),
-        'input_rate_hz': pub.get('achieved_rate_hz'),
-        'classified': int(len(j['seq'])),
-        'node_received': node.get('received'),
-        'node_processed': node.get('processed'),
-        'node_dropped': node.get('dropped'),
+        'published': len(j['stamps']), 'input_rate_hz': pub.get('achieved_rate_hz'),
+        'classified': int(len(j['seq'])), 'node_received': node.get('received'),
+        'node_processed': node.get('processed'), 'node_dropped': node.get('dropped'),
         'node_rejected': node.get('rejected'),
         'diag_dropped': int(diag['dropped_frames']) if 'dropped_frames' in diag else None,
-        'lost_before_node': (len(j['stamps']) - node['received'])
-        if node.get('received') is not None
-        else None,
+        'lost_before_node': len(j['stamps']) - node['received'] if node.get('received') is not None else None,
         'latency': lat_summary(lat),
         'output_rate_hz': n_out / max(1e-9, t1 - t0) if t1 > t0 else None,
         'cpu_percent': mon.cpu_percent(t0, t1 + 0.5),

@@ -12,10 +12,7 @@ of the node process (psutil; 100 = one core).
 
 from __future__ import annotations
 
-import argparse
 import time
-
-import numpy as np
 
 from bench import common
 
@@ -24,129 +21,84 @@ RESOLUTIONS = ((640, 480), (1280, 720))
 
 
 CONTRAST_KEYS = ('latency', 'cpu_percent', 'stamp_to_inference_start_ms')
+NAIVE_RECV = {'cls_topic': '/naive/classification', 'node_name': 'naive'}
 
 
-def session(
-    kind: str,
-    bundle: str,
-    width: int,
-    height: int,
-    rate: float,
-    duration: float,
-    warmup: float,
-    qos: str,
-    naive_model: str = 'auto',
-    dds: str = 'default',
-    executor_threads: int = 1,
-) -> dict:
-    wd = common.new_workdir(f'{NAME}_{kind}_{width}')
-    np.save(wd / 'frames.npy', common.frames_for(width, height))
+def node_under_test(kind: str, wd, bundle: str, qos: str, naive_model: str, executor_threads: int):
+    """(:mod:`bench.node_runner` arguments, receiver config) of the node of ``kind``."""
     if kind == 'student':
-        node_args = [
-            '--kind',
-            'student',
-            '--ros-args',
-            '-p',
-            f'model_bundle:={bundle}',
-            '-p',
-            f'state_dir:={wd / "state"}',
-            '-p',
-            f'qos_reliability:={qos}',
-            '-p',
-            'diagnostics_period_s:=0.5',
-            '-p',
-            f'executor_threads:={executor_threads}',
-        ]
-        cls_topic, node_name = '/perception/classification', 'perception'
-    elif kind == 'echo':
-        node_args = ['--kind', 'echo', '--ros-args', '-p', f'qos_reliability:={qos}']
-        cls_topic, node_name = '/perception/classification', 'perception'
-    else:
-        node_args = ['--kind', 'naive', '--naive-model', naive_model]
-        cls_topic, node_name = '/naive/classification', 'naive'
-    res = common.run_session(
-        wd,
-        node_args,
-        pub_cfg={
-            'frames_npy': str(wd / 'frames.npy'),
-            'rate_hz': rate,
-            'duration_s': duration + warmup,
-            'qos': 'reliable',
-            'depth': 10,
-        },
-        recv_cfg={'cls_topic': cls_topic, 'node_name': node_name},
-        env=common.ros_env(dds=dds),
-        settle_s=2.0 if kind == 'naive' else 1.2,
-    )
+        params = {**common.perception_params(bundle, wd / 'state', qos), 'executor_threads': executor_threads}
+        return common.node_args('student', params), common.PERCEPTION_RECV
+    if kind == 'echo':
+        return common.node_args('echo', {'qos_reliability': qos}), common.PERCEPTION_RECV
+    return common.node_args('naive', None, '--naive-model', naive_model), NAIVE_RECV
+
+
+def session(kind: str, bundle: str, width: int, height: int, rate: float, duration: float, warmup: float,
+            qos: str, naive_model: str = 'auto', dds: str = 'default', executor_threads: int = 1) -> dict:
+    wd = common.new_workdir(f'{NAME}_{kind}_{width}')
+    node_argv, recv_cfg = node_under_test(kind, wd, bundle, qos, naive_model, executor_threads)
+    res = common.stream_session(wd, node_argv, rate, duration + warmup, width, height, recv_cfg, dds,
+                                settle_s=2.0 if kind == 'naive' else 1.2)
     s = common.session_summary(res, warmup)
-    s.update(
-        kind=kind,
-        resolution=f'{width}x{height}',
-        width=width,
-        height=height,
-        duration_s=duration,
-        warmup_s=warmup,
-        dds=dds,
-    )
+    s.update(kind=kind, resolution=f'{width}x{height}', width=width, height=height, duration_s=duration,
+             warmup_s=warmup, dds=dds)
     if kind == 'student':
         s['executor_threads'] = executor_threads
     if kind == 'naive':
-        s['naive_model'] = res['node'].get('model')
-        s['naive_input_size'] = res['node'].get('input_size')
-        s['naive_compute_p50_ms'] = res['node'].get('compute_p50_ms')
-        s['naive_compute_p99_ms'] = res['node'].get('compute_p99_ms')
+        node = res['node']
+        s.update(naive_model=node.get('model'), naive_input_size=node.get('input_size'),
+                 naive_compute_p50_ms=node.get('compute_p50_ms'),
+                 naive_compute_p99_ms=node.get('compute_p99_ms'))
     j = common.join_latency(res, warmup)
     s['_series'] = (j['stamps'][j['seq']] - j['stamps'][0], j['lat_ms'])
     return s
+
+
+def plan(quick: bool) -> list[tuple]:
+    """(kind, width, height, seconds, warm-up seconds, DDS profile, executor_threads) of each session.
+
+    The headline runs use config/fastdds_large_shm.xml, which the launch file sets for the nodes (the
+    default Fast DDS shared-memory segment cannot hold a 640x480 frame); one default-transport run each
+    for the student and the echo node shows why.
+    """
+    if quick:  # code path only; 720p, the default transport and the executor contrast in full runs
+        return [('student', 640, 480, 3, 1, 'large_shm', 1), ('naive', 640, 480, 4, 2, 'large_shm', 1)]
+    return [('student', 640, 480, 20, 3, 'large_shm', 1),
+            # contrast, right after the headline run: the node on a 3-thread MultiThreadedExecutor
+            ('student', 640, 480, 20, 3, 'large_shm', 3),
+            *[('student', w, h, 20, 3, 'large_shm', 1) for (w, h) in RESOLUTIONS if (w, h) != (640, 480)],
+            ('student', 640, 480, 20, 3, 'default', 1),
+            *[('echo', 640, 480, 15, 2, dds, 1) for dds in ('large_shm', 'default')],
+            ('echo', 1280, 720, 15, 2, 'large_shm', 1),
+            *[('naive', w, h, 20, 5, 'large_shm', 1) for (w, h) in RESOLUTIONS]]
+
+
+def label(r: dict) -> str:
+    return f'{r["kind"]} {r["resolution"]} {r["dds"]}' + (
+        f' {r["executor_threads"]}thr' if r.get('executor_threads', 1) > 1 else '')
 
 
 def run(args) -> dict:
     t_start = time.monotonic()
     bundle, binfo = common.resolve_bundle(args.bundle)
     rate = 30.0
-    # the headline runs use config/fastdds_large_shm.xml, which the launch file sets for the nodes (the
-    # default Fast DDS shared-memory segment cannot hold a 640x480 frame); one default-transport run each
-    # for the student and the echo node shows why
-    # (kind, width, height, seconds, warm-up seconds, DDS profile, executor_threads)
-    if args.quick:  # code path only; 720p, the default transport and the executor contrast in full runs
-        plan = [('student', 640, 480, 3, 1, 'large_shm', 1), ('naive', 640, 480, 4, 2, 'large_shm', 1)]
-    else:
-        plan = [('student', 640, 480, 20, 3, 'large_shm', 1),
-                # contrast, right after the headline run: the node on a 3-thread MultiThreadedExecutor
-                ('student', 640, 480, 20, 3, 'large_shm', 3)]
-        plan += [('student', w, h, 20, 3, 'large_shm', 1) for (w, h) in RESOLUTIONS if (w, h) != (640, 480)]
-        plan += [('student', 640, 480, 20, 3, 'default', 1)]
-        plan += [('echo', 640, 480, 15, 2, dds, 1) for dds in ('large_shm', 'default')]
-        plan += [('echo', 1280, 720, 15, 2, 'large_shm', 1)]
-        plan += [('naive', w, h, 20, 5, 'large_shm', 1) for (w, h) in RESOLUTIONS]
     runs = []
-    for kind, w, h, dur, warm, dds, ex in plan:
-        print(
-            f'[{NAME}] {kind} {w}x{h} @ {rate:g} Hz, DDS {dds}, for {dur} s (+{warm} s warm-up)'
-            + (f', executor_threads {ex}' if kind == 'student' else '') + ' ...',
-            flush=True,
-        )
+    for kind, w, h, dur, warm, dds, ex in plan(args.quick):
+        print(f'[{NAME}] {kind} {w}x{h} @ {rate:g} Hz, DDS {dds}, for {dur} s (+{warm} s warm-up)'
+              + (f', executor_threads {ex}' if kind == 'student' else '') + ' ...', flush=True)
         runs.append(session(kind, str(bundle), w, h, rate, dur, warm, args.qos, args.naive_model, dds, ex))
-
-    def label(r):
-        return f'{r["kind"]} {r["resolution"]} {r["dds"]}' + (
-            f' {r["executor_threads"]}thr' if r.get('executor_threads', 1) > 1 else '')
-
     series = {label(r): r.pop('_series') for r in runs}
 
     def pick(kind, res='640x480', dds='large_shm', threads=1):
-        return next(
-            (r for r in runs if r['kind'] == kind and r['resolution'] == res and r['dds'] == dds
-             and r.get('executor_threads', 1) == threads), None
-        )
+        return next((r for r in runs if r['kind'] == kind and r['resolution'] == res and r['dds'] == dds
+                     and r.get('executor_threads', 1) == threads), None)
 
     st, nv, mt = pick('student'), pick('naive'), pick('student', threads=3)
     p50, p99 = st['latency']['p50_ms'], st['latency']['p99_ms']
     nv50 = nv['latency']['p50_ms'] if nv else None
     data = {
-        'p50_ms': p50,
-        'p99_ms': p99,
-        'naive_p50_ms': nv50,
+        'p50_ms': p50, 'p99_ms': p99, 'naive_p50_ms': nv50,
         'speedup_vs_naive': (nv50 / p50) if (nv50 and p50) else None,
         'drops': st['diag_dropped'] if st['diag_dropped'] is not None else st['node_dropped'],
         'headline': 'student vs naive at 640x480, 30 Hz, Fast DDS with config/fastdds_large_shm.xml (as the '
@@ -161,19 +113,11 @@ def run(args) -> dict:
             'p50_ratio_multi_over_single': mt['latency']['p50_ms'] / p50 if p50 else None,
             'p99_ratio_multi_over_single': mt['latency']['p99_ms'] / p99 if p99 else None,
         } if mt else None,
-        'default_transport_640': {
-            k: (pick('student', dds='default') or {}).get(k)
-            for k in ('latency', 'published', 'node_received', 'lost_before_node')
-        },
-        'targets': {
-            'p50_ms<=5': p50 is not None and p50 <= 5,
-            'p99_ms<=10': p99 is not None and p99 <= 10,
-            'speedup>=10': bool(nv50 and p50 and nv50 / p50 >= 10),
-        },
-        'bundle': binfo,
-        'student_qos': args.qos,
-        'publisher_qos': 'reliable, depth 10',
-        'rate_hz': rate,
+        'default_transport_640': {k: (pick('student', dds='default') or {}).get(k)
+                                  for k in ('latency', 'published', 'node_received', 'lost_before_node')},
+        'targets': {'p50_ms<=5': p50 is not None and p50 <= 5, 'p99_ms<=10': p99 is not None and p99 <= 10,
+                    'speedup>=10': bool(nv50 and p50 and nv50 / p50 >= 10)},
+        'bundle': binfo, 'student_qos': args.qos, 'publisher_qos': 'reliable, depth 10', 'rate_hz': rate,
         'runs': runs,
         'definitions': {
             'latency': 'receipt wall time in the receiver process - header.stamp (publisher wall time just '
@@ -195,39 +139,22 @@ def run(args) -> dict:
             'default) vs the same node with executor_threads:=3 (MultiThreadedExecutor), run right after it',
         },
     }
-    path = common.write_result(NAME, data, args, t_start)
-    common.print_table(
-        [
-            {
-                'run': label(r),
-                'p50_ms': r['latency']['p50_ms'],
-                'p99_ms': r['latency']['p99_ms'],
-                'out_hz': r['output_rate_hz'],
-                'node_drop': r['node_dropped'],
-                'lost': r['lost_before_node'],
-                'cpu%': r['cpu_percent'],
-                'to_node_p50': (r['stamp_to_inference_start_ms'] or {}).get('p50_ms'),
-                'infer_p50': (r['node_infer_ms'] or {}).get('p50_ms'),
-            }
-            for r in runs
-        ],
-        ['run', 'p50_ms', 'p99_ms', 'out_hz', 'node_drop', 'lost', 'cpu%', 'to_node_p50', 'infer_p50'],
-        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
-    )
+    rows = [{'run': label(r), 'p50_ms': r['latency']['p50_ms'], 'p99_ms': r['latency']['p99_ms'],
+             'out_hz': r['output_rate_hz'], 'node_drop': r['node_dropped'], 'lost': r['lost_before_node'],
+             'cpu%': r['cpu_percent'], 'to_node_p50': (r['stamp_to_inference_start_ms'] or {}).get('p50_ms'),
+             'infer_p50': (r['node_infer_ms'] or {}).get('p50_ms')} for r in runs]
     plot(series, args)
-    print(f'[{NAME}] wrote {path}')
+    common.report(NAME, data, args, t_start, rows, title=f'bundle {binfo["name"]}')
     return data
 
 
 def plot(series: dict, args) -> None:
     plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, (t, lat) in series.items():
-        if len(lat) == 0:
-            continue
-        xs = np.sort(lat)
-        axes[0].plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
-        axes[1].plot(t, lat, '.', ms=2, label=label)
+    for name, (t, lat) in series.items():
+        if len(lat):
+            common.plot_cdf(axes[0], lat, name)
+            axes[1].plot(t, lat, '.', ms=2, label=name)
     axes[0].set_xscale('log')
     axes[0].set_xlabel('stamp -> classification latency (ms, log)')
     axes[0].set_ylabel('CDF')
@@ -238,23 +165,13 @@ def plot(series: dict, args) -> None:
     common.savefig(fig, NAME, args)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    p.add_argument(
-        '--qos',
-        choices=('best_effort', 'reliable'),
-        default='best_effort',
-        help="student node's qos_reliability (the publisher is reliable, depth 10)",
-    )
+def add_args(p) -> None:
+    common.add_qos_arg(p)
     p.add_argument('--naive-model', default='auto', choices=('auto', 'teacher', 'mobilenet_v3'))
-    return p
 
 
 def main(argv=None) -> int:
-    run(parser().parse_args(argv))
-    return 0
+    return common.main(run, __doc__, argv, add_args)
 
 
 if __name__ == '__main__':

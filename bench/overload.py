@@ -14,7 +14,6 @@ the receipt time in the receiver instead (includes the trip back) is ``max_lag_f
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -31,37 +30,11 @@ def lags(stamps: np.ndarray, seqs: np.ndarray, t_done: np.ndarray) -> np.ndarray
 
 
 def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, dds: str,
-            node_params: tuple = ()) -> dict:
-    """One rate; ``node_params``: extra ``name:=value`` node parameters (the contrast run)."""
+            node_params: dict | None = None) -> dict:
+    """One rate; ``node_params``: extra node parameters (the contrast run)."""
     wd = common.new_workdir(f'{NAME}_{int(rate)}')
-    np.save(wd / 'frames.npy', common.frames_for(640, 480))
-    res = common.run_session(
-        wd,
-        [
-            '--kind',
-            'student',
-            '--ros-args',
-            '-p',
-            f'model_bundle:={bundle}',
-            '-p',
-            f'state_dir:={wd / "state"}',
-            '-p',
-            f'qos_reliability:={qos}',
-            '-p',
-            'diagnostics_period_s:=0.5',
-            *[a for kv in node_params for a in ('-p', kv)],
-        ],
-        pub_cfg={
-            'frames_npy': str(wd / 'frames.npy'),
-            'rate_hz': rate,
-            'duration_s': duration + warmup,
-            'qos': 'reliable',
-            'depth': 10,
-        },
-        recv_cfg={'cls_topic': '/perception/classification', 'node_name': 'perception'},
-        env=common.ros_env(dds=dds),
-        settle_s=1.2,
-    )
+    params = {**common.perception_params(bundle, wd / 'state', qos), **(node_params or {})}
+    res = common.stream_session(wd, common.node_args('student', params), rate, duration + warmup, dds=dds)
     s = common.session_summary(res, warmup)
     j = common.join_latency(res, warmup)
     stamps = j['stamps']
@@ -75,53 +48,38 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
     # node-side queue lag: newer frames that had *arrived at the node* (subscription callback) by then
     arr = np.asarray(res['node'].get('arrivals', []), np.float64).reshape(-1, 2)
     arr = arr[np.argsort(arr[:, 1])] if len(arr) else arr
-    lag_q = (
-        np.asarray(
-            [int(np.sum((arr[:, 1] <= d) & (arr[:, 0] > k))) for k, d in zip(seq_n[meas_n], done_n[meas_n])],
-            np.int64,
-        )
-        if len(arr)
-        else np.zeros(0, int)
-    )
+    lag_q = (np.asarray([int(np.sum((arr[:, 1] <= d) & (arr[:, 0] > k)))
+                         for k, d in zip(seq_n[meas_n], done_n[meas_n])], np.int64)
+             if len(arr) else np.zeros(0, int))
     meas_r = j['measured']
     lag_recv = lags(stamps, j['seq'][meas_r], j['t_recv'][meas_r])
-    mon = res['monitor']
-    samples = np.asarray(mon.samples)  # (t, cpu s, rss MB)
-    t_first = stamps[0]
+    samples = np.asarray(res['monitor'].samples)  # (t, cpu s, rss MB, anon MB, shm MB)
     after = samples[(samples[:, 0] >= t0) & (samples[:, 0] <= stamps[-1] + 0.5)]
     # medians over the first / last 10% (>= 4 samples) after the warm-up: robust to transient spikes
     k = max(4, len(after) // 10)
-    rss_warm = float(np.median(after[:k, 2])) if len(after) else float('nan')
-    rss_end = float(np.median(after[-k:, 2])) if len(after) else float('nan')
-    anon_warm = float(np.median(after[:k, 3])) if len(after) else float('nan')
-    anon_end = float(np.median(after[-k:, 3])) if len(after) else float('nan')
-    shm_growth = float(np.median(after[-k:, 4]) - np.median(after[:k, 4])) if len(after) else float('nan')
-    slope = (
-        float(np.polyfit((after[:, 0] - after[0, 0]) / 60.0, after[:, 2], 1)[0]) if len(after) > 3 else None
-    )
+    (rss_warm, rss_end), (anon_warm, anon_end), (shm_warm, shm_end) = (
+        common.first_last(after[:, c], k) for c in (2, 3, 4))
     node = res['node']
     identity = node['received'] - node['processed'] - node['rejected'] - node['dropped']
+
+    def hist(lag):
+        return {str(k): int(v) for k, v in zip(*np.unique(lag, return_counts=True))}
+
     s.update(
-        rate_hz=rate,
-        duration_s=duration,
-        warmup_s=warmup,
-        max_lag_frames=int(lag_node.max()) if lag_node.size else None,
-        lag_histogram={str(k): int(v) for k, v in zip(*np.unique(lag_node, return_counts=True))},
+        rate_hz=rate, duration_s=duration, warmup_s=warmup,
+        max_lag_frames=int(lag_node.max()) if lag_node.size else None, lag_histogram=hist(lag_node),
         max_lag_frames_at_receipt=int(lag_recv.max()) if lag_recv.size else None,
-        max_queue_lag_frames=int(lag_q.max()) if lag_q.size else None,
-        queue_lag_histogram={str(k): int(v) for k, v in zip(*np.unique(lag_q, return_counts=True))},
-        lag_at_receipt_histogram={str(k): int(v) for k, v in zip(*np.unique(lag_recv, return_counts=True))},
-        rss_after_warmup_mb=rss_warm,
-        rss_end_mb=rss_end,
-        rss_growth_mb=rss_end - rss_warm,
-        rss_slope_mb_per_min=slope,
+        max_queue_lag_frames=int(lag_q.max()) if lag_q.size else None, queue_lag_histogram=hist(lag_q),
+        lag_at_receipt_histogram=hist(lag_recv),
+        rss_after_warmup_mb=rss_warm, rss_end_mb=rss_end, rss_growth_mb=rss_end - rss_warm,
+        rss_slope_mb_per_min=common.slope_per_min(after[:, 0], after[:, 2]),
         rss_anon_growth_mb=anon_end - anon_warm,
-        rss_shmem_growth_mb=shm_growth,
+        rss_shmem_growth_mb=shm_end - shm_warm,
         drops_identity_residual=identity,
         drops_exact=bool(identity == 0 and s['classified'] == node['processed']),
         published_minus_classified_minus_rejected=s['published'] - s['classified'] - node['rejected'],
     )
-    s['_rss'] = (samples[:, 0] - t_first, samples[:, 2])
+    s['_rss'] = (samples[:, 0] - stamps[0], samples[:, 2])
     s['_lag'] = lag_node
     return s
 
@@ -132,17 +90,15 @@ def run(args) -> dict:
     duration, warmup = (4, 1.5) if args.quick else (120, 10)
     runs = []
     for rate in (60.0, 120.0):
-        print(
-            f'[{NAME}] 640x480 @ {rate:g} Hz, DDS {args.dds}, for {duration} s (+{warmup} s warm-up) ...',
-            flush=True,
-        )
+        print(f'[{NAME}] 640x480 @ {rate:g} Hz, DDS {args.dds}, for {duration} s (+{warmup} s warm-up) ...',
+              flush=True)
         runs.append(session(str(bundle), rate, duration, warmup, args.qos, args.dds))
     extras = [(r.pop('_rss'), r.pop('_lag')) for r in runs]
     valid = [r['max_lag_frames'] for r in runs if r['max_lag_frames'] is not None]
     contrast = None
     if not args.quick:  # same 120 Hz load, the node left at Python's 5 ms GIL switch interval
         print(f'[{NAME}] contrast: 120 Hz, gil_switch_interval_ms:=0 (Python default), 30 s ...', flush=True)
-        c = session(str(bundle), 120.0, 30, warmup, args.qos, args.dds, ('gil_switch_interval_ms:=0.0',))
+        c = session(str(bundle), 120.0, 30, warmup, args.qos, args.dds, {'gil_switch_interval_ms': 0.0})
         c.pop('_rss'), c.pop('_lag')
         shipped = runs[-1]
         contrast = {
@@ -158,10 +114,7 @@ def run(args) -> dict:
         'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
         'drops_exact': all(r['drops_exact'] for r in runs),
         'targets': {'max_lag_frames<=1': bool(valid) and max(valid) <= 1},
-        'bundle': binfo,
-        'student_qos': args.qos,
-        'dds': args.dds,
-        'publisher_qos': 'reliable, depth 10',
+        'bundle': binfo, 'student_qos': args.qos, 'dds': args.dds, 'publisher_qos': 'reliable, depth 10',
         'runs': runs,
         'gil_contrast_120hz': contrast,
         'definitions': {
@@ -187,49 +140,19 @@ def run(args) -> dict:
             'which the node cannot count',
         },
     }
-    path = common.write_result(NAME, data, args, t_start)
-    common.print_table(
-        [
-            {
-                'rate_hz': r['rate_hz'],
-                'in_hz': r['input_rate_hz'],
-                'out_hz': r['output_rate_hz'],
-                'max_lag': r['max_lag_frames'],
-                'max_lag_rx': r['max_lag_frames_at_receipt'],
-                'max_q_lag': r['max_queue_lag_frames'],
-                'p50_ms': r['latency']['p50_ms'],
-                'p99_ms': r['latency']['p99_ms'],
-                'published': r['published'],
-                'node_rx': r['node_received'],
-                'processed': r['node_processed'],
-                'dropped': r['node_dropped'],
-                'exact': r['drops_exact'],
-                'rss_growth_mb': r['rss_growth_mb'],
-                'anon_growth_mb': r['rss_anon_growth_mb'],
-                'cpu%': r['cpu_percent'],
-            }
-            for r in runs
-        ],
-        [
-            'rate_hz',
-            'in_hz',
-            'out_hz',
-            'max_lag',
-            'max_lag_rx',
-            'max_q_lag',
-            'p50_ms',
-            'p99_ms',
-            'published',
-            'node_rx',
-            'processed',
-            'dropped',
-            'exact',
-            'rss_growth_mb',
-            'anon_growth_mb',
-            'cpu%',
-        ],
-        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
-    )
+    rows = [{'rate_hz': r['rate_hz'], 'in_hz': r['input_rate_hz'], 'out_hz': r['output_rate_hz'],
+             'max_lag': r['max_lag_frames'], 'max_lag_rx': r['max_lag_frames_at_receipt'],
+             'max_q_lag': r['max_queue_lag_frames'], 'p50_ms': r['latency']['p50_ms'],
+             'p99_ms': r['latency']['p99_ms'], 'published': r['published'], 'node_rx': r['node_received'],
+             'processed': r['node_processed'], 'dropped': r['node_dropped'], 'exact': r['drops_exact'],
+             'rss_growth_mb': r['rss_growth_mb'], 'anon_growth_mb': r['rss_anon_growth_mb'],
+             'cpu%': r['cpu_percent']} for r in runs]
+    plot(runs, extras, args)
+    common.report(NAME, data, args, t_start, rows, title=f'bundle {binfo["name"]}')
+    return data
+
+
+def plot(runs: list[dict], extras: list, args) -> None:
     plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r, ((t, rss), lag) in zip(runs, extras):
@@ -244,32 +167,15 @@ def run(args) -> dict:
     axes[1].set_ylabel('classifications')
     axes[1].legend()
     common.savefig(fig, NAME, args)
-    print(f'[{NAME}] wrote {path}')
-    return data
 
 
-def parser() -> argparse.ArgumentParser:
-    p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    p.add_argument(
-        '--qos',
-        choices=('best_effort', 'reliable'),
-        default='best_effort',
-        help="student node's qos_reliability (the publisher is reliable, depth 10)",
-    )
-    p.add_argument(
-        '--dds',
-        choices=tuple(common.DDS_PROFILES),
-        default='large_shm',
-        help='Fast DDS transports of all processes (default: large_shm, see definitions)',
-    )
-    return p
+def add_args(p) -> None:
+    common.add_qos_arg(p)
+    common.add_dds_arg(p, 'Fast DDS transports of all processes (default: large_shm, see definitions)')
 
 
 def main(argv=None) -> int:
-    run(parser().parse_args(argv))
-    return 0
+    return common.main(run, __doc__, argv, add_args)
 
 
 if __name__ == '__main__':

@@ -16,23 +16,21 @@ Stops and writes its log on SIGINT.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 import time
 
+from bench import common
+
 
 def _qos(reliability: str, depth: int):
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=depth,
-        durability=DurabilityPolicy.VOLATILE,
-        reliability=(
-            ReliabilityPolicy.RELIABLE if reliability == 'reliable' else ReliabilityPolicy.BEST_EFFORT
-        ),
-    )
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, durability=DurabilityPolicy.VOLATILE,
+                      reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
+                                   else ReliabilityPolicy.BEST_EFFORT))
 
 
 def run_pub(cfg: dict, node) -> dict:
@@ -43,9 +41,8 @@ def run_pub(cfg: dict, node) -> dict:
 
     frames = np.load(cfg['frames_npy'])
     msgs = [Image(**image_fields(f, 'bgr8')) for f in frames]
-    pub = node.create_publisher(
-        Image, cfg.get('topic', 'image'), _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10)))
-    )
+    pub = node.create_publisher(Image, cfg.get('topic', 'image'),
+                                _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10))))
     deadline = time.monotonic() + 60
     while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -53,40 +50,22 @@ def run_pub(cfg: dict, node) -> dict:
         raise RuntimeError('no subscriber on the image topic after 60 s')
     time.sleep(0.3)  # let discovery settle on the reader side too
     rate = float(cfg['rate_hz'])
-    period = 1.0 / rate
     n = int(round(float(cfg['duration_s']) * rate))
-    stamps, pub_ms, late = [], [], 0
-    t_next = time.perf_counter()
+    stamps, pub_ms = [], []
+    pacer = common.Pacer(rate)
     for seq in range(n):
-        now = time.perf_counter()
-        if t_next > now:
-            time.sleep(t_next - now)
-        elif now - t_next > period:  # fell behind by a whole frame: restart the schedule, no burst
-            late += 1
-            t_next = now
+        pacer.wait()
         msg = msgs[seq % len(msgs)]
-        msg.header.frame_id = str(seq)
-        t = time.time()
-        sec = int(t)
-        msg.header.stamp.sec = sec
-        msg.header.stamp.nanosec = int((t - sec) * 1e9)
+        t_stamp = common.stamp(msg.header, seq)
         t0 = time.perf_counter()
         pub.publish(msg)
         pub_ms.append((time.perf_counter() - t0) * 1e3)
-        stamps.append(sec + msg.header.stamp.nanosec * 1e-9)
-        t_next += period
+        stamps.append(t_stamp)
     time.sleep(0.2)
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-    return {
-        'stamp': stamps,
-        'publish_ms': pub_ms,
-        'n': n,
-        'rate_hz': rate,
-        'achieved_rate_hz': (len(stamps) - 1) / span if span > 0 else None,
-        'schedule_resets': late,
-        'width': int(frames.shape[2]),
-        'height': int(frames.shape[1]),
-    }
+    return {'stamp': stamps, 'publish_ms': pub_ms, 'n': n, 'rate_hz': rate,
+            'achieved_rate_hz': (len(stamps) - 1) / span if span > 0 else None,
+            'schedule_resets': pacer.resets, 'width': int(frames.shape[2]), 'height': int(frames.shape[1])}
 
 
 class Receiver:
@@ -99,7 +78,7 @@ class Receiver:
         self.seq, self.t = [], []
         self.diag = []  # (time, {key: value}) of the node's status
         self.swaps = []
-        self.swap_start = None
+        self.swap_start = self.swap_end = None
         self.node_name = cfg.get('node_name', 'perception')
         node.create_subscription(Classification, cfg['cls_topic'], self._on_cls, 100)
         node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
@@ -131,10 +110,8 @@ class Receiver:
         bundle = load_bundle(sw['bundle'])
         reg = HeadRegistry(bundle, sw['state_dir'])
         h0 = bundle.head
-        heads = [
-            Head(h0.weight * np.float32(1.001), h0.bias, h0.class_names),
-            Head(h0.weight, h0.bias + np.float32(1e-3), h0.class_names),
-        ]
+        heads = [Head(h0.weight * np.float32(1.001), h0.bias, h0.class_names),
+                 Head(h0.weight, h0.bias + np.float32(1e-3), h0.class_names)]
         cli = self.node.create_client(Trigger, sw.get('service', '/perception/reload_head'))
         if not cli.wait_for_service(timeout_sec=30):
             raise RuntimeError('reload_head service not available')
@@ -154,29 +131,15 @@ class Receiver:
                 time.sleep(0.0005)
             t2 = time.time()
             r = fut.result() if fut.done() else None
-            self.swaps.append(
-                {
-                    't_add': t0,
-                    't_call': t1,
-                    't_done': t2,
-                    'success': bool(r and r.success),
-                    'message': r.message if r else 'timeout',
-                }
-            )
+            self.swaps.append({'t_add': t0, 't_call': t1, 't_done': t2, 'success': bool(r and r.success),
+                               'message': r.message if r else 'timeout'})
             stop.wait(max(0.0, float(sw['period_s']) - (time.time() - t0)))
         self.swap_end = time.time()
 
     def result(self) -> dict:
         last = self.diag[-1][1] if self.diag else {}
-        return {
-            'seq': self.seq,
-            't': self.t,
-            'diag_last': last,
-            'diag_count': len(self.diag),
-            'swaps': self.swaps,
-            'swap_start': self.swap_start,
-            'swap_end': getattr(self, 'swap_end', None),
-        }
+        return {'seq': self.seq, 't': self.t, 'diag_last': last, 'diag_count': len(self.diag),
+                'swaps': self.swaps, 'swap_start': self.swap_start, 'swap_end': self.swap_end}
 
 
 def main(argv=None) -> int:
@@ -215,8 +178,6 @@ def main(argv=None) -> int:
         out = recv.result()
     with open(cfg['out'] + '.tmp', 'w') as f:
         json.dump(out, f)
-    import os
-
     os.replace(cfg['out'] + '.tmp', cfg['out'])
     node.destroy_node()
     rclpy.try_shutdown()
