@@ -13,7 +13,6 @@ inferred. A contrast condition runs the same round un-niced with 2 threads (full
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
@@ -56,9 +55,8 @@ def build_store(root, bundle_path, n: int, seed: int = 0) -> dict:
     probs = eng.predict_batch(imgs)
     store = FrameStore(root, max_entries=max(2000, n))
     for i in range(n):
-        store.add(
-            1_000_000 + i, imgs[i], feats[i], probs[i], label=b.class_names[int(labels[i])], source='topic'
-        )
+        store.add(1_000_000 + i, imgs[i], feats[i], probs[i], label=b.class_names[int(labels[i])],
+                  source='topic')
     return {'frames': n, 'source': src}
 
 
@@ -86,15 +84,9 @@ class RoundLoop:
                 continue
             iv = [time.perf_counter(), None]
             self.intervals.append(iv)
-            r = run_round_in_subprocess(
-                *self.args,
-                self.cfg,
-                teacher_bundle=self.teacher,
-                nice_level=self.nice,
-                threads=self.threads,
-                sched_idle=self.sched_idle,
-                timeout_s=300,
-            )
+            r = run_round_in_subprocess(*self.args, self.cfg, teacher_bundle=self.teacher,
+                                        nice_level=self.nice, threads=self.threads,
+                                        sched_idle=self.sched_idle, timeout_s=300)
             iv[1] = time.perf_counter()
             self.results.append(r.summary())
 
@@ -133,10 +125,29 @@ def measure(engine, frame, loop: RoundLoop, block_s: float, blocks: int, rate: f
     return np.asarray(idle), np.asarray(busy), recs
 
 
+def condition(engine, frame, wd, bundle, teacher, nice: int, threads: int, sched_idle: bool, block_s: float,
+              blocks: int) -> tuple[dict, tuple]:
+    """One round setting: alternating idle/busy blocks; (its figures, (idle ms, busy ms))."""
+    loop = RoundLoop(str(bundle), str(wd / 'state'), str(wd / 'store'), nice, threads, teacher, sched_idle)
+    idle, busy, recs = measure(engine, frame, loop, block_s, blocks)
+    loop.quit.set()
+    secs = [b - a for a, b in loop.intervals if b is not None]
+    both = busy.size and idle.size
+    return {
+        'idle': common.lat_summary(idle),
+        'busy': common.lat_summary(busy),
+        'p50_ratio': common.pct(busy, 50) / common.pct(idle, 50) if both else None,
+        'p99_ratio': common.pct(busy, 99) / common.pct(idle, 99) if both else None,
+        'rounds': len(secs),
+        'round_wall_s': common.lat_summary(np.asarray(secs) * 1e3),
+        'round_results': loop.results[:3],
+        'nice': nice, 'threads': threads, 'sched_idle': sched_idle,
+    }, (idle, busy)
+
+
 def run(args) -> dict:
     t_start = time.monotonic()
     try:
-        from edge_tl_ros import adapt  # noqa: F401
         from edge_tl_ros.adapt import run_round_in_subprocess  # noqa: F401
     except ImportError as e:
         return common.skipped(NAME, f'edge_tl_ros.adapt not available ({e})', args, t_start)
@@ -157,47 +168,20 @@ def run(args) -> dict:
     conditions = [('shipped_idle_nice10_1thread', 10, 1, True)]
     if not args.quick:
         conditions += [('nice10_1thread', 10, 1, False), ('nice0_2threads', 0, 2, False)]
-    out = {}
-    series = {}
+    out, series = {}, {}
     for label, nice, threads, sched_idle in conditions:
-        print(
-            f'[{NAME}] {label}: {blocks} alternating {block_s:g} s blocks, rounds on {n_frames} frames '
-            f'(teacher: {"yes" if teacher else "no"}) ...',
-            flush=True,
-        )
-        loop = RoundLoop(str(bundle), str(wd / 'state'), str(wd / 'store'), nice, threads, teacher,
-                         sched_idle)
-        idle, busy, recs = measure(engine, frame, loop, block_s, blocks)
-        loop.quit.set()
-        secs = [b - a for a, b in loop.intervals if b is not None]
-        out[label] = {
-            'idle': common.lat_summary(idle),
-            'busy': common.lat_summary(busy),
-            'p50_ratio': common.pct(busy, 50) / common.pct(idle, 50) if busy.size and idle.size else None,
-            'p99_ratio': common.pct(busy, 99) / common.pct(idle, 99) if busy.size and idle.size else None,
-            'rounds': len(secs),
-            'round_wall_s': common.lat_summary(np.asarray(secs) * 1e3),
-            'round_results': loop.results[:3],
-            'nice': nice,
-            'threads': threads,
-            'sched_idle': sched_idle,
-        }
-        series[label] = (idle, busy)
+        print(f'[{NAME}] {label}: {blocks} alternating {block_s:g} s blocks, rounds on {n_frames} frames '
+              f'(teacher: {"yes" if teacher else "no"}) ...', flush=True)
+        out[label], series[label] = condition(engine, frame, wd, bundle, teacher, nice, threads, sched_idle,
+                                              block_s, blocks)
     main_c = out[conditions[0][0]]
     data = {
-        'p99_ratio': main_c['p99_ratio'],
-        'p50_ratio': main_c['p50_ratio'],
-        'idle_p50_ms': main_c['idle']['p50_ms'],
-        'idle_p99_ms': main_c['idle']['p99_ms'],
-        'busy_p50_ms': main_c['busy']['p50_ms'],
-        'busy_p99_ms': main_c['busy']['p99_ms'],
+        'p99_ratio': main_c['p99_ratio'], 'p50_ratio': main_c['p50_ratio'],
+        'idle_p50_ms': main_c['idle']['p50_ms'], 'idle_p99_ms': main_c['idle']['p99_ms'],
+        'busy_p50_ms': main_c['busy']['p50_ms'], 'busy_p99_ms': main_c['busy']['p99_ms'],
         'targets': {'p99_ratio<=1.1': main_c['p99_ratio'] is not None and main_c['p99_ratio'] <= 1.1},
-        'conditions': out,
-        'store': store_info,
-        'teacher_labelling': bool(teacher),
-        'bundle': binfo,
-        'frame': '640x480 bgr8, 30 Hz',
-        'engine': 'feature_extractor, 1 ORT thread, in-process',
+        'conditions': out, 'store': store_info, 'teacher_labelling': bool(teacher), 'bundle': binfo,
+        'frame': '640x480 bgr8, 30 Hz', 'engine': 'feature_extractor, 1 ORT thread, in-process',
         'definitions': {
             'latency': 'Engine.infer time per frame (preprocess + ORT + head), in this process',
             'busy': 'frames inferred while a round process (run_round_in_subprocess) was alive',
@@ -207,49 +191,30 @@ def run(args) -> dict:
         },
     }
     common.cleanup(wd)
-    path = common.write_result(NAME, data, args, t_start)
-    common.print_table(
-        [
-            {
-                'condition': k,
-                'idle_p50': v['idle']['p50_ms'],
-                'idle_p99': v['idle']['p99_ms'],
-                'busy_p50': v['busy']['p50_ms'],
-                'busy_p99': v['busy']['p99_ms'],
-                'p99_ratio': v['p99_ratio'],
-                'rounds': v['rounds'],
-                'round_s': (v['round_wall_s']['p50_ms'] or 0) / 1e3,
-            }
-            for k, v in out.items()
-        ],
-        ['condition', 'idle_p50', 'idle_p99', 'busy_p50', 'busy_p99', 'p99_ratio', 'rounds', 'round_s'],
-        title=f'{NAME} ({common.machine_info()["cores"]} cores; bundle {binfo["name"]})',
-    )
+    rows = [{'condition': k, 'idle_p50': v['idle']['p50_ms'], 'idle_p99': v['idle']['p99_ms'],
+             'busy_p50': v['busy']['p50_ms'], 'busy_p99': v['busy']['p99_ms'], 'p99_ratio': v['p99_ratio'],
+             'rounds': v['rounds'], 'round_s': (v['round_wall_s']['p50_ms'] or 0) / 1e3}
+            for k, v in out.items()]
+    plot(series, args)
+    common.report(NAME, data, args, t_start, rows, title=f'bundle {binfo["name"]}')
+    return data
+
+
+def plot(series: dict, args) -> None:
     plt = common.plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (idle, busy) in series.items():
-        for name, x in (('idle', idle), ('busy', busy)):
-            if x.size:
-                xs = np.sort(x)
-                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f'{label} {name}')
+        common.plot_cdf(ax, idle, f'{label} idle')
+        common.plot_cdf(ax, busy, f'{label} busy')
     ax.set_xscale('log')
     ax.set_xlabel('Engine.infer latency (ms, log)')
     ax.set_ylabel('CDF')
     ax.legend(fontsize=8)
     common.savefig(fig, NAME, args)
-    print(f'[{NAME}] wrote {path}')
-    return data
-
-
-def parser() -> argparse.ArgumentParser:
-    return common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
 
 
 def main(argv=None) -> int:
-    run(parser().parse_args(argv))
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == '__main__':

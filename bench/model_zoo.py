@@ -15,7 +15,6 @@ The distillation ablation recorded in the student manifest is copied as is.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -60,11 +59,8 @@ def onnx_cost(path) -> dict:
             macs += int(np.prod(out[1:])) * int(np.prod(shapes[n.input[1]][1:]))  # W: [Cout, Cin/g, kh, kw]
         elif n.op_type in ('Gemm', 'MatMul') and n.input[0] in shapes:
             a = shapes[n.input[0]]
-            k = (
-                a[-1]
-                if not (n.op_type == 'Gemm' and any(at.name == 'transA' and at.i for at in n.attribute))
-                else a[0]
-            )
+            trans_a = n.op_type == 'Gemm' and any(at.name == 'transA' and at.i for at in n.attribute)
+            k = a[0] if trans_a else a[-1]
             macs += int(np.prod(out[1:] or [1])) * int(k)
     params = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (1, 10, 11, 16)))
     params_q = int(sum(int(np.prod(t.dims)) for t in inits.values() if t.data_type in (2, 3)))
@@ -89,6 +85,15 @@ def _manifest_number(m: dict, words) -> float | None:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
     return None
+
+
+def manifest_cost(m: dict) -> tuple[float | None, float | None]:
+    """(GFLOPs, params) as the manifest records them (None where it does not)."""
+    def num(v, word):
+        return v if isinstance(v, (int, float)) else _manifest_number(m, (word,))
+
+    fl = m.get('flops') if isinstance(m.get('flops'), dict) else {}
+    return num(fl.get('gflops'), 'gflops'), num(m.get('params'), 'params')
 
 
 def time_ort(engine, reps: int) -> dict:
@@ -122,22 +127,77 @@ def time_torch(model, size: int, threads: int, reps: int) -> dict:
 
 
 def variants(root: Path, role: str):
-    """(label, engine kwargs) for the ORT variants of a bundle."""
+    """(label, engine kwargs, ONNX file) for the ORT variants of a bundle."""
     from edge_tl_ros.bundle import load_bundle
 
     b = load_bundle(root)
-    out = [
-        (
-            f'{role} ORT fp32',
-            dict(mode='full' if b.path('full') else 'feature_extractor', use_int8=False),
-            b.path('full') or b.path('backbone'),
-        )
-    ]
+    out = [(f'{role} ORT fp32', dict(mode='full' if b.path('full') else 'feature_extractor', use_int8=False),
+            b.path('full') or b.path('backbone'))]
     if b.path('backbone_int8'):
-        out.append(
-            (f'{role} ORT int8', dict(mode='feature_extractor', use_int8=True), b.path('backbone_int8'))
-        )
+        out.append((f'{role} ORT int8', dict(mode='feature_extractor', use_int8=True),
+                    b.path('backbone_int8')))
     return b, out
+
+
+def bundles(args) -> tuple[list, list]:
+    """([(role, root, bundle, variants)] of the bundles that load, [why each other one did not])."""
+    from edge_tl_ros.bundle import BundleError
+
+    students = args.student or ([args.bundle] if args.bundle else None)
+    if not students:  # every student bundle under models/ (gtsrb_student first)
+        students = [str(common.STUDENT)] + sorted(
+            str(d) for d in common.STUDENT.parent.glob('*student*') if d.is_dir() and d != common.STUDENT)
+    roots = [('teacher', Path(args.teacher))] + [
+        ('student' if i == 0 else Path(s).name, Path(s)) for i, s in enumerate(students)]
+    present, missing = [], []
+    for role, root in roots:
+        try:
+            present.append((role, root, *variants(root, role)))
+        except BundleError as e:
+            missing.append(f'{role}: {e}')
+    return present, missing
+
+
+def ort_row(b, label: str, kw: dict, onnx_path, images, labels, reps: int, mflops, mparams) -> dict:
+    """One ORT variant: accuracy over ``images``, graph cost, batch-1 latency on 1 and 2 threads."""
+    from edge_tl_ros.engine import Engine
+
+    h, w = b.input_size
+    print(f'[{NAME}] {label} ({b.name}, {h}x{w}) ...', flush=True)
+    eng = Engine(b, kw['mode'], num_threads=2, use_int8=kw['use_int8'])
+    t0 = time.perf_counter()
+    probs = eng.predict_batch(images, 'rgb', batch_size=256)
+    eval_s = time.perf_counter() - t0
+    cost = onnx_cost(onnx_path)
+    lat = {f'{th}t': time_ort(Engine(b, kw['mode'], num_threads=th, use_int8=kw['use_int8']), reps)
+           for th in (1, 2)}
+    from_manifest = mflops is not None and 'int8' not in label
+    return {
+        'model': label, 'bundle': b.name, 'architecture': b.manifest.get('architecture'), 'input_size': h,
+        'accuracy': float(np.mean(np.argmax(probs, 1) == labels)), 'n_test': int(len(images)),
+        'gflops': mflops if from_manifest else cost['gflops'],
+        'gflops_source': 'manifest' if from_manifest else 'onnx graph',
+        'params': mparams if mparams is not None else cost['params_float'] + cost['params_int8'],
+        'onnx_cost': cost, 'latency_ms': lat['1t']['p50_ms'], 'latency_1t': lat['1t'],
+        'latency_2t': lat['2t'], 'eval_images_per_s': len(images) / eval_s,
+    }
+
+
+def torch_row(role: str, b, reps: int, like: dict) -> dict | None:
+    """Torch eager, same architecture, untrained weights: latency only (None without torch)."""
+    m, h = b.manifest, b.input_size[0]
+    try:
+        from edge_tl_ros.training.models import build_model
+
+        model = build_model(m.get('architecture'), len(b.class_names), input_size=h, pretrained=False)
+        lat = {f'{th}t': time_torch(model, h, th, max(5, reps // 4)) for th in (1, 2)}
+    except Exception as e:  # torch or the architecture builder unavailable
+        print(f'[{NAME}] {role} torch eager skipped: {type(e).__name__}: {e}')
+        return None
+    return {'model': f'{role} torch eager', 'bundle': b.name, 'architecture': m.get('architecture'),
+            'input_size': h, 'accuracy': None, 'accuracy_note': 'untrained weights: latency only',
+            'gflops': like['gflops'], 'params': like['params'], 'latency_ms': lat['1t']['p50_ms'],
+            'latency_1t': lat['1t'], 'latency_2t': lat['2t']}
 
 
 def run(args) -> dict:
@@ -148,110 +208,27 @@ def run(args) -> dict:
         _, test = load_gtsrb_npz(args.data)
     except (FileNotFoundError, OSError) as e:
         return common.skipped(NAME, f'GTSRB data absent: {e}', args, t_start)
-    from edge_tl_ros.bundle import BundleError
-    from edge_tl_ros.engine import Engine
-
-    students = args.student or ([args.bundle] if args.bundle else None)
-    if not students:  # every student bundle under models/ (gtsrb_student first)
-        students = [str(common.STUDENT)] + sorted(
-            str(d) for d in common.STUDENT.parent.glob('*student*') if d.is_dir() and d != common.STUDENT
-        )
-    roots = [('teacher', Path(args.teacher))] + [
-        ('student' if i == 0 else Path(s).name, Path(s)) for i, s in enumerate(students)
-    ]
-    present, missing = [], []
-    for role, root in roots:
-        try:
-            present.append((role, root, *variants(root, role)))
-        except BundleError as e:
-            missing.append(f'{role}: {e}')
+    present, missing = bundles(args)
     if not any(r == 'student' for r, *_ in present):
-        return common.skipped(
-            NAME, 'trained student bundle absent (' + '; '.join(missing) + ')', args, t_start
-        )
+        return common.skipped(NAME, f'trained student bundle absent ({"; ".join(missing)})', args, t_start)
     n_eval = 1000 if args.quick else len(test)
     reps = 20 if args.quick else 200
     idx = np.random.default_rng(0).permutation(len(test))[:n_eval]
     images, labels = test.images[idx], test.labels[idx]
     rows = []
     for role, root, b, vs in present:
-        m = b.manifest
-        fl = m.get('flops') if isinstance(m.get('flops'), dict) else {}
-        mflops = (
-            fl.get('gflops')
-            if isinstance(fl.get('gflops'), (int, float))
-            else _manifest_number(m, ('gflops',))
-        )
-        mparams = (
-            m.get('params') if isinstance(m.get('params'), (int, float)) else _manifest_number(m, ('params',))
-        )
-        h, w = b.input_size
         for label, kw, onnx_path in vs:
-            print(f'[{NAME}] {label} ({b.name}, {h}x{w}) ...', flush=True)
-            eng = Engine(b, kw['mode'], num_threads=2, use_int8=kw['use_int8'])
-            t0 = time.perf_counter()
-            probs = eng.predict_batch(images, 'rgb', batch_size=256)
-            eval_s = time.perf_counter() - t0
-            acc = float(np.mean(np.argmax(probs, 1) == labels))
-            cost = onnx_cost(onnx_path)
-            lat = {}
-            for th in (1, 2):
-                e = Engine(b, kw['mode'], num_threads=th, use_int8=kw['use_int8'])
-                lat[f'{th}t'] = time_ort(e, reps)
-            rows.append(
-                {
-                    'model': label,
-                    'bundle': b.name,
-                    'architecture': m.get('architecture'),
-                    'input_size': h,
-                    'accuracy': acc,
-                    'n_test': int(n_eval),
-                    'gflops': mflops if mflops is not None and 'int8' not in label else cost['gflops'],
-                    'gflops_source': 'manifest'
-                    if mflops is not None and 'int8' not in label
-                    else 'onnx graph',
-                    'params': mparams if mparams is not None else cost['params_float'] + cost['params_int8'],
-                    'onnx_cost': cost,
-                    'latency_ms': lat['1t']['p50_ms'],
-                    'latency_1t': lat['1t'],
-                    'latency_2t': lat['2t'],
-                    'eval_images_per_s': n_eval / eval_s,
-                }
-            )
-        # torch eager, same architecture, untrained weights: latency only
-        try:
-            from edge_tl_ros.training.models import build_model
-
-            model = build_model(m.get('architecture'), len(b.class_names), input_size=h, pretrained=False)
-            lat = {f'{th}t': time_torch(model, h, th, max(5, reps // 4)) for th in (1, 2)}
-            rows.append(
-                {
-                    'model': f'{role} torch eager',
-                    'bundle': b.name,
-                    'architecture': m.get('architecture'),
-                    'input_size': h,
-                    'accuracy': None,
-                    'accuracy_note': 'untrained weights: latency only',
-                    'gflops': rows[-1]['gflops'],
-                    'params': rows[-1]['params'],
-                    'latency_ms': lat['1t']['p50_ms'],
-                    'latency_1t': lat['1t'],
-                    'latency_2t': lat['2t'],
-                }
-            )
-        except Exception as e:  # torch or the architecture builder unavailable
-            print(f'[{NAME}] {role} torch eager skipped: {type(e).__name__}: {e}')
+            rows.append(ort_row(b, label, kw, onnx_path, images, labels, reps, *manifest_cost(b.manifest)))
+        t_row = torch_row(role, b, reps, rows[-1])
+        if t_row is not None:
+            rows.append(t_row)
     student = next(b for r, _, b, _ in present if r == 'student')
     ablation = _find(student.manifest, ('ablation', 'distill'))
     test_metrics = (student.manifest.get('metrics') or {}).get('test')
     if ablation and test_metrics:
         ablation['student_manifest_metrics.test'] = test_metrics
-    per_model = {
-        r['model']: {'accuracy': r['accuracy'], 'gflops': r['gflops'], 'latency_ms': r['latency_ms']}
-        for r in rows
-    }
     data = {
-        'models': per_model,
+        'models': {r['model']: {k: r[k] for k in ('accuracy', 'gflops', 'latency_ms')} for r in rows},
         'rows': rows,
         'distillation_ablation': ablation or None,
         'missing': missing,
@@ -263,24 +240,15 @@ def run(args) -> dict:
             'gflops': '2 x multiply-accumulates of one image',
         },
     }
-    path = common.write_result(NAME, data, args, t_start)
-    common.print_table(
-        [
-            {
-                'model': r['model'],
-                'in': r['input_size'],
-                'acc': r['accuracy'],
-                'gflops': r['gflops'],
-                'params_M': (r['params'] or 0) / 1e6,
-                'p50_1t_ms': r['latency_1t']['p50_ms'],
-                'p99_1t_ms': r['latency_1t']['p99_ms'],
-                'p50_2t_ms': r['latency_2t']['p50_ms'],
-            }
-            for r in rows
-        ],
-        ['model', 'in', 'acc', 'gflops', 'params_M', 'p50_1t_ms', 'p99_1t_ms', 'p50_2t_ms'],
-        title=f'{NAME} ({common.machine_info()["cores"]} cores; {n_eval} test images)',
-    )
+    table = [{'model': r['model'], 'in': r['input_size'], 'acc': r['accuracy'], 'gflops': r['gflops'],
+              'params_M': (r['params'] or 0) / 1e6, 'p50_1t_ms': r['latency_1t']['p50_ms'],
+              'p99_1t_ms': r['latency_1t']['p99_ms'], 'p50_2t_ms': r['latency_2t']['p50_ms']} for r in rows]
+    plot(rows, args)
+    common.report(NAME, data, args, t_start, table, title=f'{n_eval} test images')
+    return data
+
+
+def plot(rows: list[dict], args) -> None:
     plt = common.plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -291,30 +259,17 @@ def run(args) -> dict:
     ax.set_xlabel('batch-1 latency, 1 thread (ms, log)')
     ax.set_ylabel('GTSRB test accuracy (%)')
     common.savefig(fig, NAME, args)
-    print(f'[{NAME}] wrote {path}')
-    return data
 
 
-def parser() -> argparse.ArgumentParser:
-    p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    p.add_argument(
-        '--student',
-        nargs='+',
-        default=None,
-        help='student bundle(s) (default --bundle, else models/gtsrb_student and every models/*student* dir)',
-    )
-    p.add_argument('--teacher', default=str(common.TEACHER))
-    p.add_argument(
-        '--data', default=None, help='gtsrb32.npz or its folder (default $EDGE_TL_DATA / ../shared/data)'
-    )
-    return p
+def add_args(p) -> None:
+    p.add_argument('--student', nargs='+', default=None,
+                   help='student bundle(s) (default --bundle, else models/gtsrb_student and every '
+                   'models/*student* dir)')
+    common.add_teacher_data_args(p)
 
 
 def main(argv=None) -> int:
-    run(parser().parse_args(argv))
-    return 0
+    return common.main(run, __doc__, argv, add_args)
 
 
 if __name__ == '__main__':
