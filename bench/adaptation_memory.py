@@ -43,13 +43,9 @@ No thresholds on wall-clock; a node that fails to start is reported as that case
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -124,104 +120,24 @@ class TimeUp(BaseException):
     """The whole run's time limit (SIGALRM): not caught per case, so everything stops."""
 
 
-# -- processes -----------------------------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent():  # in the child before exec: SIGKILL when this process dies (even by SIGKILL)
-    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class NodeProc(common.Proc):
-    """``common.Proc`` whose child dies with this process (a killed benchmark leaves no node behind)."""
-
-    def __init__(self, argv: list[str], env: dict, log_path, name: str):
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, 'w')
-        self.p = subprocess.Popen([sys.executable, *argv], env=env, cwd=str(common.REPO), stdout=self._log,
-                                  stderr=subprocess.STDOUT, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
-
-
-class Camera:
+# -- the camera ----------------------------------------------------------------------------------------
+class Camera(common.Driver):
     """Camera + labeller + status observer: one rclpy node in this process, spun in a thread."""
 
     def __init__(self, domain: int):
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-        from rclpy.signals import SignalHandlerOptions
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import String
-        from vision_msgs.msg import Classification, ObjectHypothesis
+        super().__init__('adaptation_memory_camera', domain, image_depth=2)
+        self.start()
 
-        self._Image, self._Cls, self._Hyp = Image, Classification, ObjectHypothesis
-        self.ctx = Context()
-        # Ctrl-C / SIGTERM must reach run()'s finally (which stops the node), not only rclpy
-        rclpy.init(context=self.ctx, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
-        self.node = rclpy.create_node('adaptation_memory_camera', context=self.ctx)
-        self.pub = self.node.create_publisher(Image, 'image', QoSProfile(
-            depth=2, reliability=ReliabilityPolicy.RELIABLE))
-        self.pub_lab = self.node.create_publisher(Classification, 'labels', QoSProfile(
-            depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.statuses: list[tuple[float, dict]] = []  # (wall time of receipt, status)
-        self._lock = threading.Lock()
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self.node.create_subscription(String, '/adaptation/status', self._on_status, latched)
-        self.ex = SingleThreadedExecutor(context=self.ctx)
-        self.ex.add_node(self.node)
-        self._spin = threading.Thread(target=self._spin_loop, daemon=True)
-        self._spin.start()
-
-    def _spin_loop(self):
-        try:
-            self.ex.spin()
-        except Exception:  # context shut down
-            pass
-
-    def _on_status(self, msg):
-        try:
-            d = json.loads(msg.data)
-        except ValueError:
-            return
-        with self._lock:
-            self.statuses.append((time.time(), d))
-
-    def status_of(self, pid: int) -> list[tuple[float, dict]]:
-        with self._lock:
-            return [(t, d) for t, d in self.statuses if d.get('pid') == pid]
-
-    def wait_ready(self, pid: int, proc, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f'node exited during start-up (rc {proc.p.returncode}):\n{proc.tail(15)}')
-            if self.status_of(pid) and self.pub.get_subscription_count() >= 1 \
-                    and self.pub_lab.get_subscription_count() >= 1:
-                time.sleep(0.5)  # discovery settles on the node's side too
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f'node not ready after {timeout:.0f} s:\n{proc.tail(15)}')
-
-    def messages(self, frames: np.ndarray, encoding: str) -> list:
-        out = []
-        for f in frames:
-            img = f[..., ::-1] if encoding == 'rgb8' else f  # frames_for gives BGR
-            img = np.ascontiguousarray(img)
-            h, w = img.shape[:2]
-            out.append(self._Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=w * 3,
-                                   data=img.tobytes()))
-        return out
+    def wait_node(self, proc, timeout: float) -> None:
+        """Until the node's first ~/status is seen and it subscribes image and labels."""
+        self.wait_ready(lambda: bool(self.status_of(proc.pid)) and self.pub.get_subscription_count() >= 1
+                        and self.pub_lab.get_subscription_count() >= 1, [proc], timeout)
 
     def stream(self, msgs: list, names: list[str], duration: float, proc) -> dict:
         """Frames at RATE_HZ on an absolute schedule (no catch-up bursts), a label after every 10th."""
         n = int(round(duration * RATE_HZ))
         t0 = time.perf_counter()
         late, labels, pub_ms = 0, 0, []
-        seq = 0
         for seq in range(n):
             t_frame = t0 + seq / RATE_HZ
             now = time.perf_counter()
@@ -230,9 +146,7 @@ class Camera:
             elif now - t_frame > 1.0 / RATE_HZ:
                 late += 1
             msg = msgs[seq % len(msgs)]
-            t = time.time()
-            msg.header.stamp.sec, msg.header.stamp.nanosec = int(t), int((t % 1) * 1e9)
-            msg.header.frame_id = str(seq)
+            common.stamp(msg.header, seq)
             a = time.perf_counter()
             self.pub.publish(msg)
             pub_ms.append((time.perf_counter() - a) * 1e3)
@@ -240,24 +154,14 @@ class Camera:
                 now = time.perf_counter()
                 if t_frame + LABEL_DELAY_S > now:
                     time.sleep(t_frame + LABEL_DELAY_S - now)
-                lab = self._Cls(results=[self._Hyp(class_id=names[(seq // LABEL_EVERY) % len(names)],
-                                                   score=1.0)])
-                lab.header.stamp, lab.header.frame_id = msg.header.stamp, msg.header.frame_id
-                self.pub_lab.publish(lab)
+                self.pub_lab.publish(self.label(names[(seq // LABEL_EVERY) % len(names)], msg.header))
                 labels += 1
-            if seq % 20 == 0 and not proc.alive():
-                raise RuntimeError(f'node died while streaming (rc {proc.p.returncode}):\n{proc.tail(15)}')
+            if seq % 20 == 0:
+                proc.check('died while streaming', 15)
         wall = time.perf_counter() - t0
         return {'published': n, 'labels_published': labels, 'late_frames': late,
                 'achieved_rate_hz': n / max(1e-9, wall), 'publish_ms_p50': common.pct(pub_ms, 50),
                 'publish_ms_max': float(max(pub_ms)) if pub_ms else None}
-
-    def close(self):
-        try:
-            self.ex.shutdown(timeout_sec=2)
-            self.node.destroy_node()
-        finally:
-            self.ctx.try_shutdown()
 
 
 # -- one case ------------------------------------------------------------------------------------------
@@ -277,60 +181,20 @@ def _minus(a, b):
     return None if a is None or b is None else a - b
 
 
-def run_case(cam: Camera, spec: dict, args, env, bundle, names, wd, stream_s, post_s) -> dict:
-    w, h = spec['w'], spec['h']
-    frame_bytes = w * h * 3
-    budget = spec.get('memory_max_bytes', DEFAULT_BUDGET)
-    cd = wd / spec['case'].replace(' ', '_').replace(',', '')
-    cd.mkdir(parents=True, exist_ok=True)
-    ros = ['-p', f'model_bundle:={bundle}', '-p', f'state_dir:={cd / "state"}', '-p', "teacher_bundle:=''",
-           '-p', 'adapt_every_n_labels:=0', '-p', 'diagnostics_period_s:=0.5']
+def node_params(spec: dict, bundle, state_dir) -> dict:
+    """The adaptation node's parameters in a case (the one place this benchmark names them)."""
+    params = {'model_bundle': bundle, 'state_dir': state_dir, 'teacher_bundle': "''",
+              'adapt_every_n_labels': 0, 'diagnostics_period_s': 0.5}
     if 'memory_max_bytes' in spec:
-        ros += ['-p', f'memory_max_bytes:={spec["memory_max_bytes"]}']
+        params['memory_max_bytes'] = spec['memory_max_bytes']
     if spec.get('label_pending_s') is not None:
-        ros += ['-p', f'label_pending_s:={spec["label_pending_s"]}']
-    floor = spec.get('kind') == 'floor'
-    out = {'case': spec['case'], 'kind': spec.get('kind', 'node'), 'width': w, 'height': h,
-           'encoding': args.encoding, 'frame_bytes': frame_bytes, 'old_design_bytes': OLD_HELD * frame_bytes}
-    if not floor:
-        out.update({'memory_max_bytes': budget, 'label_pending_s': spec.get('label_pending_s') or 10.0,
-                    'node_params': ros[1::2]})
-    frames = common.frames_for(w, h, n=2)
-    msgs = cam.messages(frames, args.encoding)
-    del frames
-    print(f'[{NAME}] {spec["case"]}: {"floor subscriber" if floor else "node"} starting ...', flush=True)
-    argv = (['-m', f'bench.{NAME}', '--floor-subscriber'] if floor
-            else ['-m', 'edge_tl_ros.nodes.adaptation_node', '--ros-args', *ros])
-    proc = NodeProc(argv, env, cd / 'node.log', 'adaptation')
-    mon = None
-    try:
-        t_launch = time.time()
-        mon = common.ProcMonitor(proc.pid, SAMPLE_S)
-        cam.wait_ready(proc.pid, proc, args.start_timeout)
-        t_ready = time.time()
-        out['start_s'] = t_ready - t_launch
-        time.sleep(BASELINE_S)
-        t_stream = time.time()
-        pub = cam.stream(msgs, names, stream_s, proc)
-        t_stop = time.time()
-        out.update(pub)
-        deadline = time.monotonic() + post_s
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f'node died after the stream (rc {proc.p.returncode}):\n{proc.tail(15)}')
-            time.sleep(0.2)
-        t_end = time.time()
-    except Exception as e:  # this case failed (the node did not start, died, ...): report it, go on
-        out['error'] = f'{type(e).__name__}: {e}'
-        print(f'[{NAME}] {spec["case"]}: {out["error"]}', flush=True)
-        out['log_tail'] = proc.tail(20)
-        return out
-    finally:  # also on Ctrl-C, SIGTERM and the time limit
-        del msgs
-        if mon is not None:
-            mon.stop()
-        out['node_rc'] = proc.stop()
-    s = mon.samples  # (wall t, cpu s, rss MB, anon MB, shm MB)
+        params['label_pending_s'] = spec['label_pending_s']
+    return params
+
+
+def rss_figures(out: dict, s: list, t_ready: float, t_stream: float, t_stop: float, t_end: float,
+                post_s: float) -> None:
+    """RSS / RssAnon / RssShmem at start, peak, streaming median, after the stop, and the growths."""
     after_from = t_stop + (AFTER_STOP_FROM_S if post_s >= AFTER_STOP_FROM_S + 1 else max(0.0, post_s - 2.0))
     for col, key in ((2, 'rss'), (3, 'rss_anon'), (4, 'rss_shmem')):
         start = _med(_window(s, t_ready, t_stream, col))
@@ -338,24 +202,20 @@ def run_case(cam: Camera, spec: dict, args, env, bundle, names, wd, stream_s, po
         med = _med(_window(s, t_stream, t_stop, col))
         after = _med(_window(s, after_from, t_end + 1, col))
         out.update({f'{key}_start_mb': start, f'{key}_peak_mb': peak, f'{key}_median_streaming_mb': med,
-                    f'{key}_after_stop_mb': after,
-                    f'{key}_growth_peak_mb': _minus(peak, start),
+                    f'{key}_after_stop_mb': after, f'{key}_growth_peak_mb': _minus(peak, start),
                     f'{key}_growth_median_mb': _minus(med, start),
                     f'{key}_growth_after_stop_mb': _minus(after, start)})
     out['after_stop_window_s'] = [after_from - t_stop, t_end - t_stop]
     cpu = _window(s, t_stream, t_stop, 1)
     out['cpu_percent_streaming'] = (100.0 * (cpu[-1] - cpu[0]) / max(1e-9, t_stop - t_stream)
                                     if len(cpu) > 1 else None)
-    out['old_design_mb'] = OLD_HELD * frame_bytes / 2**20
+    out['old_design_mb'] = OLD_HELD * out['frame_bytes'] / 2**20
     g = out['rss_growth_peak_mb']
     out['growth_vs_old_design'] = None if g is None else g / out['old_design_mb']
-    st = cam.status_of(proc.pid)
-    rss_trace = [[round(x[0] - t_stream, 2), round(x[2], 2), round(x[3], 2)] for x in s if x[0] >= t_ready]
-    if floor:  # counts only: it keeps nothing
-        c = (st[-1][1].get('counters') or {}) if st else {}
-        out.update({k: int(c.get(k, 0)) for k in ('frames_received', 'labels_received')})
-        out['trace'] = {'t0': t_stream, 'stream_s': t_stop - t_stream, 'rss': rss_trace, 'camera_bytes': []}
-        return out
+
+
+def status_figures(out: dict, st: list, t_stream: float, t_stop: float, budget: int) -> list:
+    """The node's camera bytes and counters from its ~/status messages; returns (t, camera bytes)."""
     mem = [(t, d.get('memory') or {}) for t, d in st]
     cam_b = [(t, m.get('queued_bytes', 0) + m.get('recent_bytes', 0)) for t, m in mem]
     stream_mem = [m for t, m in mem if t >= t_stream]
@@ -365,7 +225,7 @@ def run_case(cam: Camera, spec: dict, args, env, bundle, names, wd, stream_s, po
         out[f'max_{k}'] = max((m.get(k, 0) for m in stream_mem), default=None)
     out['status_max_bytes'] = (mem[-1][1].get('max_bytes') if mem else None)
     out['bound_held'] = (out['max_camera_bytes'] is not None
-                         and out['max_camera_bytes'] <= max(budget, frame_bytes + budget // 4))
+                         and out['max_camera_bytes'] <= max(budget, out['frame_bytes'] + budget // 4))
     out['within_budget'] = out['max_camera_bytes'] is not None and out['max_camera_bytes'] <= budget
     # release: first status after the stop with nothing held
     rel = [t for t, b in cam_b if t > t_stop and b == 0]
@@ -379,9 +239,62 @@ def run_case(cam: Camera, spec: dict, args, env, bundle, names, wd, stream_s, po
         out[k] = int(c.get(k, 0))
     out['frames_dropped'] = last.get('frames_dropped')
     out['store_entries'] = (last.get('store') or {}).get('entries')
+    return cam_b
+
+
+def run_case(cam: Camera, spec: dict, args, env, bundle, names, wd, stream_s, post_s) -> dict:
+    w, h = spec['w'], spec['h']
+    frame_bytes = w * h * 3
+    budget = spec.get('memory_max_bytes', DEFAULT_BUDGET)
+    cd = wd / spec['case'].replace(' ', '_').replace(',', '')
+    cd.mkdir(parents=True, exist_ok=True)
+    params = node_params(spec, bundle, cd / 'state')
+    floor = spec.get('kind') == 'floor'
+    out = {'case': spec['case'], 'kind': spec.get('kind', 'node'), 'width': w, 'height': h,
+           'encoding': args.encoding, 'frame_bytes': frame_bytes, 'old_design_bytes': OLD_HELD * frame_bytes}
+    if not floor:
+        out.update({'memory_max_bytes': budget, 'label_pending_s': spec.get('label_pending_s') or 10.0,
+                    'node_params': common.ros_params(params)[1::2]})
+    msgs = cam.image_messages(common.frames_for(w, h, n=2), args.encoding)
+    print(f'[{NAME}] {spec["case"]}: {"floor subscriber" if floor else "node"} starting ...', flush=True)
+    argv = (['-m', f'bench.{NAME}', '--floor-subscriber'] if floor
+            else ['-m', 'edge_tl_ros.nodes.adaptation_node', '--ros-args', *common.ros_params(params)])
+    proc = common.Proc(argv, env, cd / 'node.log', 'adaptation', die_with_parent=True)
+    mon = None
+    try:
+        t_launch = time.time()
+        mon = common.ProcMonitor(proc.pid, SAMPLE_S)
+        cam.wait_node(proc, args.start_timeout)
+        t_ready = time.time()
+        out['start_s'] = t_ready - t_launch
+        time.sleep(BASELINE_S)
+        t_stream = time.time()
+        out.update(cam.stream(msgs, names, stream_s, proc))
+        t_stop = time.time()
+        common.wait_until(lambda: False, post_s, [proc], poll_s=0.2, what='died after the stream')
+        t_end = time.time()
+    except Exception as e:  # this case failed (the node did not start, died, ...): report it, go on
+        out['error'] = f'{type(e).__name__}: {e}'
+        print(f'[{NAME}] {spec["case"]}: {out["error"]}', flush=True)
+        out['log_tail'] = proc.tail(20)
+        return out
+    finally:  # also on Ctrl-C, SIGTERM and the time limit
+        del msgs
+        if mon is not None:
+            mon.stop()
+        out['node_rc'] = proc.stop()
+    s = mon.samples  # (wall t, cpu s, rss MB, anon MB, shm MB)
+    rss_figures(out, s, t_ready, t_stream, t_stop, t_end, post_s)
+    st = cam.status_of(proc.pid)
+    if floor:  # counts only: it keeps nothing
+        c = (st[-1][1].get('counters') or {}) if st else {}
+        out.update({k: int(c.get(k, 0)) for k in ('frames_received', 'labels_received')})
+        cam_b = []
+    else:
+        cam_b = status_figures(out, st, t_stream, t_stop, budget)
     out['trace'] = {
         't0': t_stream, 'stream_s': t_stop - t_stream,
-        'rss': rss_trace,
+        'rss': [[round(x[0] - t_stream, 2), round(x[2], 2), round(x[3], 2)] for x in s if x[0] >= t_ready],
         'camera_bytes': [[round(t - t_stream, 2), int(b)] for t, b in cam_b],
     }
     return out
@@ -437,10 +350,7 @@ def run(args) -> dict:
 
     names = list(load_bundle(bundle).class_names)
     env = common.ros_env(dds='large_shm')
-    for k in ('RMW_IMPLEMENTATION', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY', 'ROS_DOMAIN_ID',
-              'FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE'):
-        if k in env:
-            os.environ[k] = env[k]
+    common.adopt_ros_env(env)
     wd = common.new_workdir(NAME)
     specs = [c for c in cases(args.quick) if not args.only_case or c['case'] in args.only_case]
     print(f'[{NAME}] {binfo["name"]}: {len(specs)} cases, {args.encoding} at {RATE_HZ:g} Hz for '
@@ -489,37 +399,32 @@ def run(args) -> dict:
                                      '1 MB); frame_bytes_ratio_4k_vs_640 = 27',
         },
     })
-    path = common.write_result(NAME, data, args, t_start)
     _plot(args, results)
-    rows = []
-    for r in results:
-        if 'error' in r:
-            rows.append({'case': r['case'], 'start': 'ERROR', 'peak': r['error'].splitlines()[0][:60]})
-            continue
-        row = {'case': r['case'], 'start': r['rss_start_mb'], 'peak': r['rss_peak_mb'],
-               'median': r['rss_median_streaming_mb'], 'after_stop': r['rss_after_stop_mb'],
-               'growth_peak': r['rss_growth_peak_mb'], 'anon_growth': r['rss_anon_growth_peak_mb'],
-               'old_MB': r['old_design_mb'], 'vs_old': r['growth_vs_old_design'],
-               'pub/recv/hand/stored': f'{r["published"]}/{r["frames_received"]}'}
-        if r['kind'] == 'node':
-            row.update({'net_growth': r.get('rss_growth_net_peak_mb'),
-                        'cam_MB_max': (r['max_camera_bytes'] or 0) / 2**20,
-                        'budget_MB': r['memory_max_bytes'] / 2**20,
-                        'labels': f'{r["labels_applied"]}/{r["labels_published"]}',
-                        'released_s': r['released_after_stop_s']})
-            row['pub/recv/hand/stored'] += f'/{r["frames_handled"]}/{r["frames_stored"]}'
-        rows.append(row)
-    common.print_table(rows, ['case', 'start', 'peak', 'median', 'after_stop', 'growth_peak', 'anon_growth',
-                              'net_growth', 'cam_MB_max', 'budget_MB', 'old_MB', 'vs_old',
-                              'pub/recv/hand/stored', 'labels', 'released_s'],
-                       title=f'{NAME} (RSS MB; {common.machine_info()["cores"]} cores; {binfo["name"]}): '
-                             f'growth ratio {_fmt(data["rss_growth_ratio"])} '
-                             f'({" / ".join(data["rss_growth_ratio_cases"] or [])}), bound held '
-                             f'{data["bound_held"]}')
-    print(f'[{NAME}] wrote {path}')
+    common.report(NAME, data, args, t_start, [table_row(r) for r in results],
+                  title=f'RSS MB; {binfo["name"]}; growth ratio {_fmt(data["rss_growth_ratio"])} '
+                  f'({" / ".join(data["rss_growth_ratio_cases"] or [])}), bound held {data["bound_held"]}')
     if not os.environ.get('BENCH_KEEP') and not data['failed_cases']:
         common.cleanup(wd)
     return data
+
+
+def table_row(r: dict) -> dict:
+    """A case's row of the printed table (MB)."""
+    if 'error' in r:
+        return {'case': r['case'], 'start': 'ERROR', 'peak': r['error'].splitlines()[0][:60]}
+    node = r['kind'] == 'node'
+    counts = [r['published'], r['frames_received']]
+    counts += [r['frames_handled'], r['frames_stored']] if node else []
+    return {'case': r['case'], 'start': r['rss_start_mb'], 'peak': r['rss_peak_mb'],
+            'median': r['rss_median_streaming_mb'], 'after_stop': r['rss_after_stop_mb'],
+            'growth_peak': r['rss_growth_peak_mb'], 'anon_growth': r['rss_anon_growth_peak_mb'],
+            'net_growth': r.get('rss_growth_net_peak_mb') if node else None,
+            'cam_MB_max': (r['max_camera_bytes'] or 0) / 2**20 if node else None,
+            'budget_MB': r['memory_max_bytes'] / 2**20 if node else None,
+            'old_MB': r['old_design_mb'], 'vs_old': r['growth_vs_old_design'],
+            'pub/recv/hand/stored': '/'.join(map(str, counts)),
+            'labels': f'{r["labels_applied"]}/{r["labels_published"]}' if node else None,
+            'released_s': r['released_after_stop_s'] if node else None}
 
 
 def _fmt(v):
@@ -585,9 +490,7 @@ def _plot(args, results) -> None:
     common.savefig(fig, NAME, args)
 
 
-def main(argv=None) -> int:
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+def add_args(p) -> None:
     p.add_argument('--stream-s', type=float, default=None,
                    help='seconds of camera per case (default 20; 8 with --quick)')
     p.add_argument('--post-s', type=float, default=None,
@@ -597,17 +500,17 @@ def main(argv=None) -> int:
     p.add_argument('--only-case', nargs='+', default=None,
                    help='run only these cases (names as in the table, e.g. "3840x2160 floor")')
     p.add_argument('--floor-subscriber', action='store_true', help=argparse.SUPPRESS)  # a case's process
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = common.bench_parser(__doc__, add_args).parse_args(argv)
     if args.floor_subscriber:
         return floor_subscriber()
-
-    def _term(*_):
-        raise KeyboardInterrupt
 
     def _alarm(*_):
         raise TimeUp(f'{NAME} ran past its time limit')
 
-    signal.signal(signal.SIGTERM, _term)  # run()'s finally stops the node
+    common.stop_on_sigterm()  # run()'s finally stops the node
     signal.signal(signal.SIGALRM, _alarm)
     n = len(cases(args.quick))
     per_case = (args.stream_s or 20.0) + (args.post_s or 15.0) + args.start_timeout + BASELINE_S + 15
