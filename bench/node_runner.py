@@ -50,41 +50,30 @@ def _seq(msg) -> int:
         return -1
 
 
+def _timed(fn, record):
+    """``fn`` wrapped: after every call, ``record(args, wall time of the call, duration in ms)``."""
+    def wrapper(*args, **kwargs):
+        t = time.time()
+        t0 = time.perf_counter_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record(args, t, (time.perf_counter_ns() - t0) * 1e-6)
+
+    return wrapper
+
+
 def _instrument(node, rec: dict) -> None:
     """Wrap, from outside: Engine.swap_head / Engine.infer (wall time, ms), PerceptionNode._process
     (seq, header stamp, wall time the inference thread took the frame, ms) and the image subscription
     callback (seq, wall time of arrival)."""
-    engine = node.engine
-    orig_swap, orig_infer, orig_process = engine.swap_head, engine.infer, node._process
+    def frame(args, t, ms):
+        msg = args[0]
+        rec['frames'].add(_seq(msg), msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, t, ms)
 
-    def swap_head(head):
-        t = time.time()
-        t0 = time.perf_counter_ns()
-        try:
-            return orig_swap(head)
-        finally:
-            rec['swaps'].add(t, (time.perf_counter_ns() - t0) * 1e-6)
-
-    def infer(img, order, roi=None):
-        t = time.time()
-        t0 = time.perf_counter_ns()
-        try:
-            return orig_infer(img, order, roi)
-        finally:
-            rec['infers'].add(t, (time.perf_counter_ns() - t0) * 1e-6)
-
-    def process(msg, t_in):
-        t = time.time()
-        t0 = time.perf_counter_ns()
-        try:
-            return orig_process(msg, t_in)
-        finally:
-            st = msg.header.stamp
-            rec['frames'].add(_seq(msg), st.sec + st.nanosec * 1e-9, t, (time.perf_counter_ns() - t0) * 1e-6)
-
-    engine.swap_head = swap_head
-    engine.infer = infer
-    node._process = process
+    node.engine.swap_head = _timed(node.engine.swap_head, lambda args, t, ms: rec['swaps'].add(t, ms))
+    node.engine.infer = _timed(node.engine.infer, lambda args, t, ms: rec['infers'].add(t, ms))
+    node._process = _timed(node._process, frame)
     for sub in node.subscriptions:
         if sub.topic_name.endswith('/image'):
             orig_cb = sub.callback
@@ -108,12 +97,8 @@ def EchoNode():
             super().__init__('perception')
             self.declare_parameter('qos_reliability', 'best_effort')
             rel = self.get_parameter('qos_reliability').value
-            qos = QoSProfile(
-                depth=1,
-                reliability=ReliabilityPolicy.RELIABLE
-                if rel == 'reliable'
-                else ReliabilityPolicy.BEST_EFFORT,
-            )
+            qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE if rel == 'reliable'
+                             else ReliabilityPolicy.BEST_EFFORT)
             self.pub = self.create_publisher(Classification, '~/classification', 10)
             self.create_subscription(Image, 'image', self._on, qos)
             self.received = 0
@@ -152,12 +137,8 @@ def main(argv=None) -> int:
 
     rclpy.init(args=['node_runner', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     rows = a.record_rows
-    rec = {
-        'swaps': Records(1000, 2),
-        'infers': Records(rows, 2),
-        'frames': Records(rows, 4),
-        'arrivals': Records(rows, 2),
-    }
+    rec = {'swaps': Records(1000, 2), 'infers': Records(rows, 2), 'frames': Records(rows, 4),
+           'arrivals': Records(rows, 2)}
     if a.kind == 'student':
         from edge_tl_ros.nodes.perception_node import PerceptionNode
 

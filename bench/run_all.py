@@ -11,7 +11,6 @@ Exit status 1 if a benchmark failed (crashed or wrote no result).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -50,79 +49,59 @@ def summarize(name: str, d: dict) -> str:
     return ', '.join(f'{k}={fmt(v)}' for k, v in f.items())
 
 
-def main(argv=None) -> int:
-    p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
+def add_args(p) -> None:
     p.add_argument('--only', nargs='+', choices=BENCHMARKS, default=None)
     p.add_argument('--summary-only', action='store_true',
                    help='run nothing: rebuild summary.json and the table from the result files already there '
                    '(after running benchmarks one by one)')
-    args = p.parse_args(argv)
+
+
+def run_one(name: str, args, out_dir) -> dict:
+    """``python -m bench.<name>`` in its own process; its summary row."""
+    cmd = [sys.executable, '-m', f'bench.{name}', '--results-dir', str(out_dir)]
+    cmd += ['--quick'] if args.quick else []
+    cmd += ['--bundle', args.bundle] if args.bundle else []
+    print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)
+    path = out_dir / f'{name}.json'
+    before = path.stat().st_mtime if path.exists() else None
+    t0 = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, cwd=str(common.REPO), env=common.ros_env(),
+                            timeout=TIMEOUT_S['quick' if args.quick else 'full']).returncode
+    except subprocess.TimeoutExpired:
+        rc = 'timeout'
+    dt = time.monotonic() - t0
+    fresh = path.exists() and path.stat().st_mtime != before
+    if rc == 0 and fresh:
+        d = json.loads(path.read_text())
+        return {'benchmark': name, 'status': 'skipped' if 'skipped' in d else 'ok', 'seconds': dt,
+                'result': summarize(name, d)}
+    return {'benchmark': name, 'status': 'FAILED', 'seconds': dt,
+            'result': f'exit {rc}, fresh result: {fresh}'}
+
+
+def main(argv=None) -> int:
+    args = common.bench_parser(__doc__, add_args).parse_args(argv)
     out_dir = common.results_dir(args)
     names = [] if args.summary_only else args.only or list(BENCHMARKS)
-    rows, status = [], {}
     t_all = time.monotonic()
-    for name in names:
-        cmd = [sys.executable, '-m', f'bench.{name}', '--results-dir', str(out_dir)]
-        cmd += ['--quick'] if args.quick else []
-        cmd += ['--bundle', args.bundle] if args.bundle else []
-        print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)
-        path = out_dir / f'{name}.json'
-        before = path.stat().st_mtime if path.exists() else None
-        t0 = time.monotonic()
-        try:
-            rc = subprocess.run(
-                cmd,
-                cwd=str(common.REPO),
-                env=common.ros_env(),
-                timeout=TIMEOUT_S['quick' if args.quick else 'full'],
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = 'timeout'
-        dt = time.monotonic() - t0
-        fresh = path.exists() and path.stat().st_mtime != before
-        if rc == 0 and fresh:
-            d = json.loads(path.read_text())
-            st = 'skipped' if 'skipped' in d else 'ok'
-            rows.append({'benchmark': name, 'status': st, 'seconds': dt, 'result': summarize(name, d)})
-        else:
-            st = 'FAILED'
-            rows.append(
-                {
-                    'benchmark': name,
-                    'status': st,
-                    'seconds': dt,
-                    'result': f'exit {rc}, fresh result: {fresh}',
-                }
-            )
-        status[name] = st
+    rows = [run_one(name, args, out_dir) for name in names]
+    failed = any(r['status'] == 'FAILED' for r in rows)
     for name in BENCHMARKS:  # --only: list the other benchmarks' existing results too
         path = out_dir / f'{name}.json'
         if name not in names and path.exists():
             d = json.loads(path.read_text())
-            rows.append(
-                {
-                    'benchmark': name,
-                    'status': f'earlier ({d.get("timestamp")})',
-                    'seconds': d.get('duration_s'),
-                    'result': summarize(name, d),
-                }
-            )
+            rows.append({'benchmark': name, 'status': f'earlier ({d.get("timestamp")})',
+                         'seconds': d.get('duration_s'), 'result': summarize(name, d)})
     rows.sort(key=lambda r: BENCHMARKS.index(r['benchmark']))
     print()
     m = common.machine_info()
-    common.print_table(
-        rows,
-        ['benchmark', 'status', 'seconds', 'result'],
-        title=f'edge_tl_ros benchmarks ({"quick" if args.quick else "full"}; {m["cores"]} cores, '
-        f'{m["cpu_model"]}, python {m["python"]}, onnxruntime {m["onnxruntime"]}, '
-        f'load {m["load_avg_1m"]:.1f})',
-    )
-    common.write_result(
-        'summary', {'benchmarks': rows, 'total_s': time.monotonic() - t_all}, args, module='run_all'
-    )
-    return 1 if any(s == 'FAILED' for s in status.values()) else 0
+    common.print_table(rows, title=f'edge_tl_ros benchmarks ({"quick" if args.quick else "full"}; '
+                       f'{m["cores"]} cores, {m["cpu_model"]}, python {m["python"]}, '
+                       f'onnxruntime {m["onnxruntime"]}, load {m["load_avg_1m"]:.1f})')
+    common.write_result('summary', {'benchmarks': rows, 'total_s': time.monotonic() - t_all}, args,
+                        module='run_all')
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':
