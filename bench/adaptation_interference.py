@@ -206,9 +206,7 @@ def plot(series: dict, args) -> None:
     for label, (idle, busy) in series.items():
         common.plot_cdf(ax, idle, f'{label} idle')
         common.plot_cdf(ax, busy, f'{label} busy')
-    ax.set_xscale('log')
-    ax.set_xlabel('Engine.infer latency (ms, log)')
-    ax.set_ylabel('CDF')
+    ax.set(xscale='log', xlabel='Engine.infer latency (ms, log)', ylabel='CDF')
     ax.legend(fontsize=8)
     common.savefig(fig, NAME, args)
 

@@ -356,11 +356,9 @@ def run(args) -> dict:
     print(f'[{NAME}] {binfo["name"]}: {len(specs)} cases, {args.encoding} at {RATE_HZ:g} Hz for '
           f'{stream_s:g} s each, then {post_s:g} s without frames; label every {LABEL_EVERY}th frame',
           flush=True)
-    results = []
     cam = Camera(int(env['ROS_DOMAIN_ID']))
     try:
-        for spec in specs:
-            results.append(run_case(cam, spec, args, env, bundle, names, wd, stream_s, post_s))
+        results = [run_case(cam, spec, args, env, bundle, names, wd, stream_s, post_s) for spec in specs]
     finally:
         cam.close()
     data = aggregate(results)
@@ -403,8 +401,8 @@ def run(args) -> dict:
     common.report(NAME, data, args, t_start, [table_row(r) for r in results],
                   title=f'RSS MB; {binfo["name"]}; growth ratio {_fmt(data["rss_growth_ratio"])} '
                   f'({" / ".join(data["rss_growth_ratio_cases"] or [])}), bound held {data["bound_held"]}')
-    if not os.environ.get('BENCH_KEEP') and not data['failed_cases']:
-        common.cleanup(wd)
+    if not data['failed_cases']:
+        common.cleanup(wd)  # unless BENCH_KEEP=1
     return data
 
 
@@ -458,12 +456,10 @@ def _plot(args, results) -> None:
     if stream_s:
         for ax in axes[:2]:
             ax.axvspan(0, stream_s, color='0.92', zorder=0)
-    axes[0].set_title('RSS growth over the process start\n(grey: camera at 10 Hz; dotted: transport floor)')
-    axes[0].set_xlabel('time since first frame (s)')
-    axes[0].set_ylabel('MB')
-    axes[1].set_title('~/status memory: queued + recent bytes\n(dashed: memory_max_bytes)')
-    axes[1].set_xlabel('time since first frame (s)')
-    axes[1].set_ylabel('MiB')
+    axes[0].set(title='RSS growth over the process start\n(grey: camera at 10 Hz; dotted: transport floor)',
+                xlabel='time since first frame (s)', ylabel='MB')
+    axes[1].set(title='~/status memory: queued + recent bytes\n(dashed: memory_max_bytes)',
+                xlabel='time since first frame (s)', ylabel='MiB')
     axes[1].set_yscale('symlog', linthresh=1.0)
     axes[1].set_ylim(0, max([r.get('memory_max_bytes', 0) / 2**20 for r in ok] + [1]) * 2)
     if ok:
@@ -481,12 +477,10 @@ def _plot(args, results) -> None:
         for xi, u in zip(xs, v):
             if u is not None:
                 axes[2].text(xi, max(0.1, u) * 1.15, f'{u:.0f}', ha='center', fontsize=7)
-    axes[2].set_yscale('log')
     axes[2].set_xticks(x, [r['case'].replace(', ', '\n') for r in nodes], fontsize=8)
-    axes[2].set_ylabel('MB (log)')
-    axes[2].set_title('peak RSS growth while streaming')
+    axes[2].set(yscale='log', ylabel='MB (log)', title='peak RSS growth while streaming',
+                ylim=(1, max([r['old_design_mb'] for r in nodes] + [1]) * 8))
     axes[2].legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=1)
-    axes[2].set_ylim(1, max([r['old_design_mb'] for r in nodes] + [1]) * 8)
     common.savefig(fig, NAME, args)
 
 

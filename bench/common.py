@@ -15,6 +15,7 @@ the shipped nodes themselves (``soak``, ``adaptation_memory``) drive them from a
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as _dt
 import json
 import math
@@ -41,16 +42,10 @@ TEACHER = REPO / 'models' / 'gtsrb_teacher'
 # -- results -------------------------------------------------------------------------------------------
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--quick', action='store_true', help='short run: checks the code works, not speed')
-    p.add_argument(
-        '--results-dir',
-        default=None,
-        help='where <name>.json/.png go (default bench/results, or bench/results/quick with --quick)',
-    )
-    p.add_argument(
-        '--bundle',
-        default=None,
-        help='student bundle (default: models/gtsrb_student if valid, else a generated toy bundle)',
-    )
+    p.add_argument('--results-dir', default=None, help='where <name>.json/.png go (default bench/results, '
+                   'or bench/results/quick with --quick)')
+    p.add_argument('--bundle', default=None, help='student bundle (default: models/gtsrb_student if valid, '
+                   'else a generated toy bundle)')
     return p
 
 
@@ -326,7 +321,7 @@ def perception_params(bundle, state_dir, qos: str) -> dict:
             'diagnostics_period_s': 0.5}
 
 
-_libc = None
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _die_with_parent():  # in the child before exec: SIGKILL when this process dies (even by SIGKILL)
@@ -340,14 +335,9 @@ class Proc:
     """
 
     def __init__(self, argv: list[str], env: dict, log_path: Path, name: str, die_with_parent: bool = False):
-        global _libc
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, 'w')
-        if die_with_parent and _libc is None:
-            import ctypes
-
-            _libc = ctypes.CDLL(None, use_errno=True)
         self.p = subprocess.Popen([sys.executable, *argv], env=env, cwd=str(REPO), stdout=self._log,
                                   stderr=subprocess.STDOUT, start_new_session=True,
                                   preexec_fn=_die_with_parent if die_with_parent else None)
@@ -692,8 +682,11 @@ def join_latency(res: dict, warmup_s: float) -> dict:
             't_measure_start': t0, 't_measure_end': float(stamps[-1]) if len(stamps) else 0.0}
 
 
-def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray:
-    """``n`` BGR frames: GTSRB test signs scaled up when the data is there, else textured noise."""
+def frames_for(width: int, height: int, n: int = 4, seed: int = 0, labels: bool = False):
+    """``n`` BGR frames: GTSRB test signs scaled up when the data is there, else textured noise.
+
+    ``labels``: (frames, their class indices); without the data that raises LookupError (labels of noise
+    would be meaningless)."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -701,11 +694,16 @@ def frames_for(width: int, height: int, n: int = 4, seed: int = 0) -> np.ndarray
         from edge_tl_ros.data import find_gtsrb_npz
 
         with np.load(find_gtsrb_npz(), allow_pickle=False) as z:
-            x = z['X_test']  # only this array is read
-        small = x[rng.choice(len(x), n, replace=False)][..., ::-1]
-    except Exception:  # no data: noise is as good for timing
+            x = z['X_test']  # only the arrays needed are read
+            y = z['y_test'] if labels else None
+        idx = rng.choice(len(x), n, replace=False)
+        small = x[idx][..., ::-1]
+    except Exception as e:  # no data: noise is as good for timing
+        if labels:
+            raise LookupError(f'no labelled frames: {e}') from e
         small = rng.integers(0, 256, (n, 24, 32, 3), dtype=np.uint8)
-    return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in small])
+    frames = np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in small])
+    return (frames, y[idx]) if labels else frames
 
 
 def session_summary(res: dict, warmup_s: float) -> dict:

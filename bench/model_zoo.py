@@ -255,9 +255,7 @@ def plot(rows: list[dict], args) -> None:
         if r['accuracy'] is not None:
             ax.scatter(r['latency_1t']['p50_ms'], r['accuracy'] * 100)
             ax.annotate(r['model'], (r['latency_1t']['p50_ms'], r['accuracy'] * 100), fontsize=8)
-    ax.set_xscale('log')
-    ax.set_xlabel('batch-1 latency, 1 thread (ms, log)')
-    ax.set_ylabel('GTSRB test accuracy (%)')
+    ax.set(xscale='log', xlabel='batch-1 latency, 1 thread (ms, log)', ylabel='GTSRB test accuracy (%)')
     common.savefig(fig, NAME, args)
 
 

