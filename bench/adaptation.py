@@ -9,14 +9,14 @@ one seeded permutation for all shifts):
 - oracle pool: every remaining frame (pool + rest = 8630) with its true label.
 
 Student backbone features (``Engine.features_batch``) are computed once per shift. A *round* is
-``edge_tl_ros.adapt.Adapter.run_round`` with the shipped ``AdaptConfig`` (head trained with
+``edge_tl_ros.adapt.run_round`` with the shipped ``AdaptConfig`` (head trained with
 ``headtrain.train_head``, regularised toward the bundle head, anchor replay; accept/reject on a holdout)
 on N local frames labelled by one source:
 
 - ``topic``: the true labels (a label topic);
-- ``teacher``: pseudo-labels made as the round makes them: ``adapt.TeacherLabeler`` on
-  models/gtsrb_teacher (test-time normalisation over batches of the round's own N frames), then
-  ``adapt.pseudo_labels`` (teacher x student ensemble, the student side being the bundle's student
+- ``teacher``: pseudo-labels made by the round's own labelling function, ``adapt.pseudo_labels``, with
+  models/gtsrb_teacher (test-time normalisation over batches of the round's own N frames; teacher x
+  student ensemble, the student side being the bundle's student
   re-normalised the same way over the N frames, ``student_test_time_norm``; kept where its confidence
   >= ``AdaptConfig.teacher_min_confidence``), all with the shipped config; ``teacher_labeller`` beside
   it holds contrasts from the same run at 500 frames: the plain teacher alone and the normalised
@@ -88,21 +88,20 @@ def acc(head, feats, labels) -> float:
     return float(np.mean(np.argmax(head.logits(feats), 1) == labels))
 
 
-def round_labels(teacher_probs, teacher_classes, student, feats, cfg, p_student=None):
-    """The round's teacher labels for N frames -> (class index per frame or -1, kept mask, how).
-
-    ``adapt.pseudo_labels`` as the round calls it (teacher x student ensemble, confidence cut; the
-    student side ``p_student`` when given, else the current head on ``feats``), keyed by frame
-    position; returned as arrays in the student's class order.
-    """
-    from edge_tl_ros.adapt import pseudo_labels
-
-    n = len(feats)
-    labels, how = pseudo_labels(np.arange(n), teacher_probs, teacher_classes, student.head, feats, cfg,
-                                p_student=p_student)
+def label_indices(names, student):
+    """Class names (or None) per frame -> (class index per frame or -1, kept mask)."""
     cpos = {c: k for k, c in enumerate(student.class_names)}
-    lab = np.array([cpos[labels[i]] if i in labels else -1 for i in range(n)])
-    return lab, lab >= 0, how
+    lab = np.array([-1 if c is None else cpos[c] for c in names], np.int64)
+    return lab, lab >= 0
+
+
+def round_labels(teacher_probs, teacher_classes, student, feats, cfg):
+    """Labels from given teacher probabilities (the contrasts): the confidence step of the round's
+    labelling (``adapt.labels.confident_labels``, the current head on ``feats`` as the student side)."""
+    from edge_tl_ros.adapt.labels import confident_labels
+
+    names, how = confident_labels(teacher_probs, teacher_classes, student.head, cfg, feats)
+    return (*label_indices(names, student), how)
 
 
 def ceilings(student, feats, y_true, teacher_lab, teacher_keep, test_f, x, x_test, y_test, gap, epochs,
@@ -146,7 +145,7 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
         from edge_tl_ros import ttn
     except ImportError:
         return None
-    from edge_tl_ros.adapt import AdaptConfig, Adapter
+    from edge_tl_ros.adapt import AdaptConfig, run_round
 
     stats_path = student.path('norm_stats')
     if stats_path is None:
@@ -183,8 +182,8 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
     fp, ft = feats(x_all[pool_ix]), feats(x_all[test_ix])
     n = len(pool_ix)
     lab, keep, _ = round_labels(teacher_probs, teacher_classes, student, fp, cfg)
-    rr = Adapter(student, None, AdaptConfig(label_sources=('teacher',))).run_round(
-        (fp[keep], lab[keep], ['teacher'] * int(keep.sum())), head0)
+    rr = run_round(student, (fp[keep], lab[keep], ['teacher'] * int(keep.sum())), head0,
+                   AdaptConfig(label_sources=('teacher',)))
     adapted = acc(rr.head, ft, y_test) if rr.head is not None else acc(head0, ft, y_test)
     normed_only = acc(head0, ft, y_test)
     return {'frames': n, 'labelled': int(keep.sum()),
@@ -245,7 +244,7 @@ def round_seconds(student_root, teacher_root, images, labels, class_names, wd: P
 def run(args) -> dict:
     t_start = time.monotonic()
     try:
-        from edge_tl_ros.adapt import AdaptConfig, Adapter, TeacherLabeler
+        from edge_tl_ros.adapt import AdaptConfig, LabelModel, pseudo_labels, run_round
         from edge_tl_ros.headtrain import train_head
         from edge_tl_ros.shifts import apply_shift
     except ImportError as e:
@@ -276,11 +275,11 @@ def run(args) -> dict:
     cfg = AdaptConfig()
     try:
         teacher_eng = Engine(load_bundle(args.teacher), 'feature_extractor', num_threads=2)
-        labeler = TeacherLabeler(args.teacher, num_threads=2, test_time_norm=cfg.teacher_test_time_norm,
+        labeler = LabelModel(args.teacher, num_threads=2, test_time_norm=cfg.teacher_test_time_norm,
                                  ttn_batch_size=cfg.teacher_batch_size)
         teacher_note = labeler.note
-        # the student side of the round's labelling ensemble (adapt.student_norm_probs)
-        s_labeler = (TeacherLabeler(args.student, num_threads=2, test_time_norm=True,
+        # the student side of the round's labelling ensemble (as adapt.labels.label_store makes it)
+        s_labeler = (LabelModel(args.student, num_threads=2, test_time_norm=True,
                                     ttn_batch_size=cfg.teacher_batch_size)
                      if cfg.teacher_student_ensemble and cfg.student_test_time_norm else None)
     except BundleError as e:
@@ -348,17 +347,14 @@ def run(args) -> dict:
         if teacher_eng is not None:
             y_pool = y[pool[:n_max]]
             plain = teacher_eng.predict_batch(IM(pool[:n_max]), 'rgb')
-            # the node's labeller (test-time normalisation as configured), run on the first n frames
-            # only for each n: a round with n frames has no other frames to take batch statistics from;
-            # then the round's pseudo_labels (teacher x student ensemble, confidence cut) as configured
+            # the round's labelling function on the first n frames only for each n (a round with n
+            # frames has no other frames to take batch statistics from); the teacher's own probabilities
+            # beside it for the label-accuracy figures and the contrasts
             for n in sizes:
-                tp = labeler.probs(IM(pool[:n]))
-                ps = None
-                if s_labeler is not None and s_labeler.mode == 'test_time_norm':
-                    ps = s_labeler.probs(IM(pool[:n]))
-                    ps = ps if s_labeler.last_mode == 'test_time_norm' else None
-                lab, keep, how = round_labels(tp, labeler.class_names, student, pool_f[:n], cfg, p_student=ps)
-                t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': tp, 'how': how}
+                frames = IM(pool[:n])
+                names, how = pseudo_labels(frames, labeler, student.head, cfg, pool_f[:n], s_labeler)
+                lab, keep = label_indices(names, student)
+                t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': labeler.probs(frames), 'how': how}
             tl = t_lab[n_max]
             teacher_acc = float(np.mean(np.argmax(tl['teacher_probs'], 1) == y_pool))
             teacher_kept = float(tl['keep'].mean())
@@ -400,12 +396,9 @@ def run(args) -> dict:
                 else:
                     lab, keep = s_top[:n], s_conf[:n] >= thr
                 t0 = time.perf_counter()
-                ad = Adapter(
-                    student, None, AdaptConfig(label_sources=('topic',) if src == 'self' else (src,))
-                )
-                r = ad.run_round(
-                    (f[keep], lab[keep], ['topic' if src == 'self' else src] * int(keep.sum())), head0
-                )
+                as_src = 'topic' if src == 'self' else src
+                r = run_round(student, (f[keep], lab[keep], [as_src] * int(keep.sum())), head0,
+                              AdaptConfig(label_sources=(as_src,)))
                 secs = time.perf_counter() - t0
                 adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
                 accepted = None if src == 'self' else bool(r.accepted)
@@ -437,9 +430,9 @@ def run(args) -> dict:
             }
             for key, probs in contrasts.items():
                 pk = probs.max(1) >= 0.9
-                ad = Adapter(student, None, AdaptConfig(label_sources=('teacher',)))
                 top = np.argmax(probs, 1)
-                r = ad.run_round((pool_f[:n_max][pk], top[pk], ['teacher'] * int(pk.sum())), head0)
+                r = run_round(student, (pool_f[:n_max][pk], top[pk], ['teacher'] * int(pk.sum())), head0,
+                              AdaptConfig(label_sources=('teacher',)))
                 adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
                 teacher_info[key] = {
                     'frames': n_max, 'min_confidence': 0.9, 'labelled': int(pk.sum()),
@@ -451,8 +444,8 @@ def run(args) -> dict:
             # student side of the ensemble
             lab, keep, _ = round_labels(t_lab[n_max]['teacher_probs'], labeler.class_names, student,
                                         pool_f[:n_max], cfg)
-            r = Adapter(student, None, AdaptConfig(label_sources=('teacher',))).run_round(
-                (pool_f[:n_max][keep], lab[keep], ['teacher'] * int(keep.sum())), head0)
+            r = run_round(student, (pool_f[:n_max][keep], lab[keep], ['teacher'] * int(keep.sum())), head0,
+                          AdaptConfig(label_sources=('teacher',)))
             adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
             teacher_info['current_head_student_run'] = {
                 'frames': n_max, 'labelled': int(keep.sum()),

@@ -885,3 +885,27 @@ def default_state_dir(bundle_name: str) -> Path:
     """Where adapted heads and the frame store live on the robot (``$ROS_HOME`` or ``~/.ros``)."""
     ros_home = os.environ.get('ROS_HOME') or os.path.join(os.path.expanduser('~'), '.ros')
     return Path(ros_home) / 'edge_tl_ros' / bundle_name
+
+
+def resolve_teacher(value: str, student: ModelBundle) -> tuple[Path | None, str]:
+    """The ``teacher_bundle`` parameter -> (bundle path or None, how it was chosen).
+
+    ``"auto"`` = the teacher the student was distilled from (its manifest's ``distillation.teacher.bundle``)
+    when it is installed beside the student or shipped; ``""`` = no teacher; else as
+    :func:`resolve_bundle_path`.
+    """
+    value = (value or '').strip()
+    if not value:
+        return None, 'no teacher (teacher_bundle "")'
+    if value != 'auto':
+        return resolve_bundle_path(value), f'teacher {value}'
+    dist = student.manifest.get('distillation')
+    teacher = dist.get('teacher') if isinstance(dist, dict) else None
+    name = teacher.get('bundle') if isinstance(teacher, dict) else None
+    if not isinstance(name, str) or not name.strip() or '/' in name or name.startswith('.'):
+        return None, f'no teacher: {student.name} names none it was distilled from (teacher_bundle auto)'
+    for cand in (student.root.parent / name, default_model_path(name)):
+        if (cand / 'manifest.yaml').is_file():
+            return cand, f'teacher {name}, the one {student.name} was distilled from (teacher_bundle auto)'
+    return None, (f'no teacher: {student.name} was distilled from {name}, which is not installed '
+                  '(teacher_bundle auto)')

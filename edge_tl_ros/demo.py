@@ -130,8 +130,8 @@ def run_demo(args) -> int:
     student = str(resolve_bundle_path(args.model_bundle))
     teacher = str(resolve_bundle_path(args.teacher_bundle, 'gtsrb_teacher')) if args.teacher_bundle else ''
     sources = '[' + ','.join(args.label_sources.split(',')) + ']'
-    extra = ['-p', f"teacher_bundle:='{teacher}'", '-p', f'adapt_every_n_labels:={args.adapt_every}',
-             '-p', f'label_sources:={sources}', '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10']
+    extra = ['-p', f"teacher_bundle:='{teacher}'", '-p', f'round.every_n_labels:={args.adapt_every}',
+             '-p', f'labels.sources:={sources}', '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10']
     rclpy.init()
     up = player = ex = None
     try:

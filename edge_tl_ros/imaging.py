@@ -221,6 +221,19 @@ def decode_compressed(fmt: str, data, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return img, 'bgr'
 
 
+def is_compressed(msg) -> bool:
+    """Whether ``msg`` is a sensor_msgs/CompressedImage (duck-typed: ``format``, no ``encoding``)."""
+    return hasattr(msg, 'format') and not hasattr(msg, 'encoding')
+
+
+def decode_message(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """THE camera-message decoder of both nodes: a sensor_msgs/Image (zero-copy view, :func:`image_view`)
+    or CompressedImage (:func:`decode_compressed`) -> ``(HxWx3 uint8 array, colour order)``."""
+    if is_compressed(msg):
+        return decode_compressed(msg.format, msg.data, max_pixels)
+    return image_view(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data, max_pixels)
+
+
 def encode_compressed(rgb_or_bgr: np.ndarray, order: str = 'bgr', fmt: str = 'jpeg',
                       quality: int = 90) -> bytes:
     """Encode an ``HxWx3`` uint8 image as JPEG or PNG bytes (for bags and tests)."""

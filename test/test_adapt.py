@@ -1,13 +1,15 @@
-"""adapt: selection, label sources, accept/reject rounds on the toy bundle, subprocess rounds, teacher."""
+"""adapt: selection, label sources, accept/reject rounds on the toy bundle, subprocess rounds, labels."""
 
+import dataclasses
 import os
 import signal
 
 import numpy as np
 import pytest
 
-from edge_tl_ros.adapt import (AdaptConfig, Adapter, TeacherLabeler, run_round_in_subprocess,
-                               stratified_split)
+from edge_tl_ros.adapt import AdaptConfig, LabelModel, Selector, gather, run_round, run_round_in_subprocess
+from edge_tl_ros.adapt.labels import confident_labels, frames_to_label
+from edge_tl_ros.adapt.round import _anchor_split, stratified_split
 from edge_tl_ros.bundle import HeadRegistry, load_bundle
 from edge_tl_ros.engine import Engine
 from edge_tl_ros.headtrain import accuracy, class_weights, train_head
@@ -41,32 +43,29 @@ def test_round_on_shifted_domain_accepted_and_committed(toy, tmp_path):
     _, Xt, yt = shifted(2, 300)
     # the toy shift is adversarial to the source domain (shifted red looks green): one linear head
     # cannot keep every anchor frame, hence a toy-sized tolerance (30 anchor check frames)
-    ad = Adapter(toy, reg, AdaptConfig(anchor_tolerance=0.1))
-    r = ad.run_round((X, names(y), ['topic'] * len(y)), reg.load())
+    cfg = AdaptConfig(anchor_tolerance=0.1)
+    r = run_round(toy, (X, names(y), ['topic'] * len(y)), reg.load(), cfg)
     m = r.metrics
     assert r.accepted, r.reason
     assert m['holdout_acc_new'] >= m['holdout_acc_old'] + 0.5
     assert m['anchor_acc_old'] - m['anchor_acc_new'] <= 0.1
     assert m['n_train'] + m['n_holdout'] == 90 and m['label_counts']['topic'] == 90
     assert heads_on_disk(tmp_path / 'state') == []  # run_round writes nothing
-    head = ad.commit(r)
+    head = reg.add(r.head, r.metrics)
     assert head.version == 1 and reg.current_version == 1
     assert reg.index()['versions']['1']['metrics']['holdout_acc_new'] == m['holdout_acc_new']
     assert accuracy(reg.load(), Xt, yt) > 0.9 > 0.1 > accuracy(toy.head, Xt, yt)
     # the next round starts from v1 and has nothing left to gain: rejected, v1 stays
-    r2 = ad.run_round((X, names(y), ['topic'] * len(y)), reg.load())
+    r2 = run_round(toy, (X, names(y), ['topic'] * len(y)), reg.load(), cfg)
     assert not r2.accepted and 'margin' in r2.reason and r2.metrics['base_version'] == 1
-    with pytest.raises(ValueError):
-        ad.commit(r2)
     assert reg.current_version == 1
 
 
 def test_accepted_round_refits_on_every_labelled_frame(toy):
     _, X, y = shifted(4, 90)
     data = (X, names(y), ['topic'] * len(y))
-    on = Adapter(toy, None, AdaptConfig(anchor_tolerance=0.1)).run_round(data, toy.head)
-    off = Adapter(toy, None, AdaptConfig(anchor_tolerance=0.1, refit_after_accept=False)).run_round(
-        data, toy.head)
+    on = run_round(toy, data, toy.head, AdaptConfig(anchor_tolerance=0.1))
+    off = run_round(toy, data, toy.head, AdaptConfig(anchor_tolerance=0.1, refit_after_accept=False))
     assert on.accepted and off.accepted, (on.reason, off.reason)
     assert 'refit' not in off.metrics and 'refit on all 90 labelled frames' in on.reason
     assert on.metrics['refit']['used'] and on.metrics['refit']['n_train'] == 90
@@ -74,9 +73,8 @@ def test_accepted_round_refits_on_every_labelled_frame(toy):
     # round's recipe on all 90 frames (+ the same anchor replay), not the 63-frame candidate
     for k in ('n_train', 'n_holdout', 'holdout_acc_old', 'holdout_acc_new', 'anchor_acc_new'):
         assert on.metrics[k] == off.metrics[k], k
-    ad = Adapter(toy, None, AdaptConfig())
-    c = ad.config
-    rf, rl, _, _ = ad._anchor_split()
+    c = AdaptConfig()
+    rf, rl, _, _ = _anchor_split(toy, c)
     w = class_weights(y, 3, c.class_balanced)
     rw = class_weights(rl, 3, c.class_balanced)
     want = train_head(np.concatenate([X, rf]), np.concatenate([y, rl]), toy.head, l2_to_prior=c.l2_to_prior,
@@ -112,7 +110,7 @@ def test_bad_rounds_rejected_and_nothing_written(toy, tmp_path, case):
     else:
         X, y = X[:10], y[:10]
         want = 'not enough labelled'
-    r = Adapter(toy, reg, cfg).run_round((X, names(y), ['topic'] * len(y)))
+    r = run_round(toy, (X, names(y), ['topic'] * len(y)), reg.load(), cfg)
     assert not r.accepted and not r.failed
     assert want in r.reason, r.reason
     assert heads_on_disk(tmp_path / 'state') == [] and reg.current_version == 0
@@ -120,7 +118,6 @@ def test_bad_rounds_rejected_and_nothing_written(toy, tmp_path, case):
 
 def test_label_source_filters(toy, tmp_path):
     """topic labels are right, teacher labels are wrong (permuted): each filter uses only its sources."""
-    reg = HeadRegistry(toy, tmp_path / 'state')
     _, X, y = shifted(4, 120)
     wrong = (y + 1) % 3
     labels = names(y[:60]) + names(wrong[60:])
@@ -128,7 +125,7 @@ def test_label_source_filters(toy, tmp_path):
 
     def run(srcs):
         cfg = AdaptConfig(label_sources=srcs, anchor_tolerance=0.1)
-        return Adapter(toy, reg, cfg).run_round((X, labels, sources), toy.head)
+        return run_round(toy, (X, labels, sources), toy.head, cfg)
 
     r_topic, r_teacher, r_both = run(('topic',)), run(('teacher',)), run(('topic', 'teacher'))
     assert r_topic.metrics['label_counts'] == {'topic': 60, 'teacher': 0, 'self': 0}
@@ -138,8 +135,8 @@ def test_label_source_filters(toy, tmp_path):
     _, Xt, yt = shifted(5, 200)
     assert accuracy(r_topic.head, Xt, yt) > 0.9
     assert accuracy(r_teacher.head, Xt, yt) < 0.2  # it learned the (wrong) teacher labels
-    with pytest.raises(ValueError):
-        Adapter(toy, reg, AdaptConfig(label_sources=('oracle',)))
+    with pytest.raises(ValueError, match='labels.sources'):
+        run_round(toy, (X, labels, sources), toy.head, AdaptConfig(label_sources=('oracle',)))
 
 
 def test_self_labels_from_store_train_only(toy, tmp_path):
@@ -152,14 +149,14 @@ def test_self_labels_from_store_train_only(toy, tmp_path):
         st.add(i, im[i], p.features, p.probs)
     st.set_label(0, 'red', 'topic')
     reg = HeadRegistry(toy, tmp_path / 'state')
-    only_topic = Adapter(toy, reg, AdaptConfig(label_sources=('topic',), min_labelled=2)).run_round(st)
+    only_topic = run_round(toy, st, reg.load(), AdaptConfig(label_sources=('topic',), min_labelled=2))
     assert only_topic.metrics['label_counts'] == {'topic': 1, 'teacher': 0, 'self': 0}
     cfg = AdaptConfig(label_sources=('self',), self_label_threshold=0.5, min_labelled=10)
-    r = Adapter(toy, reg, cfg).run_round(st)
+    r = run_round(toy, st, reg.load(), cfg)
     assert r.metrics['label_counts']['self'] > 30 and r.metrics['label_counts']['topic'] == 0
     assert not r.accepted and 'holdout' in r.reason  # self labels alone cannot validate a head
     cfg = AdaptConfig(label_sources=('self',), self_label_threshold=1.0, min_labelled=10)
-    assert Adapter(toy, reg, cfg).run_round(st).metrics['label_counts']['self'] == 0
+    assert run_round(toy, st, reg.load(), cfg).metrics['label_counts']['self'] == 0
 
 
 def test_new_classes(toy, tmp_path):
@@ -168,52 +165,52 @@ def test_new_classes(toy, tmp_path):
     labels = names(y)
     for i in range(0, 90, 3):
         labels[i] = 'purple'
-    r = Adapter(toy, reg, AdaptConfig()).run_round((X, labels, ['topic'] * 90))
+    r = run_round(toy, (X, labels, ['topic'] * 90), reg.load(), AdaptConfig())
     assert r.metrics['dropped_unknown_class'] == 30 and r.metrics['n_labelled'] == 60
-    r2 = Adapter(toy, reg, AdaptConfig(allow_new_classes=True, margin=-1, anchor_tolerance=1)).run_round(
-        (X, labels, ['topic'] * 90))
+    r2 = run_round(toy, (X, labels, ['topic'] * 90), reg.load(),
+                   AdaptConfig(allow_new_classes=True, margin=-1, anchor_tolerance=1))
     assert r2.head.class_names == TOY_CLASSES + ('purple',) and r2.metrics['new_classes'] == ['purple']
-    assert Adapter(toy, reg, AdaptConfig()).commit(r2).num_classes == 4
+    assert reg.add(r2.head, r2.metrics).num_classes == 4
     assert reg.load().class_names[-1] == 'purple'
 
 
 def test_new_classes_are_bounded(toy, tmp_path, monkeypatch):
     """allow_new_classes admits only valid names, and no more classes than the bound (a 1 MB label
     made a 176 MB head file per version)."""
-    import edge_tl_ros.adapt as adapt
+    import edge_tl_ros.adapt.round as adapt_round
 
     _, X, y = shifted(8, 90)
     labels = names(y)
     bad = ['x' * 1_000_000, 'tab\there', 'line\nbreak']
     for k, i in enumerate(range(0, 90, 3)):
         labels[i] = bad[k % 3] if k < 9 else f'new{k % 7}'
-    ad = Adapter(toy, None, AdaptConfig(allow_new_classes=True))
-    ld = ad.gather((X, labels, ['topic'] * 90), toy.head)
+    cfg = AdaptConfig(allow_new_classes=True)
+    ld = gather((X, labels, ['topic'] * 90), toy.head, cfg)
     assert sorted(ld.new_classes) == [f'new{k}' for k in range(7)]
     assert ld.dropped_unknown == 9 and len(ld.labels) == 81
-    monkeypatch.setattr(adapt, 'MAX_CLASSES', len(TOY_CLASSES) + 2)  # room for two more classes only
-    ld = ad.gather((X, labels, ['topic'] * 90), toy.head)
+    monkeypatch.setattr(adapt_round, 'MAX_CLASSES', len(TOY_CLASSES) + 2)  # room for two more classes only
+    ld = gather((X, labels, ['topic'] * 90), toy.head, cfg)
     assert len(ld.class_names) == len(TOY_CLASSES) + 2 and ld.new_classes == ('new0', 'new1')
     assert set(ld.labels.tolist()) <= set(range(len(TOY_CLASSES) + 2))
 
 
-def test_select_prefers_uncertain_and_disagreeing(toy):
-    ad = Adapter(toy, None, AdaptConfig(seed=1))
+def test_select_prefers_uncertain_and_disagreeing():
+    ad = Selector(seed=1)
     n = 4000
     confident = np.tile([0.98, 0.01, 0.01], (n, 1))
     unsure = np.tile([0.4, 0.35, 0.25], (n, 1))
     probs = np.concatenate([confident, unsure])
-    keep = ad.select(None, probs, policy='informative', rate=0.2)
+    keep = ad.select(probs, policy='informative', rate=0.2)
     assert 0.15 < keep.mean() < 0.25
     assert keep[n:].mean() > 5 * keep[:n].mean()
     teacher = confident.copy()
     teacher[: n // 2] = [0.01, 0.98, 0.01]  # the teacher disagrees on half of the confident frames
-    keep_t = ad.select(None, confident, teacher_probs=teacher, rate=0.2)
+    keep_t = ad.select(confident, teacher_probs=teacher, rate=0.2)
     assert keep_t[: n // 2].mean() > 5 * keep_t[n // 2:].mean()
-    uni = ad.select(None, probs, policy='uniform', rate=0.3)
+    uni = ad.select(probs, policy='uniform', rate=0.3)
     assert 0.27 < uni.mean() < 0.33 and abs(uni[:n].mean() - uni[n:].mean()) < 0.05
     with pytest.raises(ValueError):
-        ad.select(None, probs, policy='greedy')
+        ad.select(probs, policy='greedy')
 
 
 def test_stratified_split_deterministic():
@@ -265,10 +262,21 @@ def test_subprocess_round_niced_and_killed_round_writes_nothing(toy, tmp_path):
     assert r3.failed and 'version 7' in r3.reason
 
 
-def teacher_top(labeler, store) -> dict:
+def store_probs(model, store):
+    """(stamps, probs) of ``model`` for the store's unlabelled entries, batched as the round batches them."""
+    found, imgs, context = frames_to_label(store, store.entries(),
+                                           min_batch=model.ttn_batch_size if model.ttn is not None else 0)
+    return found, model.probs(imgs, context)
+
+
+def teacher_top(model, store) -> dict:
     """stamp -> the teacher's top class for the store's unlabelled entries (no confidence cut)."""
-    stamps, probs = labeler.store_probs(store)
-    return {int(s): labeler.class_names[int(np.argmax(p))] for s, p in zip(stamps, probs)}
+    stamps, probs = store_probs(model, store)
+    return {int(s): model.class_names[int(np.argmax(p))] for s, p in zip(stamps, probs)}
+
+
+def as_dict(stamps, names) -> dict:
+    return {int(s): n for s, n in zip(stamps, names) if n is not None}
 
 
 def test_teacher_labels_in_subprocess_round(toy, tmp_path):
@@ -277,7 +285,7 @@ def test_teacher_labels_in_subprocess_round(toy, tmp_path):
     teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
     teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
     st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
-    lab = teacher_top(TeacherLabeler(teacher), st)
+    lab = teacher_top(LabelModel(teacher), st)
     assert len(lab) == 80
     agree = np.mean([lab[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)])
     assert agree > 0.9
@@ -302,7 +310,7 @@ def test_teacher_min_confidence_keeps_only_confident_labels(toy, tmp_path):
     teacher_head = train_head(X, y, toy_head(), l2_to_prior=1e-3)
     teacher = make_toy_bundle(tmp_path / 'teacher', head=teacher_head, name='teacher', with_full=False)
     st, _ = _fill_store(toy, tmp_path / 'store', 60, 10, label=False)
-    stamps, probs = TeacherLabeler(teacher).store_probs(st)
+    stamps, probs = store_probs(LabelModel(teacher), st)
     conf = probs.max(1)
     cut = float(np.median(conf))
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
@@ -329,7 +337,7 @@ def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_pa
                               name='teacher', with_full=False, conv=True)
     add_to_bundle(teacher, toy_frames(np.random.default_rng(3), 200)[0], threads=1, source='toy frames')
     st, y_store = _fill_store(toy, tmp_path / 'store', 80, 10, label=False)
-    local = TeacherLabeler(teacher, test_time_norm=True, ttn_batch_size=32)
+    local = LabelModel(teacher, test_time_norm=True, ttn_batch_size=32)
     assert local.mode == 'test_time_norm'
     want = teacher_top(local, st)
     r = run_round_in_subprocess(toy.root, tmp_path / 'state', st.root,
@@ -348,7 +356,7 @@ def test_subprocess_round_student_side_is_the_renormalised_student(tmp_path):
     """student_test_time_norm: the ensemble's student side is the bundle's student re-normalised to the
     stored frames (as the teacher is), computed in the round process exactly as in-process; without
     norm stats in the student bundle, or switched off, the current head on the stored features."""
-    from edge_tl_ros.adapt import ensemble_probs, pseudo_labels
+    from edge_tl_ros.adapt import ensemble_probs
     from edge_tl_ros.engine import softmax
     from edge_tl_ros.ttn import add_to_bundle
 
@@ -364,15 +372,15 @@ def test_subprocess_round_student_side_is_the_renormalised_student(tmp_path):
     cfg = AdaptConfig(label_sources=('teacher',), teacher_min_confidence=0.9, teacher_batch_size=32,
                       anchor_tolerance=0.1)
     # in-process: teacher and student, both re-normalised over the same stored crops
-    t_stamps, p_t = TeacherLabeler(teacher, test_time_norm=True, ttn_batch_size=32).store_probs(st)
-    s_lab = TeacherLabeler(student_root, test_time_norm=True, ttn_batch_size=32)
-    s_stamps, p_s = s_lab.store_probs(st, stamps=t_stamps)
+    t_stamps, p_t = store_probs(LabelModel(teacher, test_time_norm=True, ttn_batch_size=32), st)
+    s_lab = LabelModel(student_root, test_time_norm=True, ttn_batch_size=32)
+    s_stamps, p_s = store_probs(s_lab, st)
     assert s_lab.last_mode == 'test_time_norm' and np.array_equal(s_stamps, t_stamps)
     arr = st.entries()
     feats = arr.features[[list(arr.stamps).index(int(s)) for s in t_stamps]]
     # the toy shift moves colours: re-normalised, the student's probabilities differ from its plain ones
     assert np.abs(p_s - softmax(student.head.logits(feats))).max() > 0.05
-    want, _ = pseudo_labels(t_stamps, p_t, TOY_CLASSES, student.head, feats, cfg, p_student=p_s)
+    want = as_dict(t_stamps, confident_labels(p_t, TOY_CLASSES, student.head, cfg, feats, p_s)[0])
     ens = ensemble_probs(p_t, p_s)
     assert want == {int(s): TOY_CLASSES[int(np.argmax(p))] for s, p in zip(t_stamps, ens) if p.max() >= 0.9}
 
@@ -381,10 +389,10 @@ def test_subprocess_round_student_side_is_the_renormalised_student(tmp_path):
     assert r.teacher_labels == want and len(want) > 40
     # switched off: the current head on the stored features
     off = run_round_in_subprocess(student_root, tmp_path / 'state', st.root,
-                                  AdaptConfig(**{**vars(cfg), 'student_test_time_norm': False}),
+                                  dataclasses.replace(cfg, student_test_time_norm=False),
                                   teacher_bundle=teacher)
     assert off.metrics['teacher']['student'] == 'current_head'
-    plain, _ = pseudo_labels(t_stamps, p_t, TOY_CLASSES, student.head, feats, cfg)
+    plain = as_dict(t_stamps, confident_labels(p_t, TOY_CLASSES, student.head, cfg, feats)[0])
     assert off.teacher_labels == plain and plain != want  # the student side moved the confidence cut
     # a student bundle without norm stats: the current head, and why
     bare = make_toy_bundle(tmp_path / 'bare', name='bare', conv=True)
@@ -395,7 +403,7 @@ def test_subprocess_round_student_side_is_the_renormalised_student(tmp_path):
 
 def test_teacher_student_ensemble_labels(toy):
     """Geometric mean of teacher and head probabilities: agreement is confident, disagreement is not."""
-    from edge_tl_ros.adapt import ensemble_probs, pseudo_labels
+    from edge_tl_ros.adapt import ensemble_probs
     from edge_tl_ros.engine import softmax
 
     p_t = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], np.float32)
@@ -403,7 +411,7 @@ def test_teacher_student_ensemble_labels(toy):
     e = ensemble_probs(p_t, p_s)
     assert np.allclose(e.sum(1), 1) and np.allclose(e[[0, 2]], p_t[[0, 2]])  # agreement: unchanged
     assert e[1].max() < 0.7  # they disagree: below the 0.7 default, no label
-    # through pseudo_labels, with the head's own probabilities from features
+    # through confident_labels, with the head's own probabilities from features
     im, y = toy_frames(np.random.default_rng(4), 30)
     f = toy_features(im)
     head = toy_head()
@@ -411,16 +419,20 @@ def test_teacher_student_ensemble_labels(toy):
     teacher = np.eye(3, dtype=np.float32)[y] * 0.9 + 0.1 / 3  # a teacher that is right, 93 % sure
     stamps = np.arange(100, 130)
     cfg = AdaptConfig(teacher_min_confidence=0.7)
-    labels, info = pseudo_labels(stamps, teacher, TOY_CLASSES, head, f, cfg)
+    labels, info = confident_labels(teacher, TOY_CLASSES, head, cfg, f)
+    labels = as_dict(stamps, labels)
     assert info['ensemble'] and info['candidates'] == 30 and info['kept'] == len(labels)
     want = ensemble_probs(teacher, p_head)
     assert labels == {int(s): TOY_CLASSES[int(np.argmax(w))] for s, w in zip(stamps, want) if w.max() >= 0.7}
     # classes that differ, or no features: the teacher alone, and the reason
-    only, info2 = pseudo_labels(stamps, teacher, ('x', 'y', 'z'), head, f, cfg)
+    only, info2 = confident_labels(teacher, ('x', 'y', 'z'), head, cfg, f)
+    only = as_dict(stamps, only)
     assert not info2['ensemble'] and 'differ' in info2['ensemble_note']
     assert set(only.values()) <= {'x', 'y', 'z'}
-    only, info3 = pseudo_labels(stamps, teacher, TOY_CLASSES, head, None, cfg)
+    only, info3 = confident_labels(teacher, TOY_CLASSES, head, cfg, None)
+    only = as_dict(stamps, only)
     assert not info3['ensemble'] and len(only) == 30
-    off, info4 = pseudo_labels(stamps, teacher, TOY_CLASSES, head, f,
-                               AdaptConfig(teacher_student_ensemble=False, teacher_min_confidence=0.7))
+    off, info4 = confident_labels(teacher, TOY_CLASSES, head,
+                                  AdaptConfig(teacher_student_ensemble=False, teacher_min_confidence=0.7), f)
+    off = as_dict(stamps, off)
     assert not info4['ensemble'] and off == {int(s): TOY_CLASSES[c] for s, c in zip(stamps, y)}

@@ -33,7 +33,7 @@ from vision_msgs.msg import Classification, ObjectHypothesis  # noqa: E402
 
 from edge_tl_ros.bundle import HeadRegistry, load_bundle  # noqa: E402
 from edge_tl_ros.imaging import encode_compressed, image_fields  # noqa: E402
-from edge_tl_ros.nodes.adaptation_node import AdaptationNode  # noqa: E402
+from edge_tl_ros.nodes.adaptation_node import PARAMETERS, AdaptationNode  # noqa: E402
 from edge_tl_ros.store import FrameStore  # noqa: E402
 from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames  # noqa: E402
 
@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 # toy-sized acceptance: the toy shift is adversarial to the source domain (see test_adapt.py)
 # rounds niced but not SCHED_IDLE here: on a CI machine saturated by other jobs a SCHED_IDLE round may not
 # run at all within a test's timeout (test_adapt.py checks the SCHED_IDLE worker itself)
-ROUND_PARAMS = {'anchor_tolerance': 0.1, 'min_labelled': 30, 'adapt_every_n_labels': 0,
-                'sample_rate_hz': 0.0, 'nice_level': 5, 'round_sched_idle': False}
+ROUND_PARAMS = {'accept.anchor_tolerance': 0.1, 'round.min_labelled': 30, 'round.every_n_labels': 0,
+                'store.sample_rate_hz': 0.0, 'advanced.nice_level': 5, 'advanced.sched_idle': False}
 
 
 def wait_for(cond, timeout, step=0.02):
@@ -137,6 +137,8 @@ def toy(tmp_path):
 
 def make_node(ctx, toy, state, **extra):
     params = {'model_bundle': str(toy), 'state_dir': str(state), **ROUND_PARAMS, **extra}
+    unknown = set(params) - set(PARAMETERS)  # rclpy ignores overrides of undeclared names
+    assert not unknown, f'not adaptation-node parameters: {unknown}'
     return AdaptationNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
 
 
@@ -155,7 +157,7 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         # frames go best-effort (sensor QoS, newest first): on a loaded machine some never reach the node.
         # Every label is accounted for (applied, or expired after label_pending_s) and every frame that
         # arrived got its label, whether the label came first or second
-        c = node.counters
+        c = node.collector.counters
         settled = wait_for(lambda: c['labels_applied'] + c['labels_expired'] >= 80, 25)
         assert settled, json.dumps(node.status())
         n_topic = node.store.label_counts()['topic']
@@ -167,7 +169,7 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         io.pub_lab.publish(lab)
         time.sleep(0.05)
         io.pub_img.publish(bad)
-        assert wait_for(lambda: node.counters['frames_bad'] == 1, 5)
+        assert wait_for(lambda: node.collector.counters['frames_bad'] == 1, 5)
 
         res = io.call(io.adapt_now)
         assert res.success, res.message
@@ -191,16 +193,16 @@ def test_node_collects_labels_and_accepts_a_round(ros_context, toy, tmp_path):
         assert wait_for(lambda: any('adaptation' in st.name for d in io.diag for st in d.status), 5)
 
         # parameters: bad values are rejected with a reason; good ones apply
-        bad_values = [('label_sources', ['oracle']), ('label_sources', []), ('selection', 'greedy'),
-                      ('margin', 5.0), ('store_max_entries', 0), ('perception_node', 'not a name'),
-                      ('state_dir', '/elsewhere')]
+        bad_values = [('labels.sources', ['oracle']), ('labels.sources', []),
+                      ('advanced.selection', 'greedy'), ('accept.margin', 5.0), ('store.max_entries', 0),
+                      ('perception_node', 'not a name'), ('state_dir', '/elsewhere')]
         for name, value in bad_values:
             r = node.set_parameters([Parameter(name, value=value)])[0]
             assert not r.successful and r.reason, (name, value)
-        assert node.set_parameters([Parameter('store_max_entries', value=20)])[0].successful
+        assert node.set_parameters([Parameter('store.max_entries', value=20)])[0].successful
         assert len(node.store) == 20
-        assert node.set_parameters([Parameter('label_sources', value=['topic', 'self'])])[0].successful
-        assert node.adapter.config.label_sources == ('topic', 'self')
+        assert node.set_parameters([Parameter('labels.sources', value=['topic', 'self'])])[0].successful
+        assert node.round_cfg.label_sources == ('topic', 'self')
 
         res = io.call(io.wipe)
         assert res.success and len(node.store) == 0
@@ -218,16 +220,17 @@ def test_bad_teacher_degrades_and_bad_parameters_refuse_start(ros_context, toy, 
         assert s['teacher'] is None and 'teacher_bundle unusable' in s['teacher_error']
     finally:
         node.destroy_node()
-    with pytest.raises(ValueError, match='label_sources'):
-        make_node(ros_context, toy, tmp_path / 'state', label_sources=['topic', 'oracle'])
+    with pytest.raises(ValueError, match='labels.sources'):
+        make_node(ros_context, toy, tmp_path / 'state', **{'labels.sources': ['topic', 'oracle']})
 
 
 def test_compressed_sampling_late_labels_and_auto_round(ros_context, toy, tmp_path):
     """image/compressed; unlabelled frames sampled + kept (uniform, all); labels arrive later; the
     adapt_every_n_labels trigger starts a round by itself."""
     ctx = ros_context
-    node = make_node(ctx, toy, tmp_path / 'state', use_compressed=True, sample_rate_hz=1000.0,
-                     selection='uniform', keep_fraction=1.0, adapt_every_n_labels=6, min_labelled=2)
+    node = make_node(ctx, toy, tmp_path / 'state', use_compressed=True, **{
+        'store.sample_rate_hz': 1000.0, 'advanced.selection': 'uniform', 'store.keep_fraction': 1.0,
+        'round.every_n_labels': 6, 'round.min_labelled': 2})
     io = IO(ctx)
     pub = io.node.create_publisher(CompressedImage, 'image/compressed',
                                    QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
@@ -386,7 +389,7 @@ def test_incremental_mode_reuses_perception_features(ros_context, toy, tmp_path)
         Parameter('model_bundle', value=str(toy)), Parameter('state_dir', value=str(state)),
         Parameter('qos_reliability', value='reliable'), Parameter('qos_depth', value=50),
         Parameter('deployment_mode', value='incremental')])
-    adapt = make_node(ctx, toy, state, use_perception_features=True)
+    adapt = make_node(ctx, toy, state, **{'advanced.use_perception_features': True})
     io = IO(ctx)
     ex, _ = spin(ctx, perc, adapt, io.node)
     try:
@@ -395,7 +398,7 @@ def test_incremental_mode_reuses_perception_features(ros_context, toy, tmp_path)
         imgs, y = toy_frames(np.random.default_rng(3), 60, shifted=True)
         io.send(imgs, y, period=0.03)
         assert wait_for(lambda: adapt.store.label_counts()['topic'] >= 50, 15), adapt.status()
-        assert adapt.counters['features_reused'] >= 40, dict(adapt.counters)
+        assert adapt.collector.counters['features_reused'] >= 40, dict(adapt.collector.counters)
         feats = adapt.store.labelled().features
         # the stored features are the perception backbone's: equal to the toy backbone in numpy
         ref = toy_features(imgs)

@@ -4,7 +4,8 @@
   negative stamps, short/long/NaN feature payloads) interleaved with good frames and labels: every
   message is a counted reject or handled, the node stays alive, stores the next good labelled frame, and
   writes nothing outside its directories;
-- memory: large frames are kept only as small crops, bounded by ``memory_max_bytes`` and released when
+- memory: large frames are kept only as small crops, bounded by ``advanced.memory_max_bytes`` and released
+  when
   no label can claim them any more;
 - ``~/wipe_store`` also forgets the frames in memory (a later label cannot pull one back into the store);
 - the node follows the head registry when another process (the perception node's ``~/rollback``)
@@ -73,7 +74,8 @@ def test_malformed_labels_and_features_are_counted_and_never_poison(ros_context,
     (outside / 'keep.txt').write_text('not ours')
     rng = random.Random(14)
     d = load_bundle(toy).feature_size
-    with running(ctx, toy, state, use_perception_features=True, label_pending_s=2.0) as (node, io):
+    params = {'advanced.use_perception_features': True, 'advanced.label_pending_s': 2.0}
+    with running(ctx, toy, state, **params) as (node, io):
         rel = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
         pub_feat = io.node.create_publisher(Image, '/perception/features', rel)
         assert wait_for(lambda: pub_feat.get_subscription_count(), 10)
@@ -107,13 +109,14 @@ def test_malformed_labels_and_features_are_counted_and_never_poison(ros_context,
             else:  # a label for a frame that never comes (expires)
                 io.pub_lab.publish(_label(5000 + i, 0, TOY_CLASSES[0]))
             time.sleep(0.002)
-        c = node.counters
+        c = node.collector.counters
         assert wait_for(lambda: c['labels_bad'] == n_bad_labels and c['features_bad'] == n_bad_feats, 20), \
             (dict(c), n_bad_labels, n_bad_feats)
-        assert set(node.bad_labels) <= {'no_class_id', 'bad_stamp', 'bad_class_name'}
-        assert set(node.bad_features) <= {'encoding', 'shape', 'size', 'non_finite', 'bad_stamp'}
-        assert node.bad_features['non_finite'] > 0 and node.bad_labels['bad_class_name'] > 0
-        assert node._worker.is_alive()
+        assert set(node.collector.bad_labels) <= {'no_class_id', 'bad_stamp', 'bad_class_name'}
+        assert set(node.collector.bad_features) <= {'encoding', 'shape', 'size', 'non_finite', 'bad_stamp'}
+        col = node.collector
+        assert col.bad_features['non_finite'] > 0 and col.bad_labels['bad_class_name'] > 0
+        assert node.collector._thread.is_alive()
 
         # the node still takes good labelled frames, with finite features, even where NaN features were
         # published for the same stamp (those were rejected on arrival)
@@ -136,7 +139,8 @@ def test_malformed_labels_and_features_are_counted_and_never_poison(ros_context,
 def test_large_frames_are_kept_as_small_crops_within_the_memory_bound(ros_context, toy, tmp_path):
     ctx = ros_context
     budget = 4 << 20
-    with running(ctx, toy, tmp_path / 'state', memory_max_bytes=budget, label_pending_s=1.0) as (node, io):
+    params = {'advanced.memory_max_bytes': budget, 'advanced.label_pending_s': 1.0}
+    with running(ctx, toy, tmp_path / 'state', **params) as (node, io):
         rng = np.random.default_rng(3)
         frame = rng.integers(0, 256, (720, 1280, 3), np.uint8)  # 2.7 MB each
         peak = 0
@@ -146,37 +150,38 @@ def test_large_frames_are_kept_as_small_crops_within_the_memory_bound(ros_contex
             m = node.status()['memory']
             peak = max(peak, m['recent_bytes'])
             assert m['recent_bytes'] <= budget // 4
-        c = node.counters
-        assert wait_for(lambda: c['frames_handled'] >= 6 and len(node._recent) >= 1, 20), dict(c)
+        c = node.collector.counters
+        assert wait_for(lambda: c['frames_handled'] >= 6 and len(node.collector.recent) >= 1, 20), dict(c)
         m = node.status()['memory']
         # each remembered frame is a 64x64 RGB crop + the 32x32 input: ~15 KB, not 2.7 MB
         assert 0 < m['recent_bytes'] <= m['recent_frames'] * (64 * 64 * 3 + 32 * 32 * 3)
         # a late label still claims a remembered frame
-        newest = max(s for s in range(100, 112) if s * 10**9 in node._recent)
+        newest = max(s for s in range(100, 112) if s * 10**9 in node.collector.recent)
         io.pub_lab.publish(_label(newest, 0, TOY_CLASSES[1]))
         assert wait_for(lambda: node.store.label_counts()['topic'] == 1, 10), node.status()
         # after the camera stops, nothing is held longer than a label could use it
-        assert wait_for(lambda: len(node._recent) == 0 and node._recent.nbytes == 0, 10)
+        assert wait_for(lambda: len(node.collector.recent) == 0 and node.collector.recent.nbytes == 0, 10)
 
 
 def test_wipe_also_forgets_frames_in_memory(ros_context, toy, tmp_path):
     ctx = ros_context
     state = tmp_path / 'state'
-    with running(ctx, toy, state, label_pending_s=30.0) as (node, io):
+    with running(ctx, toy, state, **{'advanced.label_pending_s': 30.0}) as (node, io):
         imgs, y = toy_frames(np.random.default_rng(4), 10, shifted=True)
         stamps = io.send(imgs)  # unlabelled, not sampled: only in memory
-        c = node.counters
+        c = node.collector.counters
         # every frame that reached the node is taken in (best effort: a loaded machine may lose some)
-        assert wait_for(lambda: len(node._recent) >= 5 and c['frames_handled'] == c['frames_received']
-                        and not node._frames, 10)
+        recent = node.collector.recent
+        assert wait_for(lambda: len(recent) >= 5 and c['frames_handled'] == c['frames_received']
+                        and not node.collector.memory()['queued_frames'], 10)
         time.sleep(0.3)
         assert c['frames_handled'] == c['frames_received'] and len(node.store) == 0
         res = io.call(io.wipe)
         assert res.success, res.message
-        assert len(node._recent) == 0
+        assert len(node.collector.recent) == 0
         for (sec, nsec), lab in zip(stamps, y):  # labels for the wiped frames
             io.pub_lab.publish(_label(sec, nsec, TOY_CLASSES[lab]))
-        assert wait_for(lambda: node.counters['labels_handled'] >= 10, 10)
+        assert wait_for(lambda: node.collector.counters['labels_handled'] >= 10, 10)
         time.sleep(0.3)
         assert len(node.store) == 0 and not list((state / 'store').glob('f_*.npz'))
         assert node.status()['pending_labels'] == 10  # waiting for frames that will never come back
@@ -189,7 +194,8 @@ def test_negative_stamps_are_rejected_not_stored(ros_context, toy, tmp_path):
         img = toy_frames(np.random.default_rng(5), 1)[0][0]
         io.pub_lab.publish(_label(-3, 5, TOY_CLASSES[0]))
         io.pub_img.publish(_stamped(Image(**image_fields(img, 'rgb8')), -3, 5))
-        assert wait_for(lambda: node.bad_reasons['bad_stamp'] == 1 and node.bad_labels['bad_stamp'] == 1, 10)
+        col = node.collector
+        assert wait_for(lambda: col.bad_frames['bad_stamp'] == 1 and col.bad_labels['bad_stamp'] == 1, 10)
         io.send([img], [0])  # a good one after it is stored
         assert wait_for(lambda: len(node.store) == 1, 10)
         assert [p.name for p in (state / 'store').glob('f_*')] == [
@@ -199,7 +205,7 @@ def test_negative_stamps_are_rejected_not_stored(ros_context, toy, tmp_path):
 def test_follows_the_registry_when_another_process_rolls_back(ros_context, toy, tmp_path):
     ctx = ros_context
     state = tmp_path / 'state'
-    node = make_node(ctx, toy, state, diagnostics_period_s=0.1)
+    node = make_node(ctx, toy, state, **{'advanced.diagnostics_period_s': 0.1})
     ex, _ = spin(ctx, node)
     try:
         other = HeadRegistry(load_bundle(toy), state)  # e.g. the perception node's ~/rollback
@@ -211,7 +217,7 @@ def test_follows_the_registry_when_another_process_rolls_back(ros_context, toy, 
         assert s['head_version'] == s['registry_version'] == 0
         (state / 'heads' / 'index.json').write_text('{"current": 1e400}')  # unreadable: keep v0, stay up
         time.sleep(0.5)
-        assert node.engine.head.version == 0 and node._worker.is_alive()
+        assert node.engine.head.version == 0 and node.collector._thread.is_alive()
     finally:
         ex.shutdown()
         node.destroy_node()
@@ -228,7 +234,7 @@ def test_diagnostics_warn_says_what_is_wrong_now_not_what_once_was(ros_context, 
                 if 'adaptation' in st.name:
                     return st.level, st.message
         return None, None
-    with running(ctx, toy, tmp_path / 'state', diagnostics_period_s=0.1) as (node, io):
+    with running(ctx, toy, tmp_path / 'state', **{'advanced.diagnostics_period_s': 0.1}) as (node, io):
         for i in range(6):
             io.pub_img.publish(_stamped(Image(height=2, width=2, encoding='yuv9', step=4, data=bytes(8)),
                                         10 + i))
@@ -238,4 +244,4 @@ def test_diagnostics_warn_says_what_is_wrong_now_not_what_once_was(ros_context, 
         io.send(imgs)  # good frames: within about a window the WARN is gone, the counts stay
         assert wait_for(lambda: level()[0] == b'\x00', 10), level()
         kv = {k.key: k.value for k in io.diag[-1].status[0].values}
-        assert int(kv['frames_bad']) == node.counters['frames_bad'] > 0
+        assert int(kv['frames_bad']) == node.collector.counters['frames_bad'] > 0

@@ -98,9 +98,29 @@ def test_launch_file_structure():
     assert Path(profile).is_file() and '<segment_size>' in Path(profile).read_text()
 
 
+def _flat(d: dict, prefix: str = '') -> dict:
+    """Nested YAML groups -> dotted parameter names (as rcl reads a params file)."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
 def _yaml_params():
     data = yaml.safe_load(CONFIG.read_text())
-    return {key.split('/')[-1]: val['ros__parameters'] for key, val in data.items()}
+    return {key.split('/')[-1]: _flat(val['ros__parameters']) for key, val in data.items()}
+
+
+def test_yaml_values_are_the_node_defaults():
+    """ros2 run (node defaults) and ros2 launch (the YAML) behave the same: one default per parameter."""
+    from edge_tl_ros.nodes.adaptation_node import PARAMETERS as ADAPTATION
+    from edge_tl_ros.nodes.perception_node import PARAMETERS as PERCEPTION
+
+    params = _yaml_params()
+    for name, table in (('perception', PERCEPTION), ('adaptation', ADAPTATION)):
+        assert set(params[name]) == set(table), name
+        differ = {k: (v, table[k][0]) for k, v in params[name].items() if v != table[k][0]}
+        assert not differ, f'{name}: YAML value != node default: {differ}'
 
 
 def test_every_yaml_parameter_is_declared_by_its_node(ros_context, tmp_path):

@@ -80,7 +80,8 @@ def test_no_topic_publishes_frames_crops_or_features(ros_context, tmp_path):
     perc = PerceptionNode(context=ros_context, parameter_overrides=[
         Parameter('model_bundle', value=str(toy)), Parameter('state_dir', value=str(state)),
         Parameter('qos_reliability', value='reliable'), Parameter('qos_depth', value=50)])
-    adapt = make_node(ros_context, toy, state, sample_rate_hz=1000.0, keep_fraction=1.0, selection='uniform')
+    adapt = make_node(ros_context, toy, state, **{'store.sample_rate_hz': 1000.0, 'store.keep_fraction': 1.0,
+                                                 'advanced.selection': 'uniform'})
     io = IO(ros_context)
     ex = spin_all(ros_context, perc, adapt, io.node)
     try:
@@ -191,7 +192,7 @@ def send_until_stored(io, files, imgs, labels, attempts=5):
 def test_store_limits_and_wipe_through_the_node(ros_context, tmp_path):
     toy = make_toy_bundle(tmp_path / 'toy')
     state = tmp_path / 'state'
-    node = make_node(ros_context, toy, state, diagnostics_period_s=0.2)
+    node = make_node(ros_context, toy, state, **{'advanced.diagnostics_period_s': 0.2})
     io = IO(ros_context)
     ex = spin_all(ros_context, node, io.node)
     remote = ParamRemote(io.node, '/adaptation')
@@ -205,20 +206,20 @@ def test_store_limits_and_wipe_through_the_node(ros_context, tmp_path):
         assert len(files()) == 40 == len(node.store), node.status()
         # size cap, over the parameter service: the disk holds at most that many bytes
         cap = sum(p.stat().st_size for p in files()) // 2
-        assert remote.set('store_max_bytes', cap).successful
+        assert remote.set('store.max_bytes', cap).successful
         assert sum(p.stat().st_size for p in files()) <= cap and len(files()) == len(node.store) < 40
-        assert remote.set('store_max_entries', 10).successful and len(files()) == 10
+        assert remote.set('store.max_entries', 10).successful and len(files()) == 10
         # age limit: the node's timer deletes entries older than store_max_age_s from the disk
-        assert remote.set('store_max_age_s', 1.0).successful
+        assert remote.set('store.max_age_s', 1.0).successful
         assert wait_for(lambda: not files(), 5), node.status()
-        assert remote.set('store_max_age_s', 0.0).successful  # 0 = no age limit
+        assert remote.set('store.max_age_s', 0.0).successful  # 0 = no age limit
         # wipe: entries, a stray temp file and pending labels go; a restarted node finds nothing
         send_until_stored(io, files, noisy_frames(rng, 10)[0], [0] * 10)
         assert len(files()) == 10
         (state / 'store' / '.f_00000000000000000001.npz.abc.tmp').write_bytes(b'half a crop')
         # a label waiting for its frame (stamp 0, never sent); labels of lost frames may wait as well
         io.pub_lab.publish(Classification(results=[ObjectHypothesis(class_id='red', score=1.0)]))
-        assert wait_for(lambda: 0 in node._pending and node.status()['pending_labels'] >= 1, 5)
+        assert wait_for(lambda: 0 in node.collector._pending and node.status()['pending_labels'] >= 1, 5)
         r = io.call(io.node.create_client(Trigger, '/adaptation/wipe_store'))
         assert r.success and 'wiped 10' in r.message
         # only the store's ownership marker stays (no frame data in it)

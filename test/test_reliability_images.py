@@ -309,16 +309,16 @@ def test_adaptation_node_counts_bad_frames_and_loses_no_label(ros_context, tmp_p
                 io.pub_img.publish(img_msg)
                 if wait_for(done, 2):
                     return
-            raise AssertionError(f'frame {img_msg.header.stamp.sec} never handled: {node.counters}')
+            raise AssertionError(f'frame {img_msg.header.stamp.sec} never handled: {node.collector.counters}')
 
         for k, (msg, reason) in enumerate(raw):
             # a labelled bad frame, then a labelled good frame: the good one's label must land
             msg.header.stamp.sec, msg.header.stamp.nanosec = 50_000 + k, 0
             io.pub_lab.publish(Classification(header=msg.header,
                                               results=[ObjectHypothesis(class_id='red', score=1.0)]))
-            n_bad = node.counters['frames_bad']
+            n_bad = node.collector.counters['frames_bad']
             n_topic = node.store.label_counts()['topic']
-            deliver(msg, (lambda n=n_bad: node.counters['frames_bad'] == n + 1) if reason else
+            deliver(msg, (lambda n=n_bad: node.collector.counters['frames_bad'] == n + 1) if reason else
                     (lambda n=n_topic: node.store.label_counts()['topic'] == n + 1))
             k_cls = k % 3
             good = Image(**image_fields(solid(TOY_CLASSES[k_cls], 16, 16), 'rgb8'))
@@ -332,8 +332,8 @@ def test_adaptation_node_counts_bad_frames_and_loses_no_label(ros_context, tmp_p
         io.pub_lab.publish(Classification())
         io.pub_lab.publish(Classification(results=[ObjectHypothesis(class_id='', score=1.0)]))
         n_bad = sum(1 for _, r in raw if r)
-        assert wait_for(lambda: node.counters['frames_bad'] == n_bad
-                        and node.counters['labels_bad'] == 2
+        assert wait_for(lambda: node.collector.counters['frames_bad'] == n_bad
+                        and node.collector.counters['labels_bad'] == 2
                         and node.store.label_counts()['topic'] == len(raw) + 1, 20), \
             (node.status()['counters'], node.status()['bad_frames'], n_bad, len(raw))
         s = node.status()

@@ -181,8 +181,8 @@ def test_startup_failures_exit_with_one_clear_line(tmp_path, ros_domain):
         cases.append(([*module, '--ros-args', '-p', f'model_bundle:={good}', *state, '-p', p], phrase))
     cases.append(([*adaptation, '--ros-args', '-p', f'model_bundle:={bad["object_array_head"][0]}', *state],
                   bad['object_array_head'][1]))
-    for p, phrase in (('label_sources:=[oracle]', 'label_sources'),
-                      ('store_max_entries:=zero', "expecting type 'INTEGER'")):
+    for p, phrase in (('labels.sources:=[oracle]', 'labels.sources'),
+                      ('store.max_entries:=zero', "expecting type 'INTEGER'")):
         cases.append(([*adaptation, '--ros-args', '-p', f'model_bundle:={good}', *state, '-p', p], phrase))
     results = run_all([c for c, _ in cases], env)
     for (cmd, phrase), (rc, text) in zip(cases, results):
@@ -361,25 +361,28 @@ def test_adaptation_parameters_over_the_service(ros_context, tmp_path):
     ex, _ = spin(ros_context, node, io_node)
     remote = ParamRemote(io_node, '/adaptation')
     try:
-        names = ('store_max_entries', 'margin', 'label_sources', 'selection', 'perception_node',
-                 'teacher_bundle', 'store_dir', 'model_bundle', 'sample_rate_hz', 'holdout_fraction',
-                 'round_timeout_s', 'min_labelled', 'keep_fraction', 'nice_level', 'crop_size')
+        names = ('store.max_entries', 'accept.margin', 'labels.sources', 'advanced.selection',
+                 'perception_node', 'teacher_bundle', 'store.dir', 'model_bundle', 'store.sample_rate_hz',
+                 'accept.holdout_fraction', 'advanced.round_timeout_s', 'round.min_labelled',
+                 'store.keep_fraction', 'advanced.nice_level', 'advanced.crop_size')
         before = {n: remote.get(n) for n in names}
-        bad = [('store_max_entries', 0), ('store_max_entries', 'many'), ('margin', 5.0), ('margin', 'x'),
-               ('label_sources', ['oracle']), ('label_sources', []), ('label_sources', ['topic', 'topic']),
-               ('label_sources', 'topic'), ('selection', 'greedy'), ('perception_node', 'not a name'),
-               ('teacher_bundle', str(tmp_path / 'nope')), ('store_dir', '/nonexistent'),
-               ('model_bundle', str(tmp_path / 'nope')), ('sample_rate_hz', -1.0), ('holdout_fraction', 0.95),
-               ('round_timeout_s', 0.0), ('min_labelled', 1), ('keep_fraction', 1.5), ('nice_level', 20),
-               ('crop_size', 32)]
+        bad = [('store.max_entries', 0), ('store.max_entries', 'many'), ('accept.margin', 5.0),
+               ('accept.margin', 'x'), ('labels.sources', ['oracle']), ('labels.sources', []),
+               ('labels.sources', ['topic', 'topic']), ('labels.sources', 'topic'),
+               ('advanced.selection', 'greedy'), ('perception_node', 'not a name'),
+               ('teacher_bundle', str(tmp_path / 'nope')), ('store.dir', '/nonexistent'),
+               ('model_bundle', str(tmp_path / 'nope')), ('store.sample_rate_hz', -1.0),
+               ('accept.holdout_fraction', 0.95), ('advanced.round_timeout_s', 0.0),
+               ('round.min_labelled', 1), ('store.keep_fraction', 1.5), ('advanced.nice_level', 20),
+               ('advanced.crop_size', 32)]
         for name, value in bad:
             res = remote.set(name, value)
             assert not res.successful and res.reason, (name, value)
         assert {n: remote.get(n) for n in names} == before
-        assert node.adapter.config.margin == before['margin'] and node.store.max_entries == 2000
-        assert remote.set('store_max_entries', 100).successful and node.store.max_entries == 100
-        assert remote.set('label_sources', ['topic', 'self']).successful
-        assert node.adapter.config.label_sources == ('topic', 'self')
+        assert node.round_cfg.margin == before['accept.margin'] and node.store.max_entries == 2000
+        assert remote.set('store.max_entries', 100).successful and node.store.max_entries == 100
+        assert remote.set('labels.sources', ['topic', 'self']).successful
+        assert node.round_cfg.label_sources == ('topic', 'self')
     finally:
         ex.shutdown()
         node.destroy_node()

@@ -135,8 +135,8 @@ CAMERA = textwrap.dedent('''
     rclpy.try_shutdown()
 ''')
 
-ADAPT_PARAMS = {'anchor_tolerance': 0.1, 'min_labelled': 30, 'adapt_every_n_labels': 0,
-                'sample_rate_hz': 0.0, 'nice_level': 5}
+ADAPT_PARAMS = {'accept.anchor_tolerance': 0.1, 'round.min_labelled': 30, 'round.every_n_labels': 0,
+                'store.sample_rate_hz': 0.0, 'advanced.nice_level': 5}
 
 
 def wait_for(cond, timeout, step=0.02):

@@ -400,7 +400,7 @@ def test_adaptation_node_on_full_disk(toy, tmp_path, ros_context):
 
     with tmpfs(tmp_path / 'small', '1m') as mnt:
         state = mnt / 'state'
-        params = {'model_bundle': str(toy), 'state_dir': str(state), **ROUND_PARAMS, 'crop_size': 64}
+        params = {'model_bundle': str(toy), 'state_dir': str(state), **ROUND_PARAMS, 'advanced.crop_size': 64}
         adapt = AdaptationNode(context=ros_context, parameter_overrides=[Parameter(k, value=v)
                                                                          for k, v in params.items()])
         perc = PerceptionNode(context=ros_context, parameter_overrides=[
@@ -419,8 +419,9 @@ def test_adaptation_node_on_full_disk(toy, tmp_path, ros_context):
             imgs, y = toy_frames(rng, 120, size=64, shifted=True)
             imgs = np.clip(imgs.astype(np.int16) + rng.integers(-60, 60, imgs.shape), 0, 255).astype(np.uint8)
             io.send(imgs, y, period=0.01)
+            c = adapt.collector.counters
             assert wait_for(lambda: adapt.store.stats()['dropped_by_reason'].get('ENOSPC', 0) > 0
-                            and adapt.counters['labels_applied'] + adapt.counters['frames_not_stored'] >= 110,
+                            and c['labels_applied'] + c['frames_not_stored'] >= 110,
                             30), adapt.status()
             s = adapt.status()
             assert s['store']['dropped'] == s['counters']['frames_not_stored'] > 0
@@ -447,7 +448,7 @@ def test_adaptation_node_on_full_disk(toy, tmp_path, ros_context):
             # next round commits v1 and perception reloads it
             (mnt / 'filler').unlink()
             keep = len(adapt.store) * 2 // 3
-            assert adapt.set_parameters([Parameter('store_max_entries', value=keep)])[0].successful
+            assert adapt.set_parameters([Parameter('store.max_entries', value=keep)])[0].successful
             assert len(adapt.store) == keep == len(list((state / 'store').glob('f_*.npz')))
             assert io.call(io.adapt_now).success
             assert wait_for(lambda: perc.head_version == 1, 60), adapt.status()

@@ -113,14 +113,14 @@ def test_teacher_subset_accuracy_matches_manifest(teacher, gtsrb_test):
 
 def test_teacher_test_time_norm_labels_a_shifted_domain_better(gtsrb_test):
     """The adaptation node's teacher labeller with the shipped norm stats, on sensor-noise frames."""
-    from edge_tl_ros.adapt import TeacherLabeler
+    from edge_tl_ros.adapt import LabelModel
     from edge_tl_ros.shifts import apply_shift
 
     idx = np.random.default_rng(0).permutation(len(gtsrb_test))[:320]
     imgs = apply_shift(gtsrb_test.images[idx], 'noise', 3, seed=1)
     y = gtsrb_test.labels[idx]
-    ttn = TeacherLabeler(TEACHER, num_threads=2, test_time_norm=True)
-    plain = TeacherLabeler(TEACHER, num_threads=2, test_time_norm=False)
+    ttn = LabelModel(TEACHER, num_threads=2, test_time_norm=True)
+    plain = LabelModel(TEACHER, num_threads=2, test_time_norm=False)
     assert ttn.mode == 'test_time_norm' and plain.mode == 'plain'
     acc_ttn = np.mean(np.argmax(ttn.probs(imgs), 1) == y)
     acc_plain = np.mean(np.argmax(plain.probs(imgs), 1) == y)

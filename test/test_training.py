@@ -179,9 +179,9 @@ def test_mobilenet_v3_small_student_exports_a_valid_bundle(tmp_path):
     assert b.feature_size == 1024 and b.manifest['architecture'] == 'mobilenet_v3_small'
     # source activation statistics of every conv output, for test-time normalisation of its labels
     assert b.manifest['norm_stats']['images'] == 30 and b.manifest['norm_stats']['conv_outputs'] > 20
-    from edge_tl_ros.adapt import TeacherLabeler
+    from edge_tl_ros.adapt import LabelModel
 
-    lab = TeacherLabeler(b.root, test_time_norm=True, ttn_batch_size=16)
+    lab = LabelModel(b.root, test_time_norm=True, ttn_batch_size=16)
     assert lab.mode == 'test_time_norm' and lab.probs(imgs).shape == (30, 3)
     with torch.no_grad():
         ref = torch.softmax(m(torch.from_numpy((imgs[:5].transpose(0, 3, 1, 2) - 127.5) / 64.0).float()), 1)

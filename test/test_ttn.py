@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_tl_ros.adapt import TeacherLabeler
+from edge_tl_ros.adapt import LabelModel
+from edge_tl_ros.adapt.labels import frames_to_label
 from edge_tl_ros.bundle import BundleError, Head, load_bundle, write_manifest
 from edge_tl_ros.store import FrameStore
 from edge_tl_ros.ttn import (
@@ -163,13 +164,13 @@ def teacher_bundle(root: Path) -> Path:
 
 def test_bundle_norm_stats_and_teacher_labels_that_survive_a_dark_domain(tmp_path):
     root = teacher_bundle(tmp_path / 'teacher')
-    plain = TeacherLabeler(root, test_time_norm=True)
+    plain = LabelModel(root, test_time_norm=True)
     assert plain.mode == 'plain' and 'norm-stats' in plain.note  # no stats yet: says how to add them
     summary = add_to_bundle(root, even_images(0, 300), threads=1, source='unit test')
     assert summary['images'] == 300 and summary['conv_outputs'] == 2
     b = load_bundle(root)  # norm_stats.npz is hashed in the manifest like every other file
     assert b.path('norm_stats').name == 'norm_stats.npz' and b.manifest['norm_stats']['source'] == 'unit test'
-    lab = TeacherLabeler(root, test_time_norm=True, ttn_batch_size=32)
+    lab = LabelModel(root, test_time_norm=True, ttn_batch_size=32)
     assert lab.mode == 'test_time_norm' and lab.note is None
     img = even_images(1, 96)
     dark = img // 2  # exactly half as bright: an affine input shift after normalisation
@@ -187,10 +188,16 @@ def test_bundle_norm_stats_and_teacher_labels_that_survive_a_dark_domain(tmp_pat
         load_bundle(root)
 
 
-def test_store_probs_pads_small_sets_with_stored_context_and_falls_back_on_tiny_stores(tmp_path):
+def store_probs(lab, store):
+    """The round's batching (frames_to_label): unlabelled entries, padded with other stored crops."""
+    stamps, imgs, context = frames_to_label(store, store.entries(), min_batch=lab.ttn_batch_size)
+    return stamps, lab.probs(imgs, context)
+
+
+def test_frames_to_label_pads_small_sets_with_stored_context_and_falls_back_on_tiny_stores(tmp_path):
     root = teacher_bundle(tmp_path / 'teacher')
     add_to_bundle(root, even_images(0, 200), threads=1)
-    lab = TeacherLabeler(root, test_time_norm=True, ttn_batch_size=32)
+    lab = LabelModel(root, test_time_norm=True, ttn_batch_size=32)
     st = FrameStore(tmp_path / 'store', crop_size=(SIZE, SIZE))
     imgs = even_images(2, 60)
     feats, probs = np.zeros(5, np.float32), np.full(4, 0.25, np.float32)
@@ -198,16 +205,16 @@ def test_store_probs_pads_small_sets_with_stored_context_and_falls_back_on_tiny_
         st.add(1000 + i, imgs[i], feats, probs, CLASSES[i % 4], 'topic')
     for i in range(50, 60):  # 10 frames to label, fewer than MIN_BATCH
         st.add(1000 + i, imgs[i], feats, probs)
-    stamps, p = lab.store_probs(st)  # 10 frames + 22 stored crops as context: one normalised batch
+    stamps, p = store_probs(lab, st)  # 10 frames + 22 stored crops as context: one normalised batch
     assert stamps.tolist() == list(range(1050, 1060)) and p.shape == (10, 4)
     alone = lab.probs(imgs[50:60], context_rgb=st.crops(list(range(1049, 1049 - 22, -1)))[0])
     assert np.allclose(p, alone, atol=1e-5)
     tiny = FrameStore(tmp_path / 'tiny', crop_size=(SIZE, SIZE))
     for i in range(5):
         tiny.add(2000 + i, imgs[i], feats, probs)
-    stamps, p = lab.store_probs(tiny)  # 5 frames in all: too few to normalise, plain teacher probabilities
+    stamps, p = store_probs(lab, tiny)  # 5 frames in all: too few to normalise, plain teacher probabilities
     assert stamps.tolist() == list(range(2000, 2005))
-    assert np.allclose(p, TeacherLabeler(root).probs(tiny.crops(stamps)[0]), atol=1e-6)
+    assert np.allclose(p, LabelModel(root).probs(tiny.crops(stamps)[0]), atol=1e-6)
 
 
 def test_teacher_labeller_with_test_time_norm_needs_no_torch(tmp_path, python_without):
@@ -216,8 +223,8 @@ def test_teacher_labeller_with_test_time_norm_needs_no_torch(tmp_path, python_wi
     add_to_bundle(root, even_images(0, 64), threads=1)
     out = python_without(('torch', 'torchvision'), (
         'import numpy as np\n'
-        'from edge_tl_ros.adapt import TeacherLabeler\n'
-        f'lab = TeacherLabeler({str(root)!r}, test_time_norm=True, ttn_batch_size=16)\n'
+        'from edge_tl_ros.adapt import LabelModel\n'
+        f'lab = LabelModel({str(root)!r}, test_time_norm=True, ttn_batch_size=16)\n'
         'img = np.full((20, 12, 12, 3), 100, np.uint8); img[:, :6] = 200\n'
         'print(lab.mode, lab.probs(img).shape)\n'))
     assert out.split() == ['test_time_norm', '(20,', '4)']

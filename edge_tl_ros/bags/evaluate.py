@@ -7,7 +7,7 @@ prediction is compared with the label whose header stamp equals the frame's. Rep
 running accuracy over a window of labelled frames, per-frame latency (decode + inference) p50/p99, and a
 PNG plot of accuracy against frame index.
 
-``adapt=True`` simulates the adaptation node on the same stream with :class:`edge_tl_ros.adapt.Adapter`
+``adapt=True`` simulates the adaptation node on the same stream with :func:`edge_tl_ros.adapt.run_round`
 (see :class:`_AdaptSim`): every labelled frame becomes a sample, a round runs every ``adapt_every``
 labelled frames, accepted heads are swapped into the engine (as the perception node's ``reload_head``
 would), and rounds are marked on the plot. Frames are scored with the head in use when they arrive
@@ -96,16 +96,17 @@ class _AdaptSim:
 
     Every labelled frame becomes a ``topic``-labelled sample (its backbone features, which do not change
     when heads are swapped); the store keeps the newest ``store_size``. Every ``every`` labelled frames
-    (once ``config.min_labelled`` are there) :meth:`edge_tl_ros.adapt.Adapter.run_round` trains a
+    (once ``config.min_labelled`` are there) :func:`edge_tl_ros.adapt.run_round` trains a
     candidate head against the current one; an accepted head is swapped into the engine, as
     ``perception/reload_head`` would do, so the following frames are scored with it.
     """
 
     def __init__(self, engine, bundle, every: int = 100, store_size: int = 2000, config=None):
-        from ..adapt import AdaptConfig, Adapter  # ModuleNotFoundError is handled by the caller
+        from ..adapt import AdaptConfig  # ModuleNotFoundError is handled by the caller
 
-        self.engine = engine
-        self.adapter = Adapter(bundle, None, config or AdaptConfig())
+        self.engine, self.bundle = engine, bundle
+        self.config = config or AdaptConfig()
+        self.config.validate()
         self.every = max(1, int(every))
         self.store_size = max(2, int(store_size))
         self.features: list[np.ndarray] = []
@@ -121,11 +122,13 @@ class _AdaptSim:
         if len(self.labels) > self.store_size:
             del self.features[0], self.labels[0]
         self.since += 1
-        if self.since < self.every or len(self.labels) < self.adapter.config.min_labelled:
+        if self.since < self.every or len(self.labels) < self.config.min_labelled:
             return None
         self.since = 0
         data = (np.stack(self.features), list(self.labels), ['topic'] * len(self.labels))
-        res = self.adapter.run_round(data, self.engine.head)
+        from ..adapt import run_round
+
+        res = run_round(self.bundle, data, self.engine.head, self.config)
         version = None
         if res.accepted and res.head is not None:
             self.version += 1

@@ -31,12 +31,14 @@ def one_line(err: BaseException) -> str:
 
 
 def make_executor(node, num_threads: int = 3, context=None):
-    """The executor ``main()`` spins ``node`` on: the node's ``executor_threads`` parameter if it declares
-    one (1 = SingleThreadedExecutor), else a MultiThreadedExecutor with ``num_threads`` threads."""
+    """The executor ``main()`` spins ``node`` on: the node's ``executor_threads`` (or
+    ``advanced.executor_threads``) parameter if it declares one (1 = SingleThreadedExecutor), else a
+    MultiThreadedExecutor with ``num_threads`` threads."""
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
-    if node.has_parameter('executor_threads'):
-        num_threads = int(node.get_parameter('executor_threads').value)
+    for name in ('executor_threads', 'advanced.executor_threads'):
+        if node.has_parameter(name):
+            num_threads = int(node.get_parameter(name).value)
     if num_threads <= 1:
         return SingleThreadedExecutor(context=context)
     return MultiThreadedExecutor(num_threads=num_threads, context=context)

@@ -33,7 +33,7 @@ import threading
 import time
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -44,7 +44,8 @@ from vision_msgs.msg import Classification, ObjectHypothesis
 
 from ..bundle import BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path
 from ..engine import MODES, PROVIDERS, Engine, EngineError
-from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_compressed, image_view
+from ..imaging import DEFAULT_MAX_PIXELS, FrameError, decode_message
+from .diagnostics import ERROR, WARN, diagnostic_array
 from .params import declare_all, one_line, run_node
 
 LATENCY_WINDOW = 1024
@@ -283,11 +284,7 @@ class PerceptionNode(Node):
 
     def _process(self, msg, t_in: float) -> None:
         try:
-            if isinstance(msg, CompressedImage):
-                img, order = decode_compressed(msg.format, msg.data, self._max_pixels)
-            else:
-                img, order = image_view(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian,
-                                        msg.data, self._max_pixels)
+            img, order = decode_message(msg, self._max_pixels)
             pred = self.engine.infer(img, order, self._roi)  # FrameError non_finite on NaN/Inf
             out = self._classification(msg.header, pred)
         except FrameError as e:
@@ -442,25 +439,21 @@ class PerceptionNode(Node):
         registry, registry_error = self._registry_version()
         problems = []  # (level, text), this period only
         if died is not None:
-            problems.append((DiagnosticStatus.ERROR, f'inference thread died: {died}'))
+            problems.append((ERROR, f'inference thread died: {died}'))
         if s['received'] == 0:
-            problems.append((DiagnosticStatus.WARN, 'no frames received yet'))
+            problems.append((WARN, 'no frames received yet'))
         elif self._stale_s > 0 and now - self._t_last_frame > self._stale_s:
-            problems.append((DiagnosticStatus.WARN, f'no frames for {now - self._t_last_frame:.1f} s'))
+            problems.append((WARN, f'no frames for {now - self._t_last_frame:.1f} s'))
         recent = {k: n - reasons0.get(k, 0) for k, n in sorted(reasons.items()) if n > reasons0.get(k, 0)}
         if recent:
-            problems.append((DiagnosticStatus.WARN, f'rejected frames: {recent}'))
+            problems.append((WARN, f'rejected frames: {recent}'))
         if s['publish_errors'] > perr0:
-            problems.append((DiagnosticStatus.WARN, f'{s["publish_errors"] - perr0} outputs not published'))
+            problems.append((WARN, f'{s["publish_errors"] - perr0} outputs not published'))
         if registry_error is not None:
-            problems.append((DiagnosticStatus.WARN, f'head registry unreadable: {registry_error}'))
+            problems.append((WARN, f'head registry unreadable: {registry_error}'))
         elif self.mode != 'full' and self._p('head_version') < 0 and registry != s['head_version']:
-            problems.append((DiagnosticStatus.WARN, f'head v{s["head_version"]} is not the registry\'s '
+            problems.append((WARN, f'head v{s["head_version"]} is not the registry\'s '
                                                     f'current v{registry} (~/reload_head follows it)'))
-        st = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: student inference',
-                              hardware_id=self.bundle.name)
-        st.level = max((lvl for lvl, _ in problems), default=DiagnosticStatus.OK)
-        st.message = '; '.join(text for _, text in problems) or 'ok'
         kv = {'fps_in': f'{fps_in:.1f}', 'fps_out': f'{fps_out:.1f}', 'frames_in': s['received'],
               'frames_out': s['processed'], 'dropped_frames': s['dropped'], 'rejected_frames': s['rejected'],
               'latency_p50_ms': f'{s["latency_p50_ms"]:.2f}', 'latency_p99_ms': f'{s["latency_p99_ms"]:.2f}',
@@ -472,10 +465,7 @@ class PerceptionNode(Node):
               'last_frame_age_s': f'{now - self._t_last_frame:.1f}' if s['received'] else 'never'}
         for reason, count in sorted(reasons.items()):
             kv[f'rejected.{reason}'] = count
-        st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
-        arr = DiagnosticArray(status=[st])
-        arr.header.stamp = self.get_clock().now().to_msg()
-        return arr
+        return diagnostic_array(self, 'student inference', self.bundle.name, problems, kv)
 
     def destroy_node(self):
         # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
