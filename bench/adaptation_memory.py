@@ -11,8 +11,8 @@ small crops of recent frames (:mod:`edge_tl_ros.recent`), bounds the camera data
 
 * the node as its own process (``python -m edge_tl_ros.nodes.adaptation_node``, as ``ros2 run`` starts
   it), a fresh one per case: the student bundle, ``teacher_bundle:=''`` (no teacher),
-  ``adapt_every_n_labels:=0`` (no rounds), ``sample_rate_hz`` at its default, a fresh temporary
-  ``state_dir``, ``diagnostics_period_s:=0.5``;
+  ``round.every_n_labels:=0`` (no rounds), ``store.sample_rate_hz`` at its default, a fresh temporary
+  ``state_dir``, ``advanced.diagnostics_period_s:=0.5``;
 * this process publishes ``image`` (``bgr8`` by default; reliable, depth 2: a reliable writer also serves
   the node's best-effort reader) at 10 Hz for ``--stream-s`` s, and a label on ``labels`` for every 10th
   frame (its stamp + a class of the bundle) 50 ms after the frame; then the camera stops and the node is
@@ -20,9 +20,9 @@ small crops of recent frames (:mod:`edge_tl_ros.recent`), bounds the camera data
 * cases: 640x480, 1920x1080, 3840x2160 at the default budget (64 MiB) and ``label_pending_s`` (10 s), each
   followed by its *transport floor* (``<size> floor``: a bare rclpy process subscribing the same frames
   with the same QoS and executor, dropping each at once: what any subscriber of them costs); then
-  1920x1080 with ``memory_max_bytes:=8388608`` and ``label_pending_s:=2`` (the bound, and the release
-  after 2 s).
-  ``--quick``: 8 s streams, no 4K, floor at 1080p only, 4 s after the stop, ``label_pending_s:=2``;
+  1920x1080 with ``advanced.memory_max_bytes:=8388608`` and ``advanced.label_pending_s:=2`` (the
+  bound, and the release after 2 s).
+  ``--quick``: 8 s streams, no 4K, floor at 1080p only, 4 s after the stop, ``advanced.label_pending_s:=2``;
 * Fast DDS with ``config/fastdds_large_shm.xml`` (``FASTDDS_DEFAULT_PROFILES_FILE``) in both processes,
   localhost discovery, a ROS domain of this run's own (``common.ros_env``).
 
@@ -184,11 +184,11 @@ def _minus(a, b):
 def node_params(spec: dict, bundle, state_dir) -> dict:
     """The adaptation node's parameters in a case (the one place this benchmark names them)."""
     params = {'model_bundle': bundle, 'state_dir': state_dir, 'teacher_bundle': "''",
-              'adapt_every_n_labels': 0, 'diagnostics_period_s': 0.5}
+              'round.every_n_labels': 0, 'advanced.diagnostics_period_s': 0.5}
     if 'memory_max_bytes' in spec:
-        params['memory_max_bytes'] = spec['memory_max_bytes']
+        params['advanced.memory_max_bytes'] = spec['memory_max_bytes']
     if spec.get('label_pending_s') is not None:
-        params['label_pending_s'] = spec['label_pending_s']
+        params['advanced.label_pending_s'] = spec['label_pending_s']
     return params
 
 

@@ -118,9 +118,9 @@ def growth(samples: list, t_warm: float) -> dict:
 def node_params(bundle, state_dir, period: float, store_max_entries: int | None) -> dict:
     """The parameters of both nodes (the one place this benchmark names them)."""
     shared = {'model_bundle': bundle, 'state_dir': state_dir}
-    adaptation = {**shared, 'adapt_period_s': period, 'adapt_every_n_labels': 0}
+    adaptation = {**shared, 'round.period_s': period, 'round.every_n_labels': 0}
     if store_max_entries:
-        adaptation['store_max_entries'] = store_max_entries
+        adaptation['store.max_entries'] = store_max_entries
     return {'perception': shared, 'adaptation': adaptation}
 
 
