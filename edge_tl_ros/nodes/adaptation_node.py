@@ -165,6 +165,11 @@ class AdaptationNode(Node):
             f'label sources {list(self.round_cfg.label_sources)}')
         self._publish_status()
 
+    @property
+    def reload(self) -> dict | None:
+        """How the last ``reload_head`` call went (None before the first accepted round)."""
+        return self.reloader.state
+
     # -- parameters ------------------------------------------------------------------------------------------
     def _p(self, name):
         return self.get_parameter(name).value
@@ -329,7 +334,7 @@ class AdaptationNode(Node):
             'pending_labels': c.pending_labels, 'new_since_round': c.since_round,
             'round': {'running': self.round_running, 'pid': self.round_pid, 'count': self.rounds,
                       'last': self.last_round},
-            'reload': self.reloader.state, 'teacher': self.teacher, 'teacher_error': self.teacher_error,
+            'reload': self.reload, 'teacher': self.teacher, 'teacher_error': self.teacher_error,
         }
 
     def _publish_status(self) -> None:
