@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Split
+from .augment import RobustAugment
 
 
 def kd_loss(
@@ -145,9 +146,23 @@ class FitConfig:
     evals_per_epoch: int = 1
     augment: Augment = field(default_factory=Augment)
     random_upsample: bool = False  # mix bilinear/nearest when upsampling (robust to either resize)
+    # generic robustness augmentation at the stored resolution, before the warp above (None = off)
+    robust: RobustAugment | None = None
+    # outlier exposure: background images (no sign) appended to each batch at this fraction of the batch,
+    # trained toward the uniform distribution with this loss weight (0 = off), so "no sign" scores low
+    outlier_weight: float = 0.0
+    outlier_fraction: float = 0.25
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.robust is not None:
+            d['robust'] = self.robust.as_dict()
+        return d
+
+
+def outlier_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the uniform distribution (Hendrycks et al., Outlier Exposure, ICLR 2019)."""
+    return -F.log_softmax(logits, dim=1).mean(dim=1).mean()
 
 
 @dataclass
@@ -187,8 +202,10 @@ def fit(
     teacher_logits: np.ndarray | None = None,
     log=print,
     progress: bool = True,
+    background: np.ndarray | None = None,
 ) -> History:
-    """Train ``model`` in place; returns the loss/accuracy curves."""
+    """Train ``model`` in place; returns the loss/accuracy curves. ``background``: images of no sign
+    for outlier exposure (used when ``cfg.outlier_weight > 0``)."""
     if cfg.alpha > 0 and teacher_logits is None:
         raise ValueError('alpha > 0 needs teacher logits')
     if teacher_logits is not None and len(teacher_logits) != len(train):
@@ -196,6 +213,10 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    aug_rng = np.random.default_rng([cfg.seed, 1])
+    use_bg = cfg.outlier_weight > 0
+    if use_bg and (background is None or not len(background)):
+        raise ValueError('outlier_weight > 0 needs background images')
     n = len(train)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // bs)
@@ -237,12 +258,21 @@ def fit(
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = np.sort(order[:bs]), order[bs:]
         interp = 'nearest' if cfg.random_upsample and rng.random() < 0.5 else 'bilinear'
-        x = to_tensor_batch(train.images[idx], mean, std, cfg.input_size, cfg.augment, gen, interp)
+        imgs = train.images[idx]
+        n_bg = max(1, int(round(bs * cfg.outlier_fraction))) if use_bg else 0
+        if n_bg:
+            imgs = np.concatenate([imgs, background[aug_rng.integers(0, len(background), n_bg)]])
+        if cfg.robust is not None:
+            imgs = cfg.robust(imgs, aug_rng)
+        x = to_tensor_batch(imgs, mean, std, cfg.input_size, cfg.augment, gen, interp)
         y = labels_all[idx]
-        logits = model(x)
+        out = model(x)
+        logits = out[:len(idx)]
         loss = kd_loss(
             logits, tl[idx] if tl is not None else None, y, cfg.temperature, cfg.alpha, cfg.label_smoothing
         )
+        if n_bg:
+            loss = loss + cfg.outlier_weight * outlier_loss(out[len(idx):])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -42,8 +42,10 @@ def train_teacher(
     num_threads: int = 2,
     log=print,
     progress: bool = True,
+    background=None,
 ) -> dict:
-    """Fine-tune, export to ``out`` (bundle), evaluate, and return a summary dict."""
+    """Fine-tune, export to ``out`` (bundle), evaluate, and return a summary dict. ``background``:
+    no-sign images for outlier exposure (``cfg.fit.outlier_weight > 0``)."""
     f = cfg.fit
     torch.set_num_threads(num_threads)
     torch.manual_seed(f.seed)
@@ -69,13 +71,15 @@ def train_teacher(
         low.load_state_dict(model.state_dict())
         lcfg = replace(f, epochs=cfg.low_res_epochs, input_size=cfg.low_res_size,
                        random_upsample=cfg.low_res_size != native)
-        phases.append(('low_res', lcfg, fit(low, data.train, data.val, lcfg, log=log, progress=progress)))
+        phases.append(('low_res', lcfg, fit(low, data.train, data.val, lcfg, log=log, progress=progress,
+                                                 background=background)))
         model.load_state_dict(low.state_dict())
         del low
     fcfg = replace(f, lr=f.lr * (cfg.final_lr_scale if phases else 1.0), warmup=0.05 if phases else f.warmup,
                    random_upsample=f.input_size != native)
     if f.epochs > 0:
-        phases.append(('final', fcfg, fit(model, data.train, data.val, fcfg, log=log, progress=progress)))
+        phases.append(('final', fcfg, fit(model, data.train, data.val, fcfg, log=log, progress=progress,
+                                               background=background)))
     hist = History.join([h for _, _, h in phases])
     torch.save(model.state_dict(), work / 'teacher.pt')
     curves = plot_curves(
