@@ -714,3 +714,32 @@ def test_start_up_on_a_malformed_registry_falls_back(ros_context, bundle_dir, tm
         assert h.node.head_version == 0 and h.classify('red') == 'red'
     finally:
         h.close()
+
+
+def test_min_score_publishes_no_class_below_the_reject_threshold(ros_context, bundle_dir, tmp_path):
+    """A frame whose best calibrated score is below ``min_score`` is published with empty results and
+    counted as unknown (not dropped, not rejected); -1 takes the bundle's ``reject.min_score``."""
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.training.manifest import update_manifest
+
+    eng = Engine(load_bundle(bundle_dir), 'feature_extractor')
+    grey = np.full((24, 32, 3), 128, np.uint8)
+    p_red = float(eng.infer(frame('red'), 'rgb').probs.max())
+    p_grey = float(eng.infer(grey, 'rgb').probs.max())
+    assert p_grey < p_red, (p_grey, p_red)
+    cut = round((p_grey + p_red) / 2, 4)
+    update_manifest(bundle_dir, reject={'min_score': cut})
+    h = Harness(ros_context, bundle_dir, tmp_path / 'state')
+    try:
+        assert h.node.get_parameter('min_score').value == -1.0 and h.node._min_score == cut
+        assert h.classify('red') == 'red'
+        r = h.send(h.image_msg(grey))
+        assert r is not None and list(r.results) == []
+        s = h.node.stats()
+        assert s['unknown'] == 1 and s['rejected'] == 0 and s['processed'] == 2
+        assert h.node.set_parameters([Parameter('min_score', value=0.0)])[0].successful  # 0 = never
+        r = h.send(h.image_msg(grey))
+        assert r is not None and len(r.results) >= 1 and h.node.stats()['unknown'] == 1
+        assert not h.node.set_parameters([Parameter('min_score', value=1.5)])[0].successful
+    finally:
+        h.close()

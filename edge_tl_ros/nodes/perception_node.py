@@ -12,7 +12,9 @@ head in the service thread and then assigns one reference, so the next frame use
 dropped; a head that fails to load for any reason is refused and the current head stays. Frames that
 arrive while one is being inferred replace the waiting one and are counted as dropped:
 ``dropped = received - processed - rejected - waiting`` (exact, without locks). Every frame the thread
-takes ends as exactly one of: processed (its classification was published) or rejected with a reason
+takes ends as exactly one of: processed (its classification was published; with an empty ``results``
+list, counted in ``unknown``, when its best score is below ``min_score``: no sign the model knows) or
+rejected with a reason
 (an ``imaging`` reason, ``non_finite``, ``inference_error`` for anything else the frame path raises,
 ``publish_error`` if the classification could not be published); a failed ``~/features`` or
 ``~/debug_image`` after that counts in ``publish_errors``.
@@ -87,6 +89,9 @@ PARAMETERS = {
     'top_k': (5, dict(text='Number of hypotheses published per frame.', int_range=(1, 100))),
     'score_threshold': (0.0, dict(text='Hypotheses below this score are not published (the best one '
                                        'always is).', float_range=(0.0, 1.0))),
+    'min_score': (-1.0, dict(text='Frames whose best score is below this publish no class (empty results); '
+                                   '-1 = the bundle\'s calibrated reject threshold, 0 = never.',
+                              float_range=(-1.0, 1.0))),
     'roi': ([0, 0, 0, 0], dict(text='Region of interest [x, y, width, height] in pixels cropped before '
                                     'inference; width/height 0 = to the image edge.')),
     'publish_debug_image': (False, dict(text='Publish ~/debug_image (label overlay) while someone '
@@ -132,6 +137,7 @@ class PerceptionNode(Node):
                              use_int8=p('use_int8'), head=head)
         self._top_k = p('top_k')
         self._threshold = p('score_threshold')
+        self._min_score = self._resolve_min_score(p('min_score'))
         self._roi = self._roi_tuple(p('roi'))
         self._max_pixels = p('max_image_pixels')
         self._debug = p('publish_debug_image')
@@ -141,6 +147,7 @@ class PerceptionNode(Node):
         self.received = 0
         self.processed = 0
         self.rejected = 0
+        self.unknown = 0  # processed frames published with no class (best score below min_score)
         self.reject_reasons: collections.Counter = collections.Counter()
         self.publish_errors = 0  # ~/features or ~/debug_image failed after the classification went out
         self.inference_restarts = 0
@@ -216,6 +223,8 @@ class PerceptionNode(Node):
                     updates['_top_k'] = int(prm.value)
                 elif prm.name == 'score_threshold':
                     updates['_threshold'] = float(prm.value)
+                elif prm.name == 'min_score':
+                    updates['_min_score'] = self._resolve_min_score(float(prm.value))
                 elif prm.name == 'publish_debug_image':
                     updates['_debug'] = bool(prm.value)
                 elif prm.name == 'max_image_pixels':
@@ -306,10 +315,19 @@ class PerceptionNode(Node):
         if self._debug:
             self._output('~/debug_image', self._publish_debug, msg, img, order, out)
 
+    def _resolve_min_score(self, value: float) -> float:
+        """``-1``: the bundle's calibrated ``reject.min_score`` (0 when it has none)."""
+        if value >= 0:
+            return float(value)
+        return float((self.bundle.manifest.get('reject') or {}).get('min_score', 0.0))
+
     def _classification(self, header, pred) -> Classification:
         names = pred.head.class_names if pred.head is not None else self.bundle.class_names
         out = Classification()
         out.header = header
+        if self._min_score > 0 and float(pred.probs.max()) < self._min_score:
+            self.unknown += 1  # no confident class (not a sign the model knows): empty results
+            return out
         out.results = [ObjectHypothesis(class_id=names[i], score=s)
                        for i, s in pred.topk(self._top_k, self._threshold)] or \
             [ObjectHypothesis(class_id=names[i], score=s) for i, s in pred.topk(1)]
@@ -393,6 +411,7 @@ class PerceptionNode(Node):
         age = self._age[:n] if n else np.zeros(1)
         return {'received': self.received, 'processed': self.processed, 'dropped': self.dropped,
                 'rejected': self.rejected, 'reject_reasons': dict(self.reject_reasons),
+                'unknown': self.unknown, 'min_score': self._min_score,
                 'publish_errors': self.publish_errors, 'inference_restarts': self.inference_restarts,
                 'latency_p50_ms': float(np.percentile(lat, 50) * 1e3),
                 'latency_p99_ms': float(np.percentile(lat, 99) * 1e3),
@@ -456,6 +475,7 @@ class PerceptionNode(Node):
                                                     f'current v{registry} (~/reload_head follows it)'))
         kv = {'fps_in': f'{fps_in:.1f}', 'fps_out': f'{fps_out:.1f}', 'frames_in': s['received'],
               'frames_out': s['processed'], 'dropped_frames': s['dropped'], 'rejected_frames': s['rejected'],
+              'unknown_frames': s['unknown'], 'min_score': f'{s["min_score"]:.3f}',
               'latency_p50_ms': f'{s["latency_p50_ms"]:.2f}', 'latency_p99_ms': f'{s["latency_p99_ms"]:.2f}',
               'model': self.bundle.name, 'model_path': str(self.bundle.root),
               'head_version': s['head_version'],

@@ -140,8 +140,33 @@ def _teacher_cfg(args):
     cfg = TeacherConfig(arch=args.arch, weights=args.weights, pretrained=not args.no_pretrained,
                         low_res_size=args.low_res_size, low_res_epochs=args.low_res_epochs)
     cfg.fit = replace(cfg.fit, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed)
+                      lr=args.lr, seed=args.seed, **_robust_fit(args))
     return cfg
+
+
+def _robust_fit(args) -> dict:
+    """FitConfig fields of the robustness recipe: generic augmentation (``--robust``, optionally without
+    the operations resembling one shift family) and outlier exposure on background crops."""
+    from .augment import RobustAugment
+
+    out = {'outlier_weight': args.outlier_weight}
+    if args.robust or args.robust_without:
+        aug = RobustAugment()
+        out['robust'] = aug.without(args.robust_without) if args.robust_without else aug
+    return out
+
+
+def _background(args, log):
+    """Background (no-sign) crops of the GTSDB *train* scenes for outlier exposure, or None."""
+    if args.outlier_weight <= 0:
+        return None
+    from ..gtsdb import background_crops, find_gtsdb
+
+    data = Path(args.data).expanduser() if args.data else None
+    root = find_gtsdb(args.background or (data / 'gtsdb' if data and data.is_dir() else None))
+    bg = background_crops(root, 'train', per_scene=args.background_per_scene, size=args.image_size)
+    log(f'outlier exposure: {len(bg)} background crops from the GTSDB train scenes in {root}')
+    return bg
 
 
 def _student_cfg(args):
@@ -152,7 +177,7 @@ def _student_cfg(args):
     cfg = StudentConfig(arch=args.student)
     cfg.fit = replace(cfg.fit, input_size=args.student_input_size or args.image_size,
                       epochs=args.student_epochs, batch_size=args.student_batch_size, lr=args.student_lr,
-                      temperature=args.temperature, alpha=args.alpha, seed=args.seed)
+                      temperature=args.temperature, alpha=args.alpha, seed=args.seed, **_robust_fit(args))
     return cfg
 
 
@@ -173,6 +198,7 @@ def cmd_train_teacher(args) -> int:
         num_threads=args.threads,
         log=log,
         progress=not args.no_progress,
+        background=_background(args, log),
     )
     print(json.dumps({k: v for k, v in s.items() if k != 'metrics'}, indent=1, default=str))
     return 0
@@ -286,6 +312,34 @@ def cmd_evaluate(args) -> int:
     rep.pop('confusion_matrix', None)
     rep.pop('per_class', None)
     print(json.dumps(rep, indent=1))
+    return 0
+
+
+def calibrate_from_args(bundle, args, log=print) -> dict:
+    """Calibrate ``bundle`` on the validation tracks of ``--data``; background crops from the GTSDB test
+    scenes when that folder exists (else the reject rate is not measured)."""
+    from ..gtsdb import SceneError, background_crops, find_gtsdb
+    from .calibrate import calibrate_bundle
+    from .datasets import training_data
+
+    data = training_data(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
+                         seed=args.seed, image_topic=args.image_topic, label_topic=args.label_topic)
+    bg, desc = None, ''
+    try:
+        d = Path(args.data).expanduser() if args.data else None
+        root = find_gtsdb(getattr(args, 'background', '') or (d / 'gtsdb' if d and d.is_dir() else None))
+        bg = background_crops(root, 'test', per_scene=10, size=args.image_size, seed=1)
+        desc = (f'{len(bg)} windows touching no annotated sign in the GTSDB test scenes (00600-00899) '
+                f'of {root}')
+    except SceneError as e:
+        log(f'calibrate: no background crops ({e}); the false-accept rate is not measured')
+    return calibrate_bundle(bundle, data.val, data.test, bg, keep=args.keep, background_desc=desc,
+                            num_threads=args.threads, log=log)
+
+
+def cmd_calibrate(args) -> int:
+    out = calibrate_from_args(args.bundle, args)
+    print(json.dumps(out, indent=1, default=str))
     return 0
 
 
@@ -447,6 +501,26 @@ def _teacher_args(p):
     )
     p.add_argument('--batch-size', type=int, default=96)
     p.add_argument('--lr', type=float, default=2e-3)
+    _robust_args(p)
+
+
+def _robust_args(p):
+    from .augment import RESEMBLES
+
+    g = p.add_argument_group('robustness')
+    g.add_argument('--robust', action='store_true',
+                   help='generic augmentation (colour, gamma, low resolution, blur, noise, JPEG, erasing)')
+    g.add_argument('--robust-without', default='', choices=['', *RESEMBLES],
+                   help='--robust without the operations resembling this shift family (leave-one-out check)')
+    g.add_argument('--outlier-weight', type=float, default=0.0,
+                   help='outlier exposure on GTSDB background crops: loss weight toward uniform (0 = off)')
+    g.add_argument('--background', default='', help='GTSDB-layout folder (default: <data>/gtsdb)')
+    g.add_argument('--background-per-scene', type=int, default=10, help='background crops per train scene')
+
+
+def _calibrate_args(p):
+    p.add_argument('--keep', type=float, default=0.99,
+                   help='reject threshold: the score that keeps this fraction of the validation signs')
 
 
 def _student_args(p, prefix_defaults=True):
@@ -502,6 +576,7 @@ def register(subparsers) -> None:
     _data_args(p)
     _common_train_args(p)
     _student_args(p)
+    _robust_args(p)
     p.add_argument('--teacher', default=str(DEFAULT_MODELS / 'gtsrb_teacher'), help='teacher bundle')
     p.add_argument('--out', default=str(DEFAULT_MODELS / 'gtsrb_student'))
     p.add_argument('--name', default=None)
@@ -551,6 +626,18 @@ def register(subparsers) -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
     p.set_defaults(func=cmd_norm_stats, _parser=p)
+
+    p = subparsers.add_parser(
+        'calibrate', help='temperature-scale a bundle on validation data and set its reject threshold'
+    )
+    p.add_argument('bundle')
+    _data_args(p)
+    _calibrate_args(p)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--seed', type=int, default=0, help='validation track split seed (as in training)')
+    p.add_argument('--val-fraction', type=float, default=0.1, help='validation tracks (as in training)')
+    p.add_argument('--background', default='', help='GTSDB-layout folder (default: <data>/gtsdb)')
+    p.set_defaults(func=cmd_calibrate, _parser=p)
 
     p = subparsers.add_parser('train-default', help='reproduce the shipped teacher and student bundles')
     _data_args(p)
