@@ -12,7 +12,10 @@ Architectures (``build_model(name, ...)``):
 - ``seed_cnn``: the seed project's lightweight CNN: conv3x3 16 -> maxpool -> conv3x3 8 -> maxpool ->
   fc 128 (-> head C), BatchNorm after the convolutions, sized to the input. ``seed_cnn_std`` is the same
   network behind a parameter-free per-image standardisation of its input.
-- ``mobilenet_v3_small``: torchvision's, random init (never hub weights).
+- ``edge_cnn``: the default student: four conv3x3+BatchNorm+ReLU stages (16-24-48-128 channels, max-pool
+  between them) and global average pooling, ~2.9 M MACs at 32x32. Its BatchNorm layers are what
+  label-free adaptation re-estimates on robot frames.
+- ``mobilenet_v3_small``: torchvision's, random init (never hub weights; needs torchvision).
 - ``tv:<name>``: any torchvision classification model by name, with an optional local weights file
   (a state dict; ``torch.load(path, weights_only=True)`` only, never unpickling arbitrary objects).
 
@@ -29,7 +32,7 @@ EFFNET_LITE_NORM = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 IMAGENET_NORM = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 SIMPLE_NORM = ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0))
 
-STUDENTS = ('seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small')
+STUDENTS = ('edge_cnn', 'seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small')
 TEACHERS = ('efficientnet_lite0',)
 
 
@@ -101,6 +104,26 @@ class SeedCNN(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(self.input_norm(x)))
+
+
+class EdgeCNN(nn.Module):
+    """conv3x3+BN+ReLU stages of ``widths`` channels, 2x2 max-pool between stages, global average pool
+    -> features [N, widths[-1]]. Works at any input size divisible by 2**(len(widths)-1)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 24, 48, 128)):
+        super().__init__()
+        layers, c = [], 3
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_size = c
+
+    def forward(self, x):
+        return self.pool(self.features(x))
 
 
 # -- EfficientNet-Lite0 ------------------------------------------------------------------------------------
@@ -245,6 +268,12 @@ def build_model(
         return build_efficientnet_lite0(
             num_classes, input_size, pretrained, weights, 0.2 if dropout is None else dropout
         )
+    if name == 'edge_cnn':
+        if input_size % 8:
+            raise ModelError(f'edge_cnn needs an input size divisible by 8, got {input_size}')
+        net = EdgeCNN()
+        return Classifier(net, net.feature_size, num_classes, 0.1 if dropout is None else dropout, name,
+                          SIMPLE_NORM)
     if name in ('seed_cnn', 'seed_cnn_std'):
         if input_size % 4:
             raise ModelError(f'seed_cnn needs an input size divisible by 4, got {input_size}')
