@@ -123,8 +123,37 @@ def test_teacher_builds_with_shipped_imagenet_weights():
     )
 
 
+def _torchvision_or_skip():
+    try:
+        import torchvision
+    except Exception as e:  # absent, or a build that does not match the installed (CPU) torch
+        pytest.skip(f'torchvision not usable with this torch ({type(e).__name__}); the CPU-only '
+                    'environment has none (requirements/cuda.txt installs it)')
+    return torchvision
+
+
+def test_local_weights_files_only_load_tensors(tmp_path):
+    """Weights files are plain state dicts, loaded with weights_only: never unpickled objects."""
+    from edge_tl_ros.training.models import ModelError, build_model
+
+    m = build_model('efficientnet_lite0', 3, 32, pretrained=False)
+    torch.save(m.backbone.net.state_dict(), tmp_path / 'w.pth')
+    m2 = build_model('efficientnet_lite0', 3, 32, pretrained=False, weights=str(tmp_path / 'w.pth'))
+    assert torch.equal(m2.backbone.net._conv_stem.weight, m.backbone.net._conv_stem.weight)
+
+    class Evil:  # an arbitrary object: must not be unpickled
+        def __reduce__(self):
+            return (print, ('unpickled!',))
+
+    torch.save({'w': Evil()}, tmp_path / 'evil.pth')
+    with pytest.raises(ModelError, match='refusing to unpickle'):
+        build_model('efficientnet_lite0', 3, 32, pretrained=False, weights=str(tmp_path / 'evil.pth'))
+    with pytest.raises(ModelError, match='weights file not found'):
+        build_model('efficientnet_lite0', 3, 32, weights=str(tmp_path / 'nope.pth'))
+
+
 def test_torchvision_model_with_local_weights_only_loads_tensors(tmp_path):
-    import torchvision
+    torchvision = _torchvision_or_skip()
 
     from edge_tl_ros.training.models import ModelError, build_model
 
@@ -166,7 +195,25 @@ def test_export_parity_torch_vs_onnxruntime(tmp_path):
         check_parity(other, tmp_path / 'full.onnx', x)
 
 
+def test_edge_cnn_student_exports_a_valid_bundle_with_norm_stats(tmp_path):
+    from edge_tl_ros.adapt import LabelModel
+    from edge_tl_ros.training.export import export_bundle
+    from edge_tl_ros.training.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model('edge_cnn', 3, 32).eval()
+    imgs, labels = toy_frames(np.random.default_rng(0), 30, size=32)
+    export_bundle(m, tmp_path / 'ec', TOY_CLASSES, 32, 'ec', anchor_split=Split(imgs, labels, TOY_CLASSES),
+                  anchor_per_class=4, parity_images=imgs, log=lambda *_: None)
+    b = load_bundle(tmp_path / 'ec')
+    assert b.feature_size == m.feature_size and b.manifest['architecture'] == 'edge_cnn'
+    assert b.manifest['norm_stats']['conv_outputs'] >= 4  # one per conv stage (BatchNorm folded in)
+    lab = LabelModel(b.root, test_time_norm=True, ttn_batch_size=16)
+    assert lab.mode == 'test_time_norm' and lab.probs(imgs).shape == (30, 3)
+
+
 def test_mobilenet_v3_small_student_exports_a_valid_bundle(tmp_path):
+    _torchvision_or_skip()
     from edge_tl_ros.training.export import export_bundle
     from edge_tl_ros.training.models import build_model
 

@@ -107,10 +107,12 @@ class SeedCNN(nn.Module):
 
 
 class EdgeCNN(nn.Module):
-    """conv3x3+BN+ReLU stages of ``widths`` channels, 2x2 max-pool between stages, global average pool
-    -> features [N, widths[-1]]. Works at any input size divisible by 2**(len(widths)-1)."""
+    """conv3x3+BN+ReLU stages of ``widths`` channels, 2x2 max-pool between stages, then either global
+    average pooling (``fc=0``; features [N, widths[-1]]) or the flattened last map -> Linear ``fc`` + BN +
+    ReLU (features [N, fc]; keeps where in the sign a pattern is, e.g. left vs right arrows). Needs an
+    input size divisible by 2**(len(widths)-1) (and exactly ``input_size`` with ``fc``)."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 24, 48, 128)):
+    def __init__(self, widths: tuple[int, ...] = (16, 24, 48, 128), fc: int = 0, input_size: int = 32):
         super().__init__()
         layers, c = [], 3
         for i, w in enumerate(widths):
@@ -119,8 +121,13 @@ class EdgeCNN(nn.Module):
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.feature_size = c
+        if fc:
+            side = input_size // 2 ** (len(widths) - 1)
+            self.pool = nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, fc, bias=False),
+                                      nn.BatchNorm1d(fc), nn.ReLU(inplace=True))
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_size = fc or c
 
     def forward(self, x):
         return self.pool(self.features(x))
@@ -223,11 +230,23 @@ def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
+def _torchvision():
+    """torchvision, or a clear ModelError: the CPU-only torch build this project installs has no
+    compatible torchvision (``pip install -r requirements/cuda.txt`` brings torch + torchvision)."""
+    try:
+        import torchvision
+    except Exception as e:  # ImportError, or an incompatible build failing to register its operators
+        raise ModelError(f'torchvision models need torchvision, which is not usable here '
+                         f'({type(e).__name__}: {str(e)[:120]}); install requirements/cuda.txt '
+                         '(torch + torchvision) or use edge_cnn / seed_cnn / efficientnet_lite0') from None
+    return torchvision
+
+
 def build_torchvision(
     name: str, num_classes: int, weights: str | None = None, dropout: float = 0.0
 ) -> Classifier:
     """Any torchvision classification model by name; the last Linear becomes the bundle head."""
-    import torchvision
+    torchvision = _torchvision()
 
     try:
         model = torchvision.models.get_model(name, weights=None)
@@ -280,7 +299,7 @@ def build_model(
         return Classifier(SeedCNN(input_size, input_norm=name == 'seed_cnn_std'), 128, num_classes,
                           0.0 if dropout is None else dropout, name, SIMPLE_NORM)
     if name == 'mobilenet_v3_small' and not weights:
-        import torchvision
+        torchvision = _torchvision()
 
         model = torchvision.models.mobilenet_v3_small(weights=None)
         lname, lin = _last_linear(model)
