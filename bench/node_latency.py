@@ -163,7 +163,7 @@ def plot(series: dict, args) -> None:
 
 def add_args(p) -> None:
     common.add_qos_arg(p)
-    p.add_argument('--naive-model', default='auto', choices=('auto', 'teacher', 'mobilenet_v3'))
+    p.add_argument('--naive-model', default='auto', choices=('auto', 'teacher'))
 
 
 def main(argv=None) -> int:

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument('--kind', choices=('student', 'naive', 'echo'), default='student')
     ap.add_argument('--stats-out', required=True)
     ap.add_argument('--ready-file', required=True)
-    ap.add_argument('--naive-model', default='auto', help='naive baseline model: auto, teacher, mobilenet_v3')
+    ap.add_argument('--naive-model', default='auto', help='naive baseline model: auto or teacher')
     ap.add_argument('--record-rows', type=int, default=40000, help='capacity of the per-frame records')
     a = ap.parse_args(argv)
 

@@ -2,7 +2,8 @@
 # One-shot development environment for edge_tl_ros (called by `make setup`).
 #
 #   1. creates .venv (python3.11 -m venv) and upgrades pip
-#   2. pip install -r requirements/dev.txt (plain pip: torch/torchvision come from local disk)
+#   2. pip install -r requirements/dev.txt (plain pip: the CPU torch build comes from local disk);
+#      with EDGE_TL_TORCH=cuda also requirements/cuda.txt (torch with CUDA + torchvision)
 #   3. builds vision_msgs (tools/build_vision_msgs.sh) and installs it into .venv
 #   4. installs edge_tl_ros itself in editable mode (edge-tl, perception_node, adaptation_node
 #      land on .venv/bin), links share/edge_tl_ros into the venv's ament index and makes
@@ -10,7 +11,7 @@
 #   5. writes .venv/.setup-stamp (sha256 of the inputs); a re-run with the same inputs exits at once
 #
 # Environment: VENV (default <repo>/.venv), PYTHON (default python3.11), SETUP_FORCE=1 to ignore
-# the stamp, SETUP_RECREATE=1 to delete and recreate the venv.
+# the stamp, SETUP_RECREATE=1 to delete and recreate the venv, EDGE_TL_TORCH=cuda for CUDA torch.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,7 +35,7 @@ stamp_inputs() {
 }
 compute_stamp() {
   # shellcheck disable=SC2046
-  { sha256sum $(stamp_inputs); echo "python=${PYTHON:-python3.11}"; } | sha256sum | cut -d' ' -f1
+  { sha256sum $(stamp_inputs); echo "python=${PYTHON:-python3.11} torch=${EDGE_TL_TORCH:-cpu}"; } | sha256sum | cut -d' ' -f1
 }
 
 # One setup at a time per checkout (e.g. two `make test` started together): lock this script file.
@@ -100,6 +101,20 @@ pip_filtered install -q --progress-bar off --upgrade "pip==$PIP_VERSION"
 # --- 2. requirements ------------------------------------------------------------------------------
 log "pip install -r requirements/dev.txt"
 pip_filtered install --progress-bar off -r requirements/dev.txt
+case "${EDGE_TL_TORCH:-cpu}" in
+  cpu)
+    # a torchvision left from a CUDA set-up does not import beside the CPU torch: remove it
+    if "$VPY" -m pip show -q torchvision >/dev/null 2>&1; then
+      log "removing torchvision (not used with the CPU torch build)"
+      pip_filtered uninstall -y -q torchvision
+    fi ;;
+  cuda)
+    log "pip install -r requirements/cuda.txt (EDGE_TL_TORCH=cuda)"
+    pip_filtered install --progress-bar off -r requirements/cuda.txt ;;
+  *)
+    echo "[setup] EDGE_TL_TORCH must be cpu or cuda, got '${EDGE_TL_TORCH}'" >&2
+    exit 1 ;;
+esac
 
 # --- 3. vision_msgs ---------------------------------------------------------------------------------
 log "building vision_msgs"
