@@ -195,18 +195,20 @@ def test_export_parity_torch_vs_onnxruntime(tmp_path):
         check_parity(other, tmp_path / 'full.onnx', x)
 
 
-def test_edge_cnn_student_exports_a_valid_bundle_with_norm_stats(tmp_path):
+@pytest.mark.parametrize('arch', ['edge_cnn', 'edge_cnn_fc'])
+def test_edge_cnn_student_exports_a_valid_bundle_with_norm_stats(tmp_path, arch):
     from edge_tl_ros.adapt import LabelModel
     from edge_tl_ros.training.export import export_bundle
     from edge_tl_ros.training.models import build_model
 
     torch.manual_seed(0)
-    m = build_model('edge_cnn', 3, 32).eval()
+    m = build_model(arch, 3, 32).eval()
     imgs, labels = toy_frames(np.random.default_rng(0), 30, size=32)
     export_bundle(m, tmp_path / 'ec', TOY_CLASSES, 32, 'ec', anchor_split=Split(imgs, labels, TOY_CLASSES),
                   anchor_per_class=4, parity_images=imgs, log=lambda *_: None)
     b = load_bundle(tmp_path / 'ec')
-    assert b.feature_size == m.feature_size and b.manifest['architecture'] == 'edge_cnn'
+    assert b.feature_size == m.feature_size == (256 if arch == 'edge_cnn_fc' else 128)
+    assert b.manifest['architecture'] == arch
     assert b.manifest['norm_stats']['conv_outputs'] >= 4  # one per conv stage (BatchNorm folded in)
     lab = LabelModel(b.root, test_time_norm=True, ttn_batch_size=16)
     assert lab.mode == 'test_time_norm' and lab.probs(imgs).shape == (30, 3)

@@ -525,7 +525,7 @@ def _calibrate_args(p):
 
 def _student_args(p, prefix_defaults=True):
     p.add_argument('--student', default='seed_cnn',
-                   choices=['edge_cnn', 'seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small'],
+                   choices=['edge_cnn', 'edge_cnn_fc', 'seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small'],
                    help='student architecture (mobilenet_v3_small needs torchvision)')
     p.add_argument('--temperature', type=float, default=4.0, help='distillation temperature T')
     p.add_argument(

@@ -15,6 +15,9 @@ Architectures (``build_model(name, ...)``):
 - ``edge_cnn``: the default student: four conv3x3+BatchNorm+ReLU stages (16-24-48-128 channels, max-pool
   between them) and global average pooling, ~2.9 M MACs at 32x32. Its BatchNorm layers are what
   label-free adaptation re-estimates on robot frames.
+- ``edge_cnn_fc``: the same stages at 16-24-48-96 channels, then the flattened 4x4 map -> fc 256 + BatchNorm
+  + ReLU instead of global pooling (keeps where in the sign a pattern is: left vs right arrows, digits),
+  ~3.1 M MACs at 32x32.
 - ``mobilenet_v3_small``: torchvision's, random init (never hub weights; needs torchvision).
 - ``tv:<name>``: any torchvision classification model by name, with an optional local weights file
   (a state dict; ``torch.load(path, weights_only=True)`` only, never unpickling arbitrary objects).
@@ -32,7 +35,7 @@ EFFNET_LITE_NORM = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 IMAGENET_NORM = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 SIMPLE_NORM = ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0))
 
-STUDENTS = ('edge_cnn', 'seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small')
+STUDENTS = ('edge_cnn', 'edge_cnn_fc', 'seed_cnn', 'seed_cnn_std', 'mobilenet_v3_small')
 TEACHERS = ('efficientnet_lite0',)
 
 
@@ -287,10 +290,10 @@ def build_model(
         return build_efficientnet_lite0(
             num_classes, input_size, pretrained, weights, 0.2 if dropout is None else dropout
         )
-    if name == 'edge_cnn':
+    if name in ('edge_cnn', 'edge_cnn_fc'):
         if input_size % 8:
-            raise ModelError(f'edge_cnn needs an input size divisible by 8, got {input_size}')
-        net = EdgeCNN()
+            raise ModelError(f'{name} needs an input size divisible by 8, got {input_size}')
+        net = EdgeCNN() if name == 'edge_cnn' else EdgeCNN((16, 24, 48, 96), fc=256, input_size=input_size)
         return Classifier(net, net.feature_size, num_classes, 0.1 if dropout is None else dropout, name,
                           SIMPLE_NORM)
     if name in ('seed_cnn', 'seed_cnn_std'):
