@@ -451,6 +451,44 @@ def test_evaluate_command_writes_json_and_confusion_png(distilled, tiny_data, tm
     assert json.loads((tmp_path / 'ev2' / 'evaluation.json').read_text())['mode'] == 'feature_extractor'
 
 
+def test_evaluate_under_shifts_reports_every_shift_and_severity(distilled, tiny_data, tmp_path, capsys):
+    import json
+
+    from edge_tl_ros.cli import main
+    from edge_tl_ros.training.evaluate import predict, shift_report
+
+    args = ['evaluate', str(distilled / 'student'), '--data', str(tiny_data), '--image-size', '16',
+            '--no-latency', '--out', str(tmp_path / 'ev')]
+    assert main(args + ['--shifts', 'night,fog', '--severities', '1,5']) == 0
+    rep = json.loads((tmp_path / 'ev' / 'evaluation.json').read_text())
+    assert 0 <= rep['ece'] <= 1
+    sh = rep['shifts']
+    assert set(sh['accuracy']) == {'night', 'fog'}
+    assert all(set(v) == {'1', '5'} for v in sh['accuracy'].values())
+    cells = [a for v in sh['accuracy'].values() for a in v.values()]
+    assert sh['mean'] == pytest.approx(np.mean(cells), abs=1e-5) and sh['n'] == 90
+    # the figure is the bundle's accuracy on the shifted images, not a copy of the clean one
+    from edge_tl_ros.bundle import load_bundle
+    from edge_tl_ros.shifts import apply_shift
+    from edge_tl_ros.training.datasets import training_data
+
+    data = training_data(str(tiny_data), image_size=16, val_fraction=0.1, seed=0)
+    b = load_bundle(distilled / 'student')
+
+    def acc_under(name, sev):
+        pred = predict(b, apply_shift(data.test.images, name, sev, seed=0)).argmax(1)
+        return (pred == data.test.labels).mean()
+
+    assert sh['accuracy']['night']['5'] == pytest.approx(acc_under('night', 5), abs=1e-5)
+    assert shift_report(b, data.test, ['fog'], (3,))['accuracy']['fog']['3'] == pytest.approx(
+        acc_under('fog', 3), abs=1e-5)
+    # a wrong name or severity is a clear error before any work
+    capsys.readouterr()
+    assert main(args + ['--shifts', 'nope']) == 2 and 'unknown shift' in capsys.readouterr().err
+    assert main(args + ['--shifts', 'fog', '--severities', '9']) == 2
+    assert 'severity must be' in capsys.readouterr().err
+
+
 def test_training_curves_png(tmp_path):
     from edge_tl_ros.training.plots import plot_curves
 

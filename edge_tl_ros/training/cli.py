@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..bags.cli import SHIFT_NAMES
+
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / 'models'
 
 
@@ -281,6 +283,21 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_bundle
 
     bundle = load_bundle(args.bundle)
+    shift_names, sevs = None, (3, 5)
+    if args.shifts:
+        from ..shifts import SHIFTS, check_shift
+
+        try:
+            sevs = tuple(int(v) for v in args.severities.split(','))
+            shift_names = [n.strip() for n in args.shifts.split(',')]
+            if args.shifts == 'all':
+                shift_names = list(SHIFTS)
+            for n in shift_names:
+                for sev in sevs:
+                    check_shift(n, sev)
+        except ValueError as e:
+            print(f'edge-tl evaluate: {e}', file=sys.stderr)
+            return 2
     data = training_data(
         args.data,
         image_size=args.image_size,
@@ -309,6 +326,14 @@ def cmd_evaluate(args) -> int:
         out_dir=out,
         progress=True,
     )
+    if args.shifts:
+        from .evaluate import shift_report
+
+        rep['shifts'] = shift_report(bundle, split, shift_names, sevs, args.mode, args.threads, progress=True)
+        if 'json' in rep:
+            full = json.loads(Path(rep['json']).read_text())
+            full['shifts'] = rep['shifts']
+            Path(rep['json']).write_text(json.dumps(full, indent=2) + '\n')
     rep.pop('confusion_matrix', None)
     rep.pop('per_class', None)
     print(json.dumps(rep, indent=1))
@@ -616,6 +641,9 @@ def register(subparsers) -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--no-latency', action='store_true')
     p.add_argument('--out', default=None, help='folder for evaluation.json + confusion.png')
+    p.add_argument('--shifts', default='', metavar='NAMES',
+                   help=f'also measure accuracy under synthetic shifts (comma list, or "all"): {SHIFT_NAMES}')
+    p.add_argument('--severities', default='3,5', help='shift severities 1..5, comma list (default 3,5)')
     p.set_defaults(func=cmd_evaluate, _parser=p)
 
     p = subparsers.add_parser(

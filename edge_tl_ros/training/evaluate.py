@@ -1,5 +1,6 @@
 """Evaluate a model bundle with ONNX Runtime (the robot's engine): accuracy, per-class accuracy,
-confusion matrix, batch-1 latency. No torch.
+confusion matrix, calibration error (ECE), accuracy under the synthetic shifts of
+:mod:`edge_tl_ros.shifts`, batch-1 latency. No torch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import ModelBundle, load_bundle
+from ..calibration import ece
 from ..data import Split
 from ..engine import Engine
 
@@ -62,9 +64,51 @@ def accuracy_report(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
         'accuracy': round(float((pred == labels).mean()), 5) if len(labels) else None,
         'top5_accuracy': round(float((top5 == labels[:, None]).any(1).mean()), 5) if len(labels) else None,
         'n': int(len(labels)),
+        'ece': round(ece(probs, labels), 5) if len(labels) else None,
         'per_class': per_class,
         'worst_classes': sorted(per_class, key=lambda k: per_class[k]['accuracy'])[:5],
         'confusion_matrix': cm,
+    }
+
+
+def shift_report(
+    bundle: ModelBundle | str | Path,
+    split: Split,
+    shifts=None,
+    severities=(3, 5),
+    mode: str | None = None,
+    num_threads: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Top-1 accuracy of ``bundle`` on ``split`` under each shift of ``edge_tl_ros.shifts`` (default: all)
+    at each severity: ``{'accuracy': {shift: {str(severity): acc}}, 'mean': mean over all cells, ...}``.
+    The shifted images are the same for every bundle (one ``seed`` per shift)."""
+    from ..shifts import SHIFTS, apply_shift, check_shift
+
+    if not isinstance(bundle, ModelBundle):
+        bundle = load_bundle(bundle)
+    names = [check_shift(s, severities[0]) for s in (shifts or list(SHIFTS))]
+    for sev in severities:
+        check_shift(names[0], sev)
+    acc = {}
+    cells = [(n, s) for n in names for s in severities]
+    if progress:
+        from tqdm import tqdm
+
+        cells = tqdm(cells, desc=f'shifts {bundle.name}', unit='shift', leave=False)
+    for name, sev in cells:
+        shifted = apply_shift(split.images, name, int(sev), seed=seed)
+        probs = predict(bundle, shifted, mode, num_threads=num_threads)
+        acc.setdefault(name, {})[str(sev)] = round(float((probs.argmax(1) == split.labels).mean()), 5)
+    flat = [a for per in acc.values() for a in per.values()]
+    return {
+        'accuracy': acc,
+        'mean': round(float(np.mean(flat)), 5),
+        'worst': min(((n, s) for n in acc for s in acc[n]), key=lambda k: acc[k[0]][k[1]]),
+        'severities': [int(s) for s in severities],
+        'n': int(len(split)),
+        'seed': int(seed),
     }
 
 
