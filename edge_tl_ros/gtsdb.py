@@ -130,10 +130,13 @@ def background_crops(path=None, split: str = 'train', per_scene: int = 10, size:
     for s in scenes:
         img = _read(s.path)
         h, w = img.shape[:2]
+        hi = min(max_side, h, w)  # a scene smaller than max_side: windows up to its short side
+        if hi < min_side:
+            continue
         got, tries = 0, 0
         while got < per_scene and tries < per_scene * 20:
             tries += 1
-            side = float(np.exp(rng.uniform(np.log(min_side), np.log(max_side))))
+            side = float(np.exp(rng.uniform(np.log(min_side), np.log(hi))))
             x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
             x1, y1 = x0 + side, y0 + side
             b = s.boxes

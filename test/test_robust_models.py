@@ -168,3 +168,27 @@ def test_outlier_exposure_lowers_the_score_of_background():
     with pytest.raises(ValueError, match='needs background images'):
         fit(build_model('seed_cnn', 3, 16), train, None,
             FitConfig(epochs=1, input_size=16, outlier_weight=1.0), log=lambda *_: None, progress=False)
+
+
+def test_distill_with_outlier_exposure_uses_background_crops_of_the_train_scenes(tmp_path):
+    """``edge-tl distill --outlier-weight`` reads GTSDB-layout background crops and records them."""
+    pytest.importorskip('torch')
+    from edge_tl_ros.cli import main
+    from edge_tl_ros.training import datasets as D
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 60)
+    x, y = toy_frames(rng, len(labels), size=16, labels=labels)
+    xt, yt = toy_frames(rng, 30, size=16)
+    npz = tmp_path / 'toy.npz'
+    D.save_npz(D.Dataset(Split(x, y, TOY_CLASSES), Split(xt, yt, TOY_CLASSES), 'gtsrb-npz', str(npz)), npz)
+    scenes = _scenes(tmp_path / 'g')
+    args = ['distill', '--data', str(npz), '--image-size', '16', '--student-epochs', '1', '--alpha', '0',
+            '--student-batch-size', '32', '--no-int8', '--no-progress', '--threads', '1',
+            '--work', str(tmp_path / 'w'), '--out', str(tmp_path / 's')]
+    with pytest.raises(gtsdb.SceneError):  # no GTSDB folder: a clear error, not a silent run without it
+        main(args + ['--outlier-weight', '0.5', '--background', str(tmp_path / 'missing')])
+    assert main(args + ['--outlier-weight', '0.5', '--background', str(scenes),
+                        '--background-per-scene', '5']) == 0
+    oe = load_bundle(tmp_path / 's').manifest['training']['outlier_exposure']
+    assert oe == {'background_images': 20, 'weight': 0.5}

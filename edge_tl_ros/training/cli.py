@@ -226,6 +226,7 @@ def cmd_distill(args) -> int:
         num_threads=args.threads,
         log=log,
         progress=not args.no_progress,
+        background=_background(args, log),
     )
     print(json.dumps({k: v for k, v in s.items() if k not in ('history',)}, indent=1, default=str))
     return 0
@@ -409,7 +410,22 @@ def _ablation_command(args, work: Path) -> list[str]:
            '--work', str(work / 'ablation'), '--name', 'gtsrb_student_alpha0', '--no-progress']
     if args.student_input_size:
         cmd += ['--student-input-size', str(args.student_input_size)]
+    if args.student_outlier_weight > 0:  # the same recipe as the KD student, minus the teacher
+        cmd += ['--outlier-weight', str(args.student_outlier_weight),
+                '--background-per-scene', str(args.background_per_scene)]
+        if args.background:
+            cmd += ['--background', args.background]
     return cmd
+
+
+def _train_default_student_cfg(args):
+    """The student of ``train-default``: its own outlier exposure (``--student-outlier-weight``), no
+    robustness augmentation (``--robust`` is the teacher's)."""
+    from dataclasses import replace
+
+    cfg = _student_cfg(args)
+    cfg.fit = replace(cfg.fit, robust=None, outlier_weight=args.student_outlier_weight)
+    return cfg
 
 
 def cmd_train_default(args) -> int:
@@ -451,12 +467,16 @@ def cmd_train_default(args) -> int:
         if not args.skip_teacher:
             t = time.time()
             train_teacher(data, teacher_dir, _teacher_cfg(args), 'gtsrb_teacher', work, command, args.threads,
-                          log, not args.no_progress)
+                          log, not args.no_progress, background=_background(args, log))
+            calibrate_from_args(teacher_dir, args, log)
             timings['teacher_s'] = round(time.time() - t, 1)
         t = time.time()
-        ks = train_student(data, teacher_dir, student_dir, _student_cfg(args), 'gtsrb_student', work,
-                           command=command, int8=not args.no_int8, num_threads=args.threads, log=log,
-                           progress=not args.no_progress)
+        student_args = argparse.Namespace(**{**vars(args), 'outlier_weight': args.student_outlier_weight})
+        student_bg = _background(student_args, log)
+        ks = train_student(data, teacher_dir, student_dir, _train_default_student_cfg(args), 'gtsrb_student',
+                           work, command=command, int8=not args.no_int8, num_threads=args.threads, log=log,
+                           progress=not args.no_progress, background=student_bg)
+        calibrate_from_args(student_dir, args, log)
         timings['kd_student_s'] = round(time.time() - t, 1)
         t = time.time()
         rc = abl.wait()
@@ -683,4 +703,7 @@ def register(subparsers) -> None:
     p.add_argument('--no-parallel-ablation', dest='parallel_ablation', action='store_false',
                    help='train the alpha=0 ablation student before, not alongside, the teacher')
     p.add_argument('--ablation-threads', type=int, default=1, help='threads of the ablation process')
+    p.add_argument('--student-outlier-weight', type=float, default=0.0,
+                   help='outlier exposure of the student (and its ablation) on GTSDB background crops')
+    _calibrate_args(p)
     p.set_defaults(func=cmd_train_default, _parser=p)

@@ -99,8 +99,10 @@ def train_student(
     export: bool = True,
     log=print,
     progress: bool = True,
+    background: np.ndarray | None = None,
 ) -> dict:
-    """Distil ``teacher`` (a bundle; not needed with ``alpha == 0``) into a student, export, evaluate."""
+    """Distil ``teacher`` (a bundle; not needed with ``alpha == 0``) into a student, export, evaluate.
+    ``background``: no-sign images for outlier exposure (``cfg.fit.outlier_weight > 0``)."""
     f = cfg.fit
     torch.set_num_threads(num_threads)
     out = Path(out)
@@ -140,7 +142,8 @@ def train_student(
         f'student {cfg.arch} @ {f.input_size}px: {cost["macs"] / 1e6:.2f} MMACs, {cost["params"]} params, '
         f'alpha {f.alpha}, T {f.temperature}, {f.epochs} epochs'
     )
-    hist = fit(model, data.train, data.val, f, teacher_logits=tlogits, log=log, progress=progress)
+    hist = fit(model, data.train, data.val, f, teacher_logits=tlogits, log=log, progress=progress,
+               background=background)
     tag = f'alpha{f.alpha:g}'
     torch.save(model.state_dict(), work / f'student_{tag}.pt')
     (work / f'student_{tag}_history.json').write_text(json.dumps(hist.as_dict(), indent=1))
@@ -155,7 +158,10 @@ def train_student(
             'alpha': f.alpha,
             'loss': '(1-alpha)*CE(labels) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T))',
         },
-        training=training_record(data, hist, num_threads, config=f.as_dict()),
+        training=training_record(data, hist, num_threads, config=f.as_dict(),
+                                 **({'outlier_exposure': {'background_images': int(len(background)),
+                                                          'weight': f.outlier_weight}}
+                                    if f.outlier_weight > 0 and background is not None else {})),
         deployment={'modes': ['full', 'feature_extractor', 'incremental']},
     )
     if tinfo and tinfo.get('teacher_macs'):
