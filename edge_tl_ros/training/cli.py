@@ -331,6 +331,11 @@ def cmd_evaluate(args) -> int:
         from .evaluate import shift_report
 
         rep['shifts'] = shift_report(bundle, split, shift_names, sevs, args.mode, args.threads, progress=True)
+        if args.record:
+            from .manifest import update_manifest
+
+            shifted = {**rep['shifts'], 'data': rep['data'] + ', shifted'}
+            update_manifest(bundle.root, metrics={'shifts': shifted})
         if 'json' in rep:
             full = json.loads(Path(rep['json']).read_text())
             full['shifts'] = rep['shifts']
@@ -418,6 +423,20 @@ def _ablation_command(args, work: Path) -> list[str]:
     return cmd
 
 
+def _record_shifts(bundle_dir, data, threads: int, log) -> dict:
+    """Accuracy on the test split under every synthetic shift at severities 3 and 5, written into the
+    bundle's manifest (``metrics.shifts``) and returned."""
+    from .evaluate import shift_report
+    from .manifest import update_manifest
+
+    rep = shift_report(bundle_dir, data.test, None, (3, 5), num_threads=threads)
+    rep['data'] = f'{data.desc["kind"]} {Path(data.desc["source"]).name}: official test split, shifted'
+    update_manifest(bundle_dir, metrics={'shifts': rep})
+    log(f'{Path(bundle_dir).name} under shifts (severities 3, 5): mean {rep["mean"]:.4f}, '
+        f'worst {rep["worst"]}')
+    return rep
+
+
 def _train_default_student_cfg(args):
     """The student of ``train-default``: its own outlier exposure (``--student-outlier-weight``), no
     robustness augmentation (``--robust`` is the teacher's)."""
@@ -469,6 +488,7 @@ def cmd_train_default(args) -> int:
             train_teacher(data, teacher_dir, _teacher_cfg(args), 'gtsrb_teacher', work, command, args.threads,
                           log, not args.no_progress, background=_background(args, log))
             calibrate_from_args(teacher_dir, args, log)
+            _record_shifts(teacher_dir, data, args.threads, log)
             timings['teacher_s'] = round(time.time() - t, 1)
         t = time.time()
         student_args = argparse.Namespace(**{**vars(args), 'outlier_weight': args.student_outlier_weight})
@@ -488,7 +508,12 @@ def cmd_train_default(args) -> int:
     if rc != 0:
         log(f'ablation student failed (exit {rc}); see {work / "ablation.log"}')
         return rc
-    ab = load_bundle(work / 'gtsrb_student_alpha0').manifest
+    # the ablation is calibrated and measured under shifts exactly like the shipped student
+    abl_dir = work / 'gtsrb_student_alpha0'
+    abl_cal = calibrate_from_args(abl_dir, args, log)
+    abl_shifts = _record_shifts(abl_dir, data, args.threads, log)
+    _record_shifts(student_dir, data, args.threads, log)
+    ab = load_bundle(abl_dir).manifest
     kd_test = ks['metrics']['test']['accuracy']
     ab_m = {
         'alpha': 0.0,
@@ -496,7 +521,12 @@ def cmd_train_default(args) -> int:
         'test_n': ab['metrics']['test']['n'],
         'val_accuracy': ab['metrics']['val']['accuracy'],
         'kd_gain_points': round(100 * (kd_test - ab['metrics']['test']['accuracy']), 3),
-        'same_as_kd_student': 'architecture, data split, seed, epochs, batch size, LR schedule, augmentation',
+        'ece_test': abl_cal['calibration'].get('ece_test_after'),
+        'background_false_accept_rate':
+            (abl_cal['reject'].get('test') or {}).get('background_false_accept_rate'),
+        'shifts': {k: abl_shifts[k] for k in ('accuracy', 'mean', 'worst', 'severities')},
+        'same_as_kd_student': 'architecture, data split, seed, epochs, batch size, LR schedule, '
+                              'augmentation, outlier exposure, calibration',
         'command': 'edge-tl ' + ' '.join(abl_cmd),
         'note': 'trained by train-default without the teacher (ablation); its bundle is not shipped',
         'data': ab['metrics']['test']['data'],
@@ -664,6 +694,8 @@ def register(subparsers) -> None:
     p.add_argument('--shifts', default='', metavar='NAMES',
                    help=f'also measure accuracy under synthetic shifts (comma list, or "all"): {SHIFT_NAMES}')
     p.add_argument('--severities', default='3,5', help='shift severities 1..5, comma list (default 3,5)')
+    p.add_argument('--record', action='store_true',
+                   help='write the shift figures into the bundle manifest (metrics.shifts)')
     p.set_defaults(func=cmd_evaluate, _parser=p)
 
     p = subparsers.add_parser(

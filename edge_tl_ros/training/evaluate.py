@@ -105,7 +105,7 @@ def shift_report(
     return {
         'accuracy': acc,
         'mean': round(float(np.mean(flat)), 5),
-        'worst': min(((n, s) for n in acc for s in acc[n]), key=lambda k: acc[k[0]][k[1]]),
+        'worst': list(min(((n, s) for n in acc for s in acc[n]), key=lambda k: acc[k[0]][k[1]])),
         'severities': [int(s) for s in severities],
         'n': int(len(split)),
         'seed': int(seed),
