@@ -58,7 +58,6 @@ included when a teacher exists), the whole process pinned to one core, 1 thread.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -68,16 +67,7 @@ import numpy as np
 from bench import common
 
 NAME = 'adaptation'
-SHIFTS = (
-    ('night', 3),
-    ('night', 5),
-    ('fog', 3),
-    ('fog', 5),
-    ('blur', 3),
-    ('blur', 5),
-    ('noise', 3),
-    ('noise', 5),
-)
+SHIFTS = tuple((shift, sev) for shift in ('night', 'fog', 'blur', 'noise') for sev in (3, 5))
 SIZES = (100, 250, 500)
 SOURCES = ('topic', 'teacher', 'self')
 ORACLE_EPOCHS = 15
@@ -86,6 +76,33 @@ CEILING_EPOCHS = 60  # full fine-tuning on only N frames plateaus here (30 -> 60
 
 def acc(head, feats, labels) -> float:
     return float(np.mean(np.argmax(head.logits(feats), 1) == labels))
+
+
+def label_accuracy(lab, keep, y) -> float | None:
+    """Accuracy of the kept labels (None where none is kept)."""
+    return float(np.mean(lab[keep] == y[keep])) if keep.any() else None
+
+
+def labelled_round(student, feats, lab, keep, source: str, test_f, y_test, fallback):
+    """The shipped round (``run_round``, bundle head as the prior) on the kept frames of ``feats``, labelled
+    ``lab`` by ``source``: (its result, the accuracy of its head on the target test features or
+    ``fallback`` where it trained none, the round's seconds)."""
+    from edge_tl_ros.adapt import AdaptConfig, run_round
+
+    t0 = time.perf_counter()
+    r = run_round(student, (feats[keep], lab[keep], [source] * int(keep.sum())), student.head,
+                  AdaptConfig(label_sources=(source,)))
+    secs = time.perf_counter() - t0
+    return r, (acc(r.head, test_f, y_test) if r.head is not None else fallback), secs
+
+
+def teacher_round(student, feats, lab, keep, y_pool, test_f, y_test, fallback, gap, **extra) -> dict:
+    """A contrast: the round on the kept teacher labels ``lab`` of ``feats``; its figures (``extra`` after
+    ``frames``)."""
+    r, adapted, _ = labelled_round(student, feats, lab, keep, 'teacher', test_f, y_test, fallback)
+    return {'frames': len(feats), **extra, 'labelled': int(keep.sum()),
+            'label_accuracy': label_accuracy(lab, keep, y_pool), 'adapted': adapted,
+            'accepted': bool(r.accepted), 'gap_recovered': gap(adapted)}
 
 
 def label_indices(names, student):
@@ -145,8 +162,6 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
         from edge_tl_ros import ttn
     except ImportError:
         return None
-    from edge_tl_ros.adapt import AdaptConfig, run_round
-
     stats_path = student.path('norm_stats')
     if stats_path is None:
         return None
@@ -178,83 +193,45 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
         return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1000]})[0]
                                for i in range(0, len(x), 1000)])
 
-    head0 = student.head
     fp, ft = feats(x_all[pool_ix]), feats(x_all[test_ix])
-    n = len(pool_ix)
     lab, keep, _ = round_labels(teacher_probs, teacher_classes, student, fp, cfg)
-    rr = run_round(student, (fp[keep], lab[keep], ['teacher'] * int(keep.sum())), head0,
-                   AdaptConfig(label_sources=('teacher',)))
-    adapted = acc(rr.head, ft, y_test) if rr.head is not None else acc(head0, ft, y_test)
-    normed_only = acc(head0, ft, y_test)
-    return {'frames': n, 'labelled': int(keep.sum()),
-            'label_accuracy': float(np.mean(lab[keep] == y_pool[keep])) if keep.any() else None,
-            'normalised_only': normed_only, 'adapted': adapted, 'accepted': bool(rr.accepted),
-            'source_accuracy': acc(head0, feats(clean_x), y_test),
-            'gap_recovered': gap(adapted), 'gap_recovered_normalised_only': gap(normed_only)}
+    normed_only = acc(student.head, ft, y_test)
+    r = teacher_round(student, fp, lab, keep, y_pool, ft, y_test, normed_only, gap)
+    r.update(normalised_only=normed_only, source_accuracy=acc(student.head, feats(clean_x), y_test),
+             gap_recovered_normalised_only=gap(normed_only))
+    keys = ('frames', 'labelled', 'label_accuracy', 'normalised_only', 'adapted', 'accepted',
+            'source_accuracy', 'gap_recovered', 'gap_recovered_normalised_only')
+    return {k: r[k] for k in keys}
 
 
-def round_seconds(student_root, teacher_root, images, labels, class_names, wd: Path) -> dict:
+def round_seconds(student_root, teacher_root, images, labels, wd: Path) -> dict:
     """Wall time of run_round_in_subprocess on a 500-frame store, pinned to one core."""
     from edge_tl_ros.adapt import AdaptConfig, run_round_in_subprocess
     from edge_tl_ros.bundle import load_bundle
-    from edge_tl_ros.engine import Engine
-    from edge_tl_ros.store import FrameStore
 
-    b = load_bundle(student_root)
-    eng = Engine(b, 'feature_extractor', num_threads=2)
-    feats, probs = eng.features_batch(images), eng.predict_batch(images)
-    store = FrameStore(wd / 'store', max_entries=max(2000, len(images)))
-    for i in range(len(images)):  # teacher present: unlabelled (the round labels them); else topic labels
-        lab = None if teacher_root else class_names[int(labels[i])]
-        store.add(
-            1_000_000 + i, images[i], feats[i], probs[i], label=lab, source='' if teacher_root else 'topic'
-        )
+    # teacher present: unlabelled frames (the round labels them); else topic labels
+    common.fill_store(wd / 'store', load_bundle(student_root), images, None if teacher_root else labels)
     cfg = AdaptConfig(label_sources=('topic', 'teacher'))
     saved = os.sched_getaffinity(0)
     cpu = min(saved)
     os.sched_setaffinity(0, {cpu})  # the spawned round inherits the affinity
     try:
         t0 = time.perf_counter()
-        r = run_round_in_subprocess(
-            student_root,
-            wd / 'state',
-            wd / 'store',
-            cfg,
-            teacher_bundle=str(teacher_root) if teacher_root else None,
-            nice_level=10,
-            threads=1,
-            timeout_s=900,
-        )
+        r = run_round_in_subprocess(student_root, wd / 'state', wd / 'store', cfg,
+                                    teacher_bundle=str(teacher_root) if teacher_root else None,
+                                    nice_level=10, threads=1, timeout_s=900)
         wall = time.perf_counter() - t0
     finally:
         os.sched_setaffinity(0, saved)
-    return {
-        'round_seconds': wall,
-        'round_only_seconds': r.metrics.get('seconds'),
-        'worker': r.metrics.get('worker'),
-        'frames': len(images),
-        'teacher_labelling': bool(teacher_root),
-        'accepted': r.accepted,
-        'reason': r.reason,
-        'failed': r.failed,
-        'pinned_cpu': cpu,
-    }
+    return {'round_seconds': wall, 'round_only_seconds': r.metrics.get('seconds'),
+            'worker': r.metrics.get('worker'), 'frames': len(images), 'teacher_labelling': bool(teacher_root),
+            'accepted': r.accepted, 'reason': r.reason, 'failed': r.failed, 'pinned_cpu': cpu}
 
 
-def run(args) -> dict:
-    t_start = time.monotonic()
-    try:
-        from edge_tl_ros.adapt import AdaptConfig, LabelModel, pseudo_labels, run_round
-        from edge_tl_ros.headtrain import train_head
-        from edge_tl_ros.shifts import apply_shift
-    except ImportError as e:
-        return common.skipped(NAME, f'adapt/headtrain/shifts not available ({e})', args, t_start)
-    try:
-        from edge_tl_ros.data import load_gtsrb_npz
-
-        _, test = load_gtsrb_npz(args.data)
-    except (FileNotFoundError, OSError) as e:
-        return common.skipped(NAME, f'GTSRB data absent: {e}', args, t_start)
+def load_models(args, n_classes: int, cfg):
+    """(student bundle, teacher engine, teacher labeller, student labeller, teacher note): the round's
+    labelling models; the teacher's are None where models/gtsrb_teacher is absent."""
+    from edge_tl_ros.adapt import LabelModel
     from edge_tl_ros.bundle import BundleError, load_bundle
     from edge_tl_ros.engine import Engine
 
@@ -262,37 +239,51 @@ def run(args) -> dict:
     try:
         student = load_bundle(args.student)
     except BundleError as e:
-        return common.skipped(NAME, f'trained student bundle absent: {e}', args, t_start)
-    if len(student.class_names) != len(test.class_names):
-        return common.skipped(
-            NAME,
-            f'student {student.name} has {len(student.class_names)} classes, GTSRB has '
-            f'{len(test.class_names)}',
-            args,
-            t_start,
-        )
-    teacher_eng, teacher_note, labeler, s_labeler = None, None, None, None
-    cfg = AdaptConfig()
+        raise common.Skip(f'trained student bundle absent: {e}') from e
+    if len(student.class_names) != n_classes:
+        raise common.Skip(f'student {student.name} has {len(student.class_names)} classes, GTSRB has '
+                          f'{n_classes}')
     try:
         teacher_eng = Engine(load_bundle(args.teacher), 'feature_extractor', num_threads=2)
         labeler = LabelModel(args.teacher, num_threads=2, test_time_norm=cfg.teacher_test_time_norm,
-                                 ttn_batch_size=cfg.teacher_batch_size)
-        teacher_note = labeler.note
+                             ttn_batch_size=cfg.teacher_batch_size)
         # the student side of the round's labelling ensemble (as adapt.labels.label_store makes it)
         s_labeler = (LabelModel(args.student, num_threads=2, test_time_norm=True,
-                                    ttn_batch_size=cfg.teacher_batch_size)
+                                ttn_batch_size=cfg.teacher_batch_size)
                      if cfg.teacher_student_ensemble and cfg.student_test_time_norm else None)
+        return student, teacher_eng, labeler, s_labeler, labeler.note
     except BundleError as e:
         teacher_note = f'teacher absent ({e}): teacher label source skipped'
         print(f'[{NAME}] {teacher_note}')
+        return student, None, None, None, teacher_note
+
+
+def mean_of(vals) -> float | None:
+    """The mean of the values that are not None (None where there are none)."""
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def run(args) -> dict:
+    t_start = time.monotonic()
+    try:
+        from edge_tl_ros.adapt import AdaptConfig, LabelModel, pseudo_labels, run_round  # noqa: F401
+        from edge_tl_ros.headtrain import train_head
+        from edge_tl_ros.shifts import apply_shift
+    except ImportError as e:
+        raise common.Skip(f'adapt/headtrain/shifts not available ({e})') from e
+    test = common.gtsrb_test(args.data)
+    from edge_tl_ros.engine import Engine
+
+    cfg = AdaptConfig()
+    student, teacher_eng, labeler, s_labeler, teacher_note = load_models(args, len(test.class_names), cfg)
     eng = Engine(student, 'feature_extractor', num_threads=2)
     head0 = student.head
-    thr = cfg.self_label_threshold
-
     quick = args.quick
     shifts = (('fog', 3),) if quick else SHIFTS
     sizes = (100,) if quick else SIZES
     n_max = max(sizes)
+    oracle_epochs = 1 if quick else ORACLE_EPOCHS
     n_pool, n_test = (500, 600) if quick else (2500, 4000)
     perm = np.random.default_rng(0).permutation(len(test))
     if quick:
@@ -300,6 +291,7 @@ def run(args) -> dict:
     pool, tst, rest = perm[:n_pool], perm[n_pool : n_pool + n_test], perm[n_pool + n_test :]
     oracle_idx = np.concatenate([pool, rest])
     y = test.labels
+    y_test, y_pool = y[tst], y[pool[:n_max]]
     clean_test_f = eng.features_batch(test.images[tst])
     clean_test_x = eng.prepare_batch(test.images[tst], 'rgb')
     try:
@@ -307,234 +299,146 @@ def run(args) -> dict:
     except ImportError as e:  # no torch: the head-only oracle
         finetune_all = None
         print(f'[{NAME}] torch absent ({e}): oracle = head retrained on all target labels')
-    src_clean_acc = acc(head0, clean_test_f, y[tst])
+    src_clean_acc = acc(head0, clean_test_f, y_test)
     sources = [s for s in SOURCES if s != 'teacher' or teacher_eng is not None]
     results = []
     for shift, sev in shifts:
         t_s = time.perf_counter()
         imgs = apply_shift(test.images[perm], shift, sev, seed=1)
         pos = {int(i): k for k, i in enumerate(perm)}
+
+        def at(ix):  # the rows of the shifted frames of these test-set indices
+            return [pos[int(i)] for i in ix]
+
         feats_all = eng.features_batch(imgs)
-
-        def F(ix):
-            return feats_all[[pos[int(i)] for i in ix]]
-
-        def IM(ix):
-            return imgs[[pos[int(i)] for i in ix]]
-
-        test_f = F(tst)
-        source_only = acc(head0, test_f, y[tst])
-        oracle_head_model = train_head(F(oracle_idx), y[oracle_idx], head0, l2_to_prior=1e-4, iters=100)
-        oracle_head = acc(oracle_head_model, test_f, y[tst])
-        oracle_full, oracle_kind = None, 'head'
-        x_all = None
+        test_f, pool_f = feats_all[at(tst)], feats_all[at(pool)]
+        source_only = acc(head0, test_f, y_test)
+        oracle_head_model = train_head(feats_all[at(oracle_idx)], y[oracle_idx], head0, l2_to_prior=1e-4,
+                                       iters=100)
+        oracle_head = acc(oracle_head_model, test_f, y_test)
+        oracle_full = x_all = None
         if finetune_all is not None:
             x_all = eng.prepare_batch(imgs, 'rgb')
             t_ft = time.perf_counter()
-            net = finetune_all(student.files['backbone'], head0, x_all[[pos[int(i)] for i in oracle_idx]],
-                               y[oracle_idx], epochs=1 if quick else ORACLE_EPOCHS, threads=2)
-            oracle_full = float(np.mean(net.predict(x_all[[pos[int(i)] for i in tst]]) == y[tst]))
-            oracle_full_source = float(np.mean(net.predict(clean_test_x) == y[tst]))
-            oracle_full_s = time.perf_counter() - t_ft
-            oracle_kind = 'full'
-        oracle = oracle_full if oracle_full is not None else oracle_head
+            net = finetune_all(student.files['backbone'], head0, x_all[at(oracle_idx)], y[oracle_idx],
+                               epochs=oracle_epochs, threads=2)
+            oracle_full = {'accuracy': float(np.mean(net.predict(x_all[at(tst)]) == y_test)),
+                           'source_accuracy': float(np.mean(net.predict(clean_test_x) == y_test)),
+                           'epochs': oracle_epochs, 'seconds': time.perf_counter() - t_ft}
+        oracle = oracle_full['accuracy'] if oracle_full else oracle_head
 
         def gap(v, ref=None):
             ref = oracle if ref is None else ref
             return (v - source_only) / (ref - source_only) if ref - source_only > 1e-6 else None
-        pool_f = F(pool)
+
         t_lab, teacher_info = {}, None
+        teacher_acc = teacher_kept = teacher_kept_acc = None
         if teacher_eng is not None:
-            y_pool = y[pool[:n_max]]
-            plain = teacher_eng.predict_batch(IM(pool[:n_max]), 'rgb')
+            plain = teacher_eng.predict_batch(imgs[at(pool[:n_max])], 'rgb')
             # the round's labelling function on the first n frames only for each n (a round with n
             # frames has no other frames to take batch statistics from); the teacher's own probabilities
             # beside it for the label-accuracy figures and the contrasts
             for n in sizes:
-                frames = IM(pool[:n])
+                frames = imgs[at(pool[:n])]
                 names, how = pseudo_labels(frames, labeler, student.head, cfg, pool_f[:n], s_labeler)
                 lab, keep = label_indices(names, student)
                 t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': labeler.probs(frames), 'how': how}
             tl = t_lab[n_max]
             teacher_acc = float(np.mean(np.argmax(tl['teacher_probs'], 1) == y_pool))
             teacher_kept = float(tl['keep'].mean())
-            teacher_kept_acc = (float(np.mean(tl['labels'][tl['keep']] == y_pool[tl['keep']]))
-                                if tl['keep'].any() else None)
-            teacher_info = {
-                'mode': labeler.mode,
-                'ensemble': tl['how']['ensemble'],
-                'student_side': tl['how'].get('student'),
-                'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool)),
-            }
-        else:
-            teacher_acc = teacher_kept = teacher_kept_acc = None
-        sp = eng.predict_batch(IM(pool[: max(sizes)]), 'rgb')
+            teacher_kept_acc = label_accuracy(tl['labels'], tl['keep'], y_pool)
+            teacher_info = {'mode': labeler.mode, 'ensemble': tl['how']['ensemble'],
+                            'student_side': tl['how'].get('student'),
+                            'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool))}
+        sp = eng.predict_batch(imgs[at(pool[:n_max])], 'rgb')
         s_top, s_conf = np.argmax(sp, 1), sp.max(1)
-        entry = {
-            'shift': shift,
-            'severity': sev,
-            'source_only': source_only,
-            'oracle': oracle,
-            'oracle_kind': oracle_kind,
-            'oracle_head': oracle_head,
-            'oracle_full': {'accuracy': oracle_full, 'source_accuracy': oracle_full_source,
-                            'epochs': 1 if quick else ORACLE_EPOCHS, 'seconds': oracle_full_s}
-            if oracle_full is not None else None,
-            'teacher_label_accuracy': teacher_acc,
-            'teacher_confident_fraction': teacher_kept,
-            'teacher_confident_accuracy': teacher_kept_acc,
-            'teacher_labeller': teacher_info,
-            'runs': [],
-        }
+        entry = {'shift': shift, 'severity': sev, 'source_only': source_only, 'oracle': oracle,
+                 'oracle_kind': 'full' if oracle_full else 'head', 'oracle_head': oracle_head,
+                 'oracle_full': oracle_full, 'teacher_label_accuracy': teacher_acc,
+                 'teacher_confident_fraction': teacher_kept, 'teacher_confident_accuracy': teacher_kept_acc,
+                 'teacher_labeller': teacher_info, 'runs': []}
         for n in sizes:
             for src in sources:
-                f = pool_f[:n]
                 if src == 'topic':
                     lab, keep = y[pool[:n]], np.ones(n, bool)
                 elif src == 'teacher':
                     lab, keep = t_lab[n]['labels'], t_lab[n]['keep']
                 else:
-                    lab, keep = s_top[:n], s_conf[:n] >= thr
-                t0 = time.perf_counter()
-                as_src = 'topic' if src == 'self' else src
-                r = run_round(student, (f[keep], lab[keep], [as_src] * int(keep.sum())), head0,
-                              AdaptConfig(label_sources=(as_src,)))
-                secs = time.perf_counter() - t0
-                adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
+                    lab, keep = s_top[:n], s_conf[:n] >= cfg.self_label_threshold
+                as_src = 'topic' if src == 'self' else src  # self labels go in as trusted labels
+                r, adapted, secs = labelled_round(student, pool_f[:n], lab, keep, as_src, test_f, y_test,
+                                                  source_only)
                 accepted = None if src == 'self' else bool(r.accepted)
-                deployed = adapted if (accepted or (src == 'self' and r.head is not None)) else source_only
-                label_acc = float(np.mean(lab[keep] == y[pool[:n]][keep])) if keep.any() else None
-                entry['runs'].append(
-                    {
-                        'frames': n,
-                        'label_source': src,
-                        'labelled': int(keep.sum()),
-                        'label_accuracy': label_acc,
-                        'adapted': adapted,
-                        'deployed': deployed if src != 'self' else None,
-                        'accepted': accepted,
-                        'reason': r.reason,
-                        'source_anchor_after': acc(r.head, clean_test_f, y[tst]) if r.head else None,
-                        'source_anchor_before': src_clean_acc,
-                        'round_s_in_process': secs,
-                        'gap_recovered': gap(adapted),
-                        'gap_recovered_vs_head_oracle': gap(adapted, oracle_head),
-                    }
-                )
+                entry['runs'].append({
+                    'frames': n, 'label_source': src, 'labelled': int(keep.sum()),
+                    'label_accuracy': label_accuracy(lab, keep, y[pool[:n]]), 'adapted': adapted,
+                    'deployed': None if src == 'self' else (adapted if accepted else source_only),
+                    'accepted': accepted, 'reason': r.reason,
+                    'source_anchor_after': acc(r.head, clean_test_f, y_test) if r.head else None,
+                    'source_anchor_before': src_clean_acc, 'round_s_in_process': secs,
+                    'gap_recovered': gap(adapted), 'gap_recovered_vs_head_oracle': gap(adapted, oracle_head)})
+        f_max = pool_f[:n_max]
         if teacher_eng is not None:  # contrasts, same run, n_max frames: what each step of the labelling adds
-            contrasts = {
-                # before this session's changes: the plain teacher alone, confidence >= 0.9
-                'plain_run': plain,
-                # the test-time-normalised teacher alone, confidence >= 0.9
-                'ttn_only_run': t_lab[n_max]['teacher_probs'],
-            }
-            for key, probs in contrasts.items():
-                pk = probs.max(1) >= 0.9
-                top = np.argmax(probs, 1)
-                r = run_round(student, (pool_f[:n_max][pk], top[pk], ['teacher'] * int(pk.sum())), head0,
-                              AdaptConfig(label_sources=('teacher',)))
-                adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
-                teacher_info[key] = {
-                    'frames': n_max, 'min_confidence': 0.9, 'labelled': int(pk.sum()),
-                    'label_accuracy': float(np.mean(top[pk] == y_pool[pk])) if pk.any() else None,
-                    'adapted': adapted, 'accepted': bool(r.accepted),
-                    'gap_recovered': gap(adapted),
-                }
+            # before this session's changes: the plain teacher alone; the test-time-normalised teacher
+            # alone (confidence >= 0.9 each)
+            for key, probs in (('plain_run', plain), ('ttn_only_run', t_lab[n_max]['teacher_probs'])):
+                teacher_info[key] = teacher_round(student, f_max, np.argmax(probs, 1), probs.max(1) >= 0.9,
+                                                  y_pool, test_f, y_test, source_only, gap,
+                                                  min_confidence=0.9)
             # the labelling before student_test_time_norm: the current head on the stored features as the
             # student side of the ensemble
-            lab, keep, _ = round_labels(t_lab[n_max]['teacher_probs'], labeler.class_names, student,
-                                        pool_f[:n_max], cfg)
-            r = run_round(student, (pool_f[:n_max][keep], lab[keep], ['teacher'] * int(keep.sum())), head0,
-                          AdaptConfig(label_sources=('teacher',)))
-            adapted = acc(r.head, test_f, y[tst]) if r.head is not None else source_only
-            teacher_info['current_head_student_run'] = {
-                'frames': n_max, 'labelled': int(keep.sum()),
-                'label_accuracy': float(np.mean(lab[keep] == y_pool[keep])) if keep.any() else None,
-                'adapted': adapted, 'accepted': bool(r.accepted), 'gap_recovered': gap(adapted)}
+            lab, keep, _ = round_labels(t_lab[n_max]['teacher_probs'], labeler.class_names, student, f_max,
+                                        cfg)
+            teacher_info['current_head_student_run'] = teacher_round(student, f_max, lab, keep, y_pool,
+                                                                     test_f, y_test, source_only, gap)
             if x_all is not None:  # the next step, measured: AdaBN of the student's own backbone
                 teacher_info['student_norm_run'] = student_norm_contrast(
-                    student, x_all, [pos[int(i)] for i in pool[:n_max]], [pos[int(i)] for i in tst],
-                    clean_test_x, y[pool[:n_max]], y[tst], t_lab[n_max]['teacher_probs'], labeler.class_names,
-                    cfg, gap)
+                    student, x_all, at(pool[:n_max]), at(tst), clean_test_x, y_pool, y_test,
+                    t_lab[n_max]['teacher_probs'], labeler.class_names, cfg, gap)
         # the ceilings of n_max local frames, same run
         tl = t_lab.get(n_max)
         entry['ceiling'] = ceilings(
-            student, pool_f[:n_max], y[pool[:n_max]],
-            tl['labels'] if tl else None, tl['keep'] if tl else None,
-            test_f, None if x_all is None else x_all[[pos[int(i)] for i in pool[:n_max]]],
-            None if x_all is None else x_all[[pos[int(i)] for i in tst]], y[tst], gap,
-            1 if quick else CEILING_EPOCHS, finetune_all)
+            student, f_max, y_pool, tl['labels'] if tl else None, tl['keep'] if tl else None, test_f,
+            None if x_all is None else x_all[at(pool[:n_max])], None if x_all is None else x_all[at(tst)],
+            y_test, gap, 1 if quick else CEILING_EPOCHS, finetune_all)
         c_full = entry['ceiling'].get('full_true')
         for r in entry['runs']:
             r['gap_recovered_vs_full_true_n_max'] = (
                 (r['adapted'] - source_only) / (c_full - source_only)
                 if c_full is not None and c_full - source_only > 1e-6 and r['frames'] == n_max else None)
         results.append(entry)
-        print(
-            f'[{NAME}] {shift} {sev}: source-only {source_only:.3f}, oracle {oracle:.3f} '
-            f'({time.perf_counter() - t_s:.1f} s)',
-            flush=True,
-        )
+        print(f'[{NAME}] {shift} {sev}: source-only {source_only:.3f}, oracle {oracle:.3f} '
+              f'({time.perf_counter() - t_s:.1f} s)', flush=True)
     gap_src = 'teacher' if teacher_eng is not None else 'topic'
-    gaps = [
-        r['gap_recovered']
-        for e in results
-        for r in e['runs']
-        if r['frames'] == n_max and r['label_source'] == gap_src and r['gap_recovered'] is not None
-    ]
-    gaps_head = [
-        r['gap_recovered_vs_head_oracle']
-        for e in results
-        for r in e['runs']
-        if r['frames'] == n_max and r['label_source'] == gap_src
-        and r['gap_recovered_vs_head_oracle'] is not None
-    ]
-
-    def mean_of(vals):
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else None
+    headline = [r for e in results for r in e['runs']  # the runs gap_recovered averages
+                if r['frames'] == n_max and r['label_source'] == gap_src]
 
     def contrast_gap(key):
-        gs = [e['teacher_labeller'][key]['gap_recovered'] for e in results
-              if e['teacher_labeller'] and key in e['teacher_labeller']]
-        gs = [g for g in gs if g is not None]
-        return float(np.mean(gs)) if gs else None
+        return mean_of(e['teacher_labeller'][key]['gap_recovered'] for e in results
+                       if e['teacher_labeller'] and key in e['teacher_labeller'])
 
     wd = common.new_workdir(NAME)
     n_round = 100 if quick else 500
-    rs = round_seconds(
-        Path(args.student),
-        Path(args.teacher) if teacher_eng is not None else None,
-        test.images[pool[:n_round]],
-        y[pool[:n_round]],
-        student.class_names,
-        wd,
-    )
+    rs = round_seconds(Path(args.student), Path(args.teacher) if teacher_eng is not None else None,
+                       test.images[pool[:n_round]], y[pool[:n_round]], wd)
     data = {
-        'gap_recovered': float(np.mean(gaps)) if gaps else None,
-        'gap_recovered_label_source': gap_src,
-        'gap_recovered_frames': n_max,
-        'gap_recovered_plain_teacher': contrast_gap('plain_run'),
+        'gap_recovered': mean_of(r['gap_recovered'] for r in headline), 'gap_recovered_label_source': gap_src,
+        'gap_recovered_frames': n_max, 'gap_recovered_plain_teacher': contrast_gap('plain_run'),
         'gap_recovered_ttn_teacher_only': contrast_gap('ttn_only_run'),
-        'gap_recovered_vs_head_oracle': float(np.mean(gaps_head)) if gaps_head else None,
+        'gap_recovered_vs_head_oracle': mean_of(r['gap_recovered_vs_head_oracle'] for r in headline),
         'gap_recovered_student_norm': contrast_gap('student_norm_run'),
         'gap_recovered_current_head_student': contrast_gap('current_head_student_run'),
         'gap_ceiling_head_true': mean_of(e['ceiling'].get('gap_head_true') for e in results),
         'gap_ceiling_full_true': mean_of(e['ceiling'].get('gap_full_true') for e in results),
         'gap_full_teacher': mean_of(e['ceiling'].get('gap_full_teacher') for e in results),
-        'gap_recovered_vs_full_true_n_max': mean_of(
-            r['gap_recovered_vs_full_true_n_max'] for e in results for r in e['runs']
-            if r['frames'] == n_max and r['label_source'] == gap_src),
-        'round_seconds': rs['round_seconds'],
-        'round': rs,
+        'gap_recovered_vs_full_true_n_max': mean_of(r['gap_recovered_vs_full_true_n_max'] for r in headline),
+        'round_seconds': rs['round_seconds'], 'round': rs,
         'oracle': f'full fine-tuning of the exported student (all weights; Adam 1e-3, cosine, '
-        f'{1 if quick else ORACLE_EPOCHS} epochs, batch 128) on all target-labelled frames'
+        f'{oracle_epochs} epochs, batch 128) on all target-labelled frames'
         if finetune_all is not None else 'head retrained on all target-labelled frames (torch absent)',
         'oracle_head': 'head retrained on all target-labelled frames (train_head, l2_to_prior=1e-4, '
         '100 L-BFGS iterations)',
-        'source_clean_accuracy': src_clean_acc,
-        'shifts': results,
-        'teacher_note': teacher_note,
+        'source_clean_accuracy': src_clean_acc, 'shifts': results, 'teacher_note': teacher_note,
         'split': {'pool': int(n_pool), 'target_test': int(n_test), 'oracle_pool': int(len(oracle_idx))},
         'config': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         'student': student.name,
@@ -578,15 +482,12 @@ def run(args) -> dict:
             if r['frames'] == n_max:
                 row[r['label_source']] = r['adapted']
                 if r['label_source'] == gap_src:
-                    row['gap_rec'] = r['gap_recovered']
-                    row['anchor_after'] = r['source_anchor_after']
+                    row['gap_rec'], row['anchor_after'] = r['gap_recovered'], r['source_anchor_after']
         row['ceil_full'] = e['ceiling'].get('full_true')
         rows.append(row)
-    common.print_table(
-        rows,
-        ['shift', 'src_only', *sources, 'ceil_full', 'oracle_head', 'oracle', 'gap_rec', 'anchor_after'],
-        title=f'{NAME} (target accuracy at {n_max} frames; round {rs["round_seconds"]:.1f} s on one core)',
-    )
+    common.print_table(rows, ['shift', 'src_only', *sources, 'ceil_full', 'oracle_head', 'oracle', 'gap_rec',
+                              'anchor_after'], title=f'{NAME} (target accuracy at {n_max} frames; round '
+                       f'{rs["round_seconds"]:.1f} s on one core)')
     plot(results, sources, n_max, args)
     print(f'[{NAME}] wrote {path}')
     return data
@@ -594,21 +495,14 @@ def run(args) -> dict:
 
 def plot(results: list, sources, n_max: int, args) -> None:
     """Target accuracy per shift: source-only, adapted per label source at ``n_max`` frames, both oracles."""
-    plt = common.plt()
-    fig, ax = plt.subplots(figsize=(10, 4.6))
+    fig, ax = common.subplots(figsize=(10, 4.6))
     xs = np.arange(len(results))
     wbar = 0.8 / (len(sources) + 2)
     ax.bar(xs - 0.4 + wbar / 2, [e['source_only'] for e in results], wbar, label='source only')
     for k, s in enumerate(sources):
-        ax.bar(
-            xs - 0.4 + wbar * (k + 1.5),
-            [
-                next((r['adapted'] for r in e['runs'] if r['frames'] == n_max and r['label_source'] == s), 0)
-                for e in results
-            ],
-            wbar,
-            label=f'adapted ({s}, {n_max})',
-        )
+        ax.bar(xs - 0.4 + wbar * (k + 1.5),
+               [next((r['adapted'] for r in e['runs'] if r['frames'] == n_max and r['label_source'] == s), 0)
+                for e in results], wbar, label=f'adapted ({s}, {n_max})')
     wbar_o = wbar / 2
     ax.bar(xs - 0.4 + wbar * (len(sources) + 1) + wbar_o / 2, [e['oracle_head'] for e in results], wbar_o,
            label='oracle (head only)')
@@ -627,23 +521,13 @@ def plot(results: list, sources, n_max: int, args) -> None:
     common.savefig(fig, NAME, args)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    p.add_argument(
-        '--student', default=None, help='student bundle (default --bundle, else models/gtsrb_student)'
-    )
-    p.add_argument('--teacher', default=str(common.TEACHER))
-    p.add_argument(
-        '--data', default=None, help='gtsrb32.npz or its folder (default $EDGE_TL_DATA / ../shared/data)'
-    )
-    return p
+def add_args(p) -> None:
+    p.add_argument('--student', default=None,
+                   help='student bundle (default --bundle, else models/gtsrb_student)')
+    common.add_teacher_data_args(p)
 
 
-def main(argv=None) -> int:
-    run(parser().parse_args(argv))
-    return 0
+main = common.entry(NAME, run, __doc__, add_args)
 
 
 if __name__ == '__main__':

@@ -26,8 +26,6 @@ NAME = 'adaptation_interference'
 def build_store(root, bundle_path, n: int, seed: int = 0) -> dict:
     """A FrameStore of ``n`` frames with true ('topic') labels: GTSRB test signs under fog 3, or toy."""
     from edge_tl_ros.bundle import load_bundle
-    from edge_tl_ros.engine import Engine
-    from edge_tl_ros.store import FrameStore
 
     b = load_bundle(bundle_path)
     rng = np.random.default_rng(seed)
@@ -50,13 +48,7 @@ def build_store(root, bundle_path, n: int, seed: int = 0) -> dict:
             idx = rng.choice(len(test), n, replace=False)
             imgs, labels = apply_shift(test.images[idx], 'fog', 3, seed), test.labels[idx]
             src = 'GTSRB test frames, fog severity 3'
-    eng = Engine(b, 'feature_extractor', num_threads=2)
-    feats = eng.features_batch(imgs)
-    probs = eng.predict_batch(imgs)
-    store = FrameStore(root, max_entries=max(2000, n))
-    for i in range(n):
-        store.add(1_000_000 + i, imgs[i], feats[i], probs[i], label=b.class_names[int(labels[i])],
-                  source='topic')
+    common.fill_store(root, b, imgs, labels)
     return {'frames': n, 'source': src}
 
 
@@ -93,9 +85,14 @@ class RoundLoop:
     def alive_at(self, t: float) -> bool:
         return any(a <= t <= (b if b is not None else np.inf) for a, b in self.intervals)
 
+    def wait_idle(self) -> None:
+        """Until the last round process has ended."""
+        while self.intervals and self.intervals[-1][1] is None:
+            time.sleep(0.02)
+
 
 def measure(engine, frame, loop: RoundLoop, block_s: float, blocks: int, rate: float = 30.0):
-    """Alternate idle/busy blocks; returns (idle_ms, busy_ms, per-frame records)."""
+    """Alternate idle/busy blocks; returns (idle_ms, busy_ms)."""
     recs = []  # (t, ms, busy_flag)
     period = 1.0 / rate
     for b in range(blocks):
@@ -104,8 +101,7 @@ def measure(engine, frame, loop: RoundLoop, block_s: float, blocks: int, rate: f
             loop.busy.set()
         else:
             loop.busy.clear()
-            while loop.intervals and loop.intervals[-1][1] is None:  # let the last round finish
-                time.sleep(0.02)
+            loop.wait_idle()  # let the last round finish
         t_end = time.perf_counter() + block_s
         t_next = time.perf_counter()
         while time.perf_counter() < t_end:
@@ -118,30 +114,26 @@ def measure(engine, frame, loop: RoundLoop, block_s: float, blocks: int, rate: f
             recs.append((t0, (t1 - t0) * 1e3, busy_block))
             t_next = max(t_next + period, t1)
     loop.busy.clear()
-    while loop.intervals and loop.intervals[-1][1] is None:
-        time.sleep(0.02)
+    loop.wait_idle()
     idle = [ms for t, ms, bb in recs if not bb and not loop.alive_at(t)]
     busy = [ms for t, ms, bb in recs if loop.alive_at(t)]
-    return np.asarray(idle), np.asarray(busy), recs
+    return np.asarray(idle), np.asarray(busy)
 
 
 def condition(engine, frame, wd, bundle, teacher, nice: int, threads: int, sched_idle: bool, block_s: float,
               blocks: int) -> tuple[dict, tuple]:
     """One round setting: alternating idle/busy blocks; (its figures, (idle ms, busy ms))."""
     loop = RoundLoop(str(bundle), str(wd / 'state'), str(wd / 'store'), nice, threads, teacher, sched_idle)
-    idle, busy, recs = measure(engine, frame, loop, block_s, blocks)
+    idle, busy = measure(engine, frame, loop, block_s, blocks)
     loop.quit.set()
     secs = [b - a for a, b in loop.intervals if b is not None]
     both = busy.size and idle.size
     return {
-        'idle': common.lat_summary(idle),
-        'busy': common.lat_summary(busy),
+        'idle': common.lat_summary(idle), 'busy': common.lat_summary(busy),
         'p50_ratio': common.pct(busy, 50) / common.pct(idle, 50) if both else None,
         'p99_ratio': common.pct(busy, 99) / common.pct(idle, 99) if both else None,
-        'rounds': len(secs),
-        'round_wall_s': common.lat_summary(np.asarray(secs) * 1e3),
-        'round_results': loop.results[:3],
-        'nice': nice, 'threads': threads, 'sched_idle': sched_idle,
+        'rounds': len(secs), 'round_wall_s': common.lat_summary(np.asarray(secs) * 1e3),
+        'round_results': loop.results[:3], 'nice': nice, 'threads': threads, 'sched_idle': sched_idle,
     }, (idle, busy)
 
 
@@ -150,7 +142,7 @@ def run(args) -> dict:
     try:
         from edge_tl_ros.adapt import run_round_in_subprocess  # noqa: F401
     except ImportError as e:
-        return common.skipped(NAME, f'edge_tl_ros.adapt not available ({e})', args, t_start)
+        raise common.Skip(f'edge_tl_ros.adapt not available ({e})') from e
     from edge_tl_ros.bundle import load_bundle
     from edge_tl_ros.engine import Engine
 
@@ -201,8 +193,7 @@ def run(args) -> dict:
 
 
 def plot(series: dict, args) -> None:
-    plt = common.plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = common.subplots(figsize=(7, 4))
     for label, (idle, busy) in series.items():
         common.plot_cdf(ax, idle, f'{label} idle')
         common.plot_cdf(ax, busy, f'{label} busy')
@@ -211,8 +202,7 @@ def plot(series: dict, args) -> None:
     common.savefig(fig, NAME, args)
 
 
-def main(argv=None) -> int:
-    return common.main(run, __doc__, argv)
+main = common.entry(NAME, run, __doc__)
 
 
 if __name__ == '__main__':

@@ -1,9 +1,10 @@
 """Shared plumbing of the benchmarks: results files, machine description, bundles, ROS processes.
 
-Every benchmark module has ``run(args) -> dict`` and ``main()`` (:func:`main`: the same flags for each,
-``--quick``, ``--results-dir``, ``--bundle``, from :func:`add_common_args`). Results are written with
-:func:`write_result` (or :func:`report`: write, print the table, say where) to
-``<results-dir>/<name>.json`` (``bench/results`` for full runs, ``bench/results/quick`` for ``--quick``).
+Every benchmark module has ``run(args) -> dict`` and ``main()`` (from :func:`entry`: the same flags for
+each, ``--quick``, ``--results-dir``, ``--bundle``, from :func:`add_common_args`; ``run`` raises
+:class:`Skip` where models or data are absent). Results are written with :func:`write_result` (or
+:func:`report`: write, print the table, say where) to ``<results-dir>/<name>.json`` (``bench/results``
+for full runs, ``bench/results/quick`` for ``--quick``).
 
 The node benchmarks run three processes on one ROS domain of their own (``ros_env``): the node under
 test (:mod:`bench.node_runner`, arguments from :func:`node_args` / :func:`perception_params`), a frame
@@ -65,10 +66,26 @@ def bench_parser(doc: str | None, add_args=None) -> argparse.ArgumentParser:
     return p
 
 
-def main(run, doc: str | None, argv=None, add_args=None, ok=None) -> int:
-    """A benchmark's ``main()``: parse, ``run(args)``; exit status 1 where ``ok(result)`` says no."""
-    data = run(bench_parser(doc, add_args).parse_args(argv))
-    return 0 if ok is None or ok(data) else 1
+class Skip(Exception):
+    """Raised by a benchmark's ``run()`` when its models or data are absent: :func:`entry` writes
+    ``{"skipped": reason}``."""
+
+
+def entry(name: str, run, doc: str | None, add_args=None, ok=None):
+    """A benchmark's ``main(argv=None)``: parse, ``run(args)`` (a :class:`Skip` it raises writes the
+    skipped result); exit status 1 where ``ok(result)`` says no."""
+    def main(argv=None) -> int:
+        args = bench_parser(doc, add_args).parse_args(argv)
+        t_start = time.monotonic()
+        try:
+            data = run(args)
+        except Skip as e:
+            print(f'[{name}] skipped: {e}')
+            data = {'skipped': str(e)}
+            write_result(name, data, args, t_start)
+        return 0 if ok is None or ok(data) else 1
+
+    return main
 
 
 def add_qos_arg(p: argparse.ArgumentParser) -> None:
@@ -148,17 +165,16 @@ def write_result(name: str, data: dict, args, t_start: float | None = None, modu
     if t_start is not None:
         out['duration_s'] = round(time.monotonic() - t_start, 1)
     out.update(data)
-    path = results_dir(args) / f'{name}.json'
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(_clean(out), indent=2) + '\n')
+    return write_json(results_dir(args) / f'{name}.json', _clean(out), indent=2)
+
+
+def write_json(path, obj, indent: int | None = None) -> Path:
+    """``obj`` as JSON to ``path``, atomically (a ``.tmp`` file beside it, then renamed)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=indent) + '\n')
     os.replace(tmp, path)
     return path
-
-
-def skipped(name: str, reason: str, args, t_start=None) -> dict:
-    print(f'[{name}] skipped: {reason}')
-    write_result(name, {'skipped': reason}, args, t_start)
-    return {'skipped': reason}
 
 
 def pct(x, q) -> float:
@@ -205,9 +221,7 @@ def savefig(fig, name: str, args) -> Path:
     path = results_dir(args) / f'{name}.png'
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    plt().close(fig)
     return path
 
 
@@ -225,6 +239,11 @@ def plt():
     import matplotlib.pyplot as _plt
 
     return _plt
+
+
+def subplots(*args, **kwargs):
+    """``plt.subplots`` on the Agg backend: (figure, axes)."""
+    return plt().subplots(*args, **kwargs)
 
 
 # -- bundles -------------------------------------------------------------------------------------------
@@ -263,6 +282,31 @@ def resolve_bundle(arg: str | None) -> tuple[Path, dict]:
     if note:
         info['note'] = note
     return path, info
+
+
+def gtsrb_test(data: str | None):
+    """The GTSRB official test set (``data``: the ``--data`` flag); :class:`Skip` where it is absent."""
+    from edge_tl_ros.data import load_gtsrb_npz
+
+    try:
+        return load_gtsrb_npz(data)[1]
+    except (FileNotFoundError, OSError) as e:
+        raise Skip(f'GTSRB data absent: {e}') from e
+
+
+def fill_store(root, bundle, images, labels=None) -> None:
+    """A FrameStore at ``root`` of ``images`` with the bundle's features and probabilities; ``labels``
+    (class indices) as ``topic`` labels, or None: unlabelled (a round labels them)."""
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.store import FrameStore
+
+    eng = Engine(bundle, 'feature_extractor', num_threads=2)
+    feats, probs = eng.features_batch(images), eng.predict_batch(images)
+    store = FrameStore(root, max_entries=max(2000, len(images)))
+    for i in range(len(images)):
+        lab = None if labels is None else bundle.class_names[int(labels[i])]
+        store.add(1_000_000 + i, images[i], feats[i], probs[i], label=lab,
+                  source='' if labels is None else 'topic')
 
 
 def teacher_info() -> dict | None:
@@ -388,10 +432,6 @@ def wait_until(ready, timeout: float, procs=(), poll_s: float = 0.05, what: str 
     return False
 
 
-def wait_file(path: Path, timeout: float, procs=()) -> bool:
-    return wait_until(path.exists, timeout, procs)
-
-
 class ProcMonitor:
     """Samples CPU time and memory of a process every ``period`` s in a thread.
 
@@ -417,7 +457,7 @@ class ProcMonitor:
             rss = self.proc.memory_info().rss / 2**20
             fds = (self.proc.num_fds(),) if self.fds else ()
         except Exception:  # process gone
-            return None
+            return
         anon = shm = float('nan')
         try:
             for line in open(f'/proc/{self.proc.pid}/status'):
@@ -427,9 +467,7 @@ class ProcMonitor:
                     shm = int(line.split()[1]) / 1024
         except OSError:
             pass
-        s = (time.time(), ct.user + ct.system, rss, anon, shm, *fds)
-        self.samples.append(s)
-        return s
+        self.samples.append((time.time(), ct.user + ct.system, rss, anon, shm, *fds))
 
     def _run(self):
         while not self._stop.is_set():
@@ -475,16 +513,25 @@ def new_workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f'{name}_', dir=tmp_root()))
 
 
-def run_session(workdir: Path, node_argv: list[str], pub_cfg: dict, recv_cfg: dict, env: dict | None = None,
-                settle_s: float = 1.5, timeout_s: float = 600) -> dict:
+PERCEPTION_RECV = {'cls_topic': '/perception/classification', 'node_name': 'perception'}
+
+
+def stream_session(workdir: Path, node_argv: list[str], rate: float, seconds: float, width: int = 640,
+                   height: int = 480, recv_cfg: dict | None = None, dds: str = 'default',
+                   settle_s: float = 1.2, timeout_s: float = 600) -> dict:
     """Node under test + receiver + publisher; returns the merged logs and process statistics.
 
-    ``node_argv``: arguments of :mod:`bench.node_runner` (``--stats-out`` is added). ``pub_cfg`` /
-    ``recv_cfg``: configs of :mod:`bench.traffic` roles ``pub`` / ``recv`` (file paths are added).
+    ``node_argv``: arguments of :mod:`bench.node_runner` (``--stats-out`` is added). The publisher
+    (:mod:`bench.traffic` role ``pub``) sends ``bgr8`` frames (:func:`frames_for`) at ``rate`` Hz for
+    ``seconds`` s, reliable depth 10; ``recv_cfg``: the config of the ``recv`` role (file paths are
+    added; default: the perception node's classification topic).
     """
-    env = env or ros_env()
+    env = ros_env(dds=dds)
     stats_path = workdir / 'node_stats.json'
     ready = workdir / 'node.ready'
+    np.save(workdir / 'frames.npy', frames_for(width, height))
+    pub_cfg = {'frames_npy': str(workdir / 'frames.npy'), 'rate_hz': rate, 'duration_s': seconds,
+               'qos': 'reliable', 'depth': 10}
 
     def traffic(role: str, cfg: dict) -> Proc:
         (workdir / f'{role}_cfg.json').write_text(json.dumps(dict(cfg, role=role)))
@@ -496,13 +543,13 @@ def run_session(workdir: Path, node_argv: list[str], pub_cfg: dict, recv_cfg: di
     procs = [node]
     try:
         # the receiver starts alongside the node (it waits for the classification publisher itself)
-        recv = traffic('recv', dict(recv_cfg, out=str(workdir / 'recv.json'),
+        recv = traffic('recv', dict(recv_cfg or PERCEPTION_RECV, out=str(workdir / 'recv.json'),
                                     ready=str(workdir / 'recv.ready')))
         procs.append(recv)
-        if not wait_file(ready, 120, procs):
+        if not wait_until(ready.exists, 120, procs):
             raise RuntimeError(f'node did not start in 120 s:\n{node.tail()}')
         mon = ProcMonitor(node.pid)
-        if not wait_file(workdir / 'recv.ready', 60, procs):
+        if not wait_until((workdir / 'recv.ready').exists, 60, procs):
             raise RuntimeError(f'receiver not ready in 60 s:\n{recv.tail()}')
         pub = traffic('pub', dict(pub_cfg, out=str(workdir / 'pub.json')))
         procs.append(pub)
@@ -516,36 +563,16 @@ def run_session(workdir: Path, node_argv: list[str], pub_cfg: dict, recv_cfg: di
         mon.stop()
         node_rc = node.stop()
         pub.stop()
-        res = {
-            'workdir': str(workdir),
-            'pub': json.loads((workdir / 'pub.json').read_text()),
-            'recv': json.loads((workdir / 'recv.json').read_text()),
-            'node': json.loads(stats_path.read_text()) if stats_path.exists() else {},
-            'node_rc': node_rc,
-            'monitor': mon,
-        }
+        res = {'workdir': str(workdir), 'pub': json.loads((workdir / 'pub.json').read_text()),
+               'recv': json.loads((workdir / 'recv.json').read_text()),
+               'node': json.loads(stats_path.read_text()) if stats_path.exists() else {}, 'node_rc': node_rc,
+               'monitor': mon}
         cleanup(workdir)  # logs stay only when something failed (or BENCH_KEEP=1)
         return res
     finally:
         for pr in reversed(procs):
             if pr.alive():
                 pr.stop()
-
-
-PERCEPTION_RECV = {'cls_topic': '/perception/classification', 'node_name': 'perception'}
-
-
-def stream_session(wd: Path, node_argv: list[str], rate: float, seconds: float, width: int = 640,
-                   height: int = 480, recv_cfg: dict | None = None, dds: str = 'default',
-                   settle_s: float = 1.2) -> dict:
-    """:func:`run_session` of the node benchmarks: ``bgr8`` frames (:func:`frames_for`) at ``rate`` Hz for
-    ``seconds`` s, reliable depth 10, into the node of ``node_argv``; ``recv_cfg`` defaults to the
-    perception node's classification topic."""
-    np.save(wd / 'frames.npy', frames_for(width, height))
-    pub_cfg = {'frames_npy': str(wd / 'frames.npy'), 'rate_hz': rate, 'duration_s': seconds,
-               'qos': 'reliable', 'depth': 10}
-    return run_session(wd, node_argv, pub_cfg, recv_cfg or PERCEPTION_RECV, env=ros_env(dds=dds),
-                       settle_s=settle_s)
 
 
 # -- publishing frames ---------------------------------------------------------------------------------
@@ -595,14 +622,13 @@ class Driver:
         # Ctrl-C / SIGTERM must reach run()'s finally (which stops the node processes), not only rclpy
         rclpy.init(context=self.ctx, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(name, context=self.ctx)
-        self.pub = self.node.create_publisher(Image, 'image', QoSProfile(
-            depth=image_depth, reliability=ReliabilityPolicy.RELIABLE))
-        self.pub_lab = self.node.create_publisher(Classification, 'labels', QoSProfile(
-            depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        rel = ReliabilityPolicy.RELIABLE
+        self.pub = self.node.create_publisher(Image, 'image', QoSProfile(depth=image_depth, reliability=rel))
+        self.pub_lab = self.node.create_publisher(Classification, 'labels',
+                                                  QoSProfile(depth=100, reliability=rel))
         self.statuses: list[tuple[float, dict]] = []
         self._lock = threading.Lock()
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        latched = QoSProfile(depth=1, reliability=rel, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.node.create_subscription(String, '/adaptation/status', self._on_status, latched)
         self.ex = (SingleThreadedExecutor(context=self.ctx) if threads == 1
                    else MultiThreadedExecutor(num_threads=threads, context=self.ctx))
@@ -667,21 +693,6 @@ class Driver:
             self.ctx.try_shutdown()
 
 
-def join_latency(res: dict, warmup_s: float) -> dict:
-    """Per classified frame: seq, publish stamp, receipt time, latency; plus the publish log."""
-    pub = res['pub']
-    stamps = np.asarray(pub['stamp'], np.float64)
-    seqs_r = np.asarray(res['recv']['seq'], np.int64)
-    t_recv = np.asarray(res['recv']['t'], np.float64)
-    ok = (seqs_r >= 0) & (seqs_r < len(stamps))
-    seqs_r, t_recv = seqs_r[ok], t_recv[ok]
-    lat_ms = (t_recv - stamps[seqs_r]) * 1e3
-    t0 = stamps[0] + warmup_s if len(stamps) else 0.0
-    meas = stamps[seqs_r] >= t0
-    return {'stamps': stamps, 'seq': seqs_r, 't_recv': t_recv, 'lat_ms': lat_ms, 'measured': meas,
-            't_measure_start': t0, 't_measure_end': float(stamps[-1]) if len(stamps) else 0.0}
-
-
 def frames_for(width: int, height: int, n: int = 4, seed: int = 0, labels: bool = False):
     """``n`` BGR frames: GTSRB test signs scaled up when the data is there, else textured noise.
 
@@ -706,13 +717,22 @@ def frames_for(width: int, height: int, n: int = 4, seed: int = 0, labels: bool 
     return (frames, y[idx]) if labels else frames
 
 
-def session_summary(res: dict, warmup_s: float) -> dict:
-    """The numbers every node benchmark reports for one session (see ``definitions`` in the JSONs)."""
-    j = join_latency(res, warmup_s)
+def session_summary(res: dict, warmup_s: float) -> tuple[dict, dict]:
+    """The numbers every node benchmark reports for one session (see ``definitions`` in the JSONs), and
+    per classified frame: seq, publish stamp, receipt time, latency, measured (published after the
+    warm-up), with the publish stamps of all frames and the measured window."""
     pub, recv, node = res['pub'], res['recv'], res['node']
+    stamps = np.asarray(pub['stamp'], np.float64)
+    seqs_r = np.asarray(recv['seq'], np.int64)
+    t_recv = np.asarray(recv['t'], np.float64)
+    ok = (seqs_r >= 0) & (seqs_r < len(stamps))
+    seqs_r, t_recv = seqs_r[ok], t_recv[ok]
+    t0 = stamps[0] + warmup_s if len(stamps) else 0.0
+    t1 = float(stamps[-1]) if len(stamps) else 0.0
+    j = {'stamps': stamps, 'seq': seqs_r, 't_recv': t_recv, 'lat_ms': (t_recv - stamps[seqs_r]) * 1e3,
+         'measured': stamps[seqs_r] >= t0, 't_measure_start': t0, 't_measure_end': t1}
     m = j['measured']
     lat = j['lat_ms'][m]
-    t0, t1 = j['t_measure_start'], j['t_measure_end']
     n_out = int(m.sum())
     diag = recv.get('diag_last') or {}
     infers = np.asarray([d for t, d in node.get('infers', []) if t0 <= t <= t1], np.float64)
@@ -721,7 +741,7 @@ def session_summary(res: dict, warmup_s: float) -> dict:
     fr = [f for f in node.get('frames', []) if t0 <= f[1] <= t1]
     to_node = np.asarray([f[2] - f[1] for f in fr]) * 1e3
     proc = np.asarray([f[3] for f in fr], np.float64)
-    out = {
+    return {
         'published': len(j['stamps']), 'input_rate_hz': pub.get('achieved_rate_hz'),
         'classified': int(len(j['seq'])), 'node_received': node.get('received'),
         'node_processed': node.get('processed'), 'node_dropped': node.get('dropped'),
@@ -736,5 +756,4 @@ def session_summary(res: dict, warmup_s: float) -> dict:
         'stamp_to_inference_start_ms': lat_summary(to_node) if to_node.size else None,
         'node_process_ms': lat_summary(proc) if proc.size else None,
         'publish_call_ms_p50': pct(pub.get('publish_ms', []), 50),
-    }
-    return out
+    }, j

@@ -80,33 +80,34 @@ def _find(d, words, prefix=''):
     return out
 
 
-def _manifest_number(m: dict, words) -> float | None:
-    for k, v in _find(m, words).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
 def manifest_cost(m: dict) -> tuple[float | None, float | None]:
     """(GFLOPs, params) as the manifest records them (None where it does not)."""
-    def num(v, word):
-        return v if isinstance(v, (int, float)) else _manifest_number(m, (word,))
+    def num(v, word):  # v, else the first number under a key containing ``word``
+        if isinstance(v, (int, float)):
+            return v
+        return next((float(x) for x in _find(m, (word,)).values()
+                     if isinstance(x, (int, float)) and not isinstance(x, bool)), None)
 
     fl = m.get('flops') if isinstance(m.get('flops'), dict) else {}
     return num(fl.get('gflops'), 'gflops'), num(m.get('params'), 'params')
 
 
-def time_ort(engine, reps: int) -> dict:
-    x = np.random.default_rng(0).standard_normal(engine._x.shape).astype(np.float32)
-    sess, name_in = engine.session, engine._in_name
+def time_calls(call, reps: int) -> dict:
+    """Latency summary (ms) of ``reps`` calls of ``call()``, after ``max(3, reps // 10)`` warm-up calls."""
     for _ in range(max(3, reps // 10)):
-        sess.run(None, {name_in: x})
+        call()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        sess.run(None, {name_in: x})
+        call()
         ts.append((time.perf_counter() - t0) * 1e3)
     return common.lat_summary(ts)
+
+
+def time_ort(engine, reps: int) -> dict:
+    x = np.random.default_rng(0).standard_normal(engine._x.shape).astype(np.float32)
+    sess, name_in = engine.session, engine._in_name
+    return time_calls(lambda: sess.run(None, {name_in: x}), reps)
 
 
 def time_torch(model, size: int, threads: int, reps: int) -> dict:
@@ -115,15 +116,8 @@ def time_torch(model, size: int, threads: int, reps: int) -> dict:
     torch.set_num_threads(threads)
     x = torch.randn(1, 3, size, size)
     model.eval()
-    ts = []
     with torch.no_grad():
-        for _ in range(max(3, reps // 10)):
-            model(x)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(x)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return common.lat_summary(ts)
+        return time_calls(lambda: model(x), reps)
 
 
 def variants(root: Path, role: str):
@@ -202,15 +196,10 @@ def torch_row(role: str, b, reps: int, like: dict) -> dict | None:
 
 def run(args) -> dict:
     t_start = time.monotonic()
-    try:
-        from edge_tl_ros.data import load_gtsrb_npz
-
-        _, test = load_gtsrb_npz(args.data)
-    except (FileNotFoundError, OSError) as e:
-        return common.skipped(NAME, f'GTSRB data absent: {e}', args, t_start)
+    test = common.gtsrb_test(args.data)
     present, missing = bundles(args)
     if not any(r == 'student' for r, *_ in present):
-        return common.skipped(NAME, f'trained student bundle absent ({"; ".join(missing)})', args, t_start)
+        raise common.Skip(f'trained student bundle absent ({"; ".join(missing)})')
     n_eval = 1000 if args.quick else len(test)
     reps = 20 if args.quick else 200
     idx = np.random.default_rng(0).permutation(len(test))[:n_eval]
@@ -229,10 +218,7 @@ def run(args) -> dict:
         ablation['student_manifest_metrics.test'] = test_metrics
     data = {
         'models': {r['model']: {k: r[k] for k in ('accuracy', 'gflops', 'latency_ms')} for r in rows},
-        'rows': rows,
-        'distillation_ablation': ablation or None,
-        'missing': missing,
-        'n_test': int(n_eval),
+        'rows': rows, 'distillation_ablation': ablation or None, 'missing': missing, 'n_test': int(n_eval),
         'definitions': {
             'latency_ms': 'batch 1, model call only (ORT session.run or torch forward), p50 on '
             '1 thread; latency_2t on 2 threads',
@@ -249,8 +235,7 @@ def run(args) -> dict:
 
 
 def plot(rows: list[dict], args) -> None:
-    plt = common.plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = common.subplots(figsize=(7, 4.5))
     for r in rows:
         if r['accuracy'] is not None:
             ax.scatter(r['latency_1t']['p50_ms'], r['accuracy'] * 100)
@@ -266,8 +251,7 @@ def add_args(p) -> None:
     common.add_teacher_data_args(p)
 
 
-def main(argv=None) -> int:
-    return common.main(run, __doc__, argv, add_args)
+main = common.entry(NAME, run, __doc__, add_args)
 
 
 if __name__ == '__main__':

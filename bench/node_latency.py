@@ -18,8 +18,6 @@ from bench import common
 
 NAME = 'node_latency'
 RESOLUTIONS = ((640, 480), (1280, 720))
-
-
 CONTRAST_KEYS = ('latency', 'cpu_percent', 'stamp_to_inference_start_ms')
 NAIVE_RECV = {'cls_topic': '/naive/classification', 'node_name': 'naive'}
 
@@ -40,17 +38,14 @@ def session(kind: str, bundle: str, width: int, height: int, rate: float, durati
     node_argv, recv_cfg = node_under_test(kind, wd, bundle, qos, naive_model, executor_threads)
     res = common.stream_session(wd, node_argv, rate, duration + warmup, width, height, recv_cfg, dds,
                                 settle_s=2.0 if kind == 'naive' else 1.2)
-    s = common.session_summary(res, warmup)
+    s, j = common.session_summary(res, warmup)
     s.update(kind=kind, resolution=f'{width}x{height}', width=width, height=height, duration_s=duration,
              warmup_s=warmup, dds=dds)
     if kind == 'student':
         s['executor_threads'] = executor_threads
-    if kind == 'naive':
-        node = res['node']
-        s.update(naive_model=node.get('model'), naive_input_size=node.get('input_size'),
-                 naive_compute_p50_ms=node.get('compute_p50_ms'),
-                 naive_compute_p99_ms=node.get('compute_p99_ms'))
-    j = common.join_latency(res, warmup)
+    if kind == 'naive':  # what the naive node says of itself
+        s.update({f'naive_{k}': res['node'].get(k) for k in ('model', 'input_size', 'compute_p50_ms',
+                                                              'compute_p99_ms')})
     s['_series'] = (j['stamps'][j['seq']] - j['stamps'][0], j['lat_ms'])
     return s
 
@@ -149,8 +144,7 @@ def run(args) -> dict:
 
 
 def plot(series: dict, args) -> None:
-    plt = common.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = common.subplots(1, 2, figsize=(11, 4))
     for name, (t, lat) in series.items():
         if len(lat):
             common.plot_cdf(axes[0], lat, name)
@@ -166,8 +160,7 @@ def add_args(p) -> None:
     p.add_argument('--naive-model', default='auto', choices=('auto', 'teacher'))
 
 
-def main(argv=None) -> int:
-    return common.main(run, __doc__, argv, add_args)
+main = common.entry(NAME, run, __doc__, add_args)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -43,11 +44,22 @@ class Records:
         return self.a[: self.n].tolist()
 
 
-def _seq(msg) -> int:
+def frame_seq(msg) -> int:
+    """The sequence number the publisher put in ``header.frame_id`` (-1 where there is none)."""
     try:
         return int(msg.header.frame_id)
     except ValueError:
         return -1
+
+
+def stop_event() -> threading.Event:
+    """An event that SIGINT and SIGTERM set: the process then writes its log and ends (also
+    :mod:`bench.traffic`'s; this module imports nothing of ``bench.common``, which would grow the RSS of
+    the node under test)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
 
 
 def _timed(fn, record):
@@ -69,7 +81,7 @@ def _instrument(node, rec: dict) -> None:
     callback (seq, wall time of arrival)."""
     def frame(args, t, ms):
         msg = args[0]
-        rec['frames'].add(_seq(msg), msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, t, ms)
+        rec['frames'].add(frame_seq(msg), msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, t, ms)
 
     node.engine.swap_head = _timed(node.engine.swap_head, lambda args, t, ms: rec['swaps'].add(t, ms))
     node.engine.infer = _timed(node.engine.infer, lambda args, t, ms: rec['infers'].add(t, ms))
@@ -79,7 +91,7 @@ def _instrument(node, rec: dict) -> None:
             orig_cb = sub.callback
 
             def on_frame(msg, _cb=orig_cb):
-                rec['arrivals'].add(_seq(msg), time.time())
+                rec['arrivals'].add(frame_seq(msg), time.time())
                 return _cb(msg)
 
             sub.callback = on_frame
@@ -127,8 +139,6 @@ def main(argv=None) -> int:
     ap.add_argument('--record-rows', type=int, default=40000, help='capacity of the per-frame records')
     a = ap.parse_args(argv)
 
-    import threading
-
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
@@ -153,9 +163,7 @@ def main(argv=None) -> int:
     # the student as perception_node.main runs it; the naive node as tutorials do (rclpy.spin)
     executor = make_executor(node) if a.kind == 'student' else SingleThreadedExecutor()
     executor.add_node(node)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_event()
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     with open(a.ready_file, 'w') as f:
@@ -165,8 +173,7 @@ def main(argv=None) -> int:
             break
     executor.shutdown(timeout_sec=2)
     stats = node.stats()
-    for k, r in rec.items():
-        stats[k] = r.tolist()
+    stats.update({k: r.tolist() for k, r in rec.items()})
     with open(a.stats_out, 'w') as f:
         json.dump(stats, f)
     node.destroy_node()

@@ -35,8 +35,7 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
     wd = common.new_workdir(f'{NAME}_{int(rate)}')
     params = {**common.perception_params(bundle, wd / 'state', qos), **(node_params or {})}
     res = common.stream_session(wd, common.node_args('student', params), rate, duration + warmup, dds=dds)
-    s = common.session_summary(res, warmup)
-    j = common.join_latency(res, warmup)
+    s, j = common.session_summary(res, warmup)
     stamps = j['stamps']
     t0 = j['t_measure_start']
     # node-side: time each frame's processing ended (the classification is published inside)
@@ -73,14 +72,11 @@ def session(bundle: str, rate: float, duration: float, warmup: float, qos: str, 
         lag_at_receipt_histogram=hist(lag_recv),
         rss_after_warmup_mb=rss_warm, rss_end_mb=rss_end, rss_growth_mb=rss_end - rss_warm,
         rss_slope_mb_per_min=common.slope_per_min(after[:, 0], after[:, 2]),
-        rss_anon_growth_mb=anon_end - anon_warm,
-        rss_shmem_growth_mb=shm_end - shm_warm,
+        rss_anon_growth_mb=anon_end - anon_warm, rss_shmem_growth_mb=shm_end - shm_warm,
         drops_identity_residual=identity,
         drops_exact=bool(identity == 0 and s['classified'] == node['processed']),
         published_minus_classified_minus_rejected=s['published'] - s['classified'] - node['rejected'],
-    )
-    s['_rss'] = (samples[:, 0] - stamps[0], samples[:, 2])
-    s['_lag'] = lag_node
+        _rss=(samples[:, 0] - stamps[0], samples[:, 2]), _lag=lag_node)  # _*: for the plot
     return s
 
 
@@ -101,14 +97,14 @@ def run(args) -> dict:
         c = session(str(bundle), 120.0, 30, warmup, args.qos, args.dds, {'gil_switch_interval_ms': 0.0})
         c.pop('_rss'), c.pop('_lag')
         shipped = runs[-1]
-        contrast = {
-            k: {'shipped_0.5ms': shipped.get(k), 'python_default_5ms': c.get(k)}
-            for k in ('output_rate_hz', 'max_lag_frames', 'max_queue_lag_frames', 'node_dropped')
-        }
-        contrast['latency_p99_ms'] = {'shipped_0.5ms': shipped['latency']['p99_ms'],
-                                      'python_default_5ms': c['latency']['p99_ms']}
-        contrast['node_infer_p99_ms'] = {'shipped_0.5ms': (shipped.get('node_infer_ms') or {}).get('p99_ms'),
-                                         'python_default_5ms': (c.get('node_infer_ms') or {}).get('p99_ms')}
+
+        def both(get):
+            return {'shipped_0.5ms': get(shipped), 'python_default_5ms': get(c)}
+
+        contrast = {k: both(lambda r, k=k: r.get(k))
+                    for k in ('output_rate_hz', 'max_lag_frames', 'max_queue_lag_frames', 'node_dropped')}
+        contrast['latency_p99_ms'] = both(lambda r: r['latency']['p99_ms'])
+        contrast['node_infer_p99_ms'] = both(lambda r: (r.get('node_infer_ms') or {}).get('p99_ms'))
     data = {
         'max_lag_frames': max(valid) if valid else None,
         'rss_growth_mb': max(r['rss_growth_mb'] for r in runs),
@@ -153,8 +149,7 @@ def run(args) -> dict:
 
 
 def plot(runs: list[dict], extras: list, args) -> None:
-    plt = common.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = common.subplots(1, 2, figsize=(11, 4))
     for r, ((t, rss), lag) in zip(runs, extras):
         axes[0].plot(t, rss, label=f'{r["rate_hz"]:g} Hz')
         u, c = np.unique(lag, return_counts=True)
@@ -171,8 +166,7 @@ def add_args(p) -> None:
     common.add_dds_arg(p, 'Fast DDS transports of all processes (default: large_shm, see definitions)')
 
 
-def main(argv=None) -> int:
-    return common.main(run, __doc__, argv, add_args)
+main = common.entry(NAME, run, __doc__, add_args)
 
 
 if __name__ == '__main__':

@@ -35,18 +35,11 @@ TIMEOUT_S = {'quick': 240, 'full': 1200}
 def summarize(name: str, d: dict) -> str:
     if 'skipped' in d:
         return f'skipped: {d["skipped"]}'
-    f = {k: d.get(k) for k in REQUIRED[name]}
     if name == 'model_zoo':
-        return '; '.join(
-            f'{m}: acc {v["accuracy"] if v["accuracy"] is None else round(v["accuracy"], 4)}, '
-            f'{v["latency_ms"]:.3g} ms'
-            for m, v in d['models'].items()
-        )
-
-    def fmt(v):
-        return f'{v:.3g}' if isinstance(v, float) else str(v)
-
-    return ', '.join(f'{k}={fmt(v)}' for k, v in f.items())
+        return '; '.join(f'{m}: acc {v["accuracy"] if v["accuracy"] is None else round(v["accuracy"], 4)}, '
+                         f'{v["latency_ms"]:.3g} ms' for m, v in d['models'].items())
+    vals = {k: d.get(k) for k in REQUIRED[name]}
+    return ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in vals.items())
 
 
 def add_args(p) -> None:

@@ -182,8 +182,7 @@ def summarize(driver: Driver, procs: dict, mons: dict, seq: int, resets: int, t0
         'rss_growth_mb': max(g.get('rss_growth_mb', float('inf')) for g in by_node.values()),
         'rss_anon_growth_mb': max(g.get('rss_anon_growth_mb', float('inf')) for g in by_node.values()),
         'fd_growth': max(g.get('fd_growth', 10**6) for g in by_node.values()),
-        'rounds': rounds,
-        'rounds_accepted': int(status.get('head_version') or 0),
+        'rounds': rounds, 'rounds_accepted': int(status.get('head_version') or 0),
         'head_version_perception': int(pd.get('head_version', -1)),
         'last_round': {k: last.get(k) for k in ('accepted', 'reason', 'trigger')},
         'output_rate_hz_min_10s': min(per_bin) if per_bin else None,
@@ -192,10 +191,8 @@ def summarize(driver: Driver, procs: dict, mons: dict, seq: int, resets: int, t0
         'latency_p99_ms_last': float(pd['latency_p99_ms']) if 'latency_p99_ms' in pd else None,
         'store': {k: (status.get('store') or {}).get(k)
                   for k in ('entries', 'bytes', 'max_entries', 'dropped', 'evicted')},
-        'adaptation_counters': status.get('counters'),
-        'labels_dropped': status.get('labels_dropped'),
-        'nodes_alive_at_end': alive,
-        'by_node': by_node,
+        'adaptation_counters': status.get('counters'), 'labels_dropped': status.get('labels_dropped'),
+        'nodes_alive_at_end': alive, 'by_node': by_node,
         'definitions': {
             'rss_growth_mb': 'max over both nodes of median RSS over the last 10% of 2-s samples minus '
                              'the median over the first 10% after the warm-up (20% of the run, >= 10 s)',
@@ -215,6 +212,7 @@ def summarize(driver: Driver, procs: dict, mons: dict, seq: int, resets: int, t0
 
 def run(args) -> dict:
     t_start = time.monotonic()
+    common.stop_on_sigterm()  # the finally below stops the node processes
     duration = 60.0 if args.quick and args.duration is None else float(args.duration or 600.0)
     period = args.round_period or (20.0 if args.quick else 60.0)
     bundle, binfo, frames, names, source = bundle_and_frames(args)
@@ -257,8 +255,7 @@ def run(args) -> dict:
 
 
 def _plot(args, mons, t0, cls_t, t_end) -> None:
-    plt = common.plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = common.subplots(1, 3, figsize=(14, 3.8))
     for name, m in mons.items():
         s = np.asarray(m.samples)
         if len(s):
@@ -287,9 +284,7 @@ def add_args(p) -> None:
                           'frames reach the nodes); default: the shipped transports')
 
 
-def main(argv=None) -> int:
-    common.stop_on_sigterm()  # run()'s finally stops the node processes
-    return common.main(run, __doc__, argv, add_args, ok=lambda d: d.get('ok'))
+main = common.entry(NAME, run, __doc__, add_args, ok=lambda d: d.get('ok'))
 
 
 if __name__ == '__main__':

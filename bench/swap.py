@@ -13,6 +13,7 @@ each phase.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -45,9 +46,7 @@ def run(args) -> dict:
     res = session(str(bundle), n_swaps, period, no_swap, warmup, rate)
     data, (tr, gaps, node_swaps) = analyse(res, warmup)
     data.update({
-        'bundle': binfo,
-        'rate_hz': rate,
-        'qos': 'reliable (node depth 10, publisher depth 10)',
+        'bundle': binfo, 'rate_hz': rate, 'qos': 'reliable (node depth 10, publisher depth 10)',
         'definitions': {
             'dropped_frames': 'frames published - classifications received (whole run incl. warm-up); '
             'dropped_frames_by_phase: when those frames were published (before/during/after the swaps)',
@@ -74,12 +73,11 @@ def run(args) -> dict:
 
 def analyse(res: dict, warmup: float) -> tuple[dict, tuple]:
     """The run's figures, and (receipt times, gaps, the node's swap_head records) for the plot."""
-    s = common.session_summary(res, warmup)
+    s, j = common.session_summary(res, warmup)
     recv, node = res['recv'], res['node']
     swaps = recv['swaps']
     node_swaps = np.asarray(node.get('swaps', []), np.float64).reshape(-1, 2)  # (wall t, ms)
     t_sw0, t_sw1 = recv['swap_start'], recv['swap_end']
-    j = common.join_latency(res, warmup)
     stamps, t0 = j['stamps'], j['t_measure_start']
     # gaps between consecutive classifications (receiver) in each phase
     tr = np.sort(j['t_recv'][j['measured']])
@@ -107,11 +105,9 @@ def analyse(res: dict, warmup: float) -> tuple[dict, tuple]:
         return ('during_swaps' if t_sw0 and t_sw0 <= t <= t_sw_end
                 else ('before_swaps' if not t_sw0 or t < t_sw0 else 'after_swaps'))
 
-    missing_by_phase = {}
-    for q in missing:
-        missing_by_phase[phase(q)] = missing_by_phase.get(phase(q), 0) + 1
+    missing_by_phase = dict(Counter(phase(q) for q in missing))
     swap_ms = node_swaps[:, 1] if len(node_swaps) else np.zeros(0)
-    data = {
+    return {
         'dropped_frames': dropped_frames, 'dropped_frames_by_phase': missing_by_phase,
         'dropped_seqs': missing[:50], 'max_pause_ms': float(swap_ms.max()) if swap_ms.size else None,
         'swaps_requested': len(swaps), 'swaps_ok': ok, 'swap_head_calls': int(len(swap_ms)),
@@ -120,19 +116,16 @@ def analyse(res: dict, warmup: float) -> tuple[dict, tuple]:
         'registry_add_ms': common.lat_summary([(x['t_call'] - x['t_add']) * 1e3 for x in swaps]),
         'published': published, 'classified': s['classified'], 'node_dropped': node.get('dropped'),
         'node_rejected': node.get('rejected'), 'lost_before_node': s['lost_before_node'],
-        'gap_ms_no_swaps': common.lat_summary(gap_no),
-        'gap_ms_during_swaps': common.lat_summary(gap_sw),
+        'gap_ms_no_swaps': common.lat_summary(gap_no), 'gap_ms_during_swaps': common.lat_summary(gap_sw),
         'process_ms_no_swaps': common.lat_summary(fd[before & ~near]),
         'process_ms_near_swaps': common.lat_summary(fd[near]),
         'latency': s['latency'], 'head_version_end': node.get('head_version'),
         'failed_swaps': [x['message'] for x in swaps if not x['success']][:5],
-    }
-    return data, (tr, gaps, node_swaps)
+    }, (tr, gaps, node_swaps)
 
 
 def plot(tr, gaps, node_swaps, args) -> None:
-    plt = common.plt()
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig, ax = common.subplots(figsize=(10, 3.5))
     ax.plot(tr[1:] - tr[0], gaps, '.', ms=3, label='gap between classifications')
     for t, _ in node_swaps:
         ax.axvline(t - tr[0], color='r', alpha=0.15, lw=0.8)
@@ -141,8 +134,7 @@ def plot(tr, gaps, node_swaps, args) -> None:
     common.savefig(fig, NAME, args)
 
 
-def main(argv=None) -> int:
-    return common.main(run, __doc__, argv)
+main = common.entry(NAME, run, __doc__)
 
 
 if __name__ == '__main__':

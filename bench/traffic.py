@@ -16,13 +16,13 @@ Stops and writes its log on SIGINT.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from bench import common
+from bench.node_runner import frame_seq, stop_event
 
 
 def _qos(reliability: str, depth: int):
@@ -43,10 +43,7 @@ def run_pub(cfg: dict, node) -> dict:
     msgs = [Image(**image_fields(f, 'bgr8')) for f in frames]
     pub = node.create_publisher(Image, cfg.get('topic', 'image'),
                                 _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10))))
-    deadline = time.monotonic() + 60
-    while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if pub.get_subscription_count() < 1:
+    if not common.wait_until(lambda: pub.get_subscription_count() >= 1, 60, poll_s=0.02):
         raise RuntimeError('no subscriber on the image topic after 60 s')
     time.sleep(0.3)  # let discovery settle on the reader side too
     rate = float(cfg['rate_hz'])
@@ -85,11 +82,7 @@ class Receiver:
 
     def _on_cls(self, msg):
         t = time.time()
-        try:
-            s = int(msg.header.frame_id)
-        except ValueError:
-            s = -1
-        self.seq.append(s)
+        self.seq.append(frame_seq(msg))
         self.t.append(t)
 
     def _on_diag(self, msg):
@@ -143,42 +136,34 @@ class Receiver:
 
 
 def main(argv=None) -> int:
-    cfg_path = (argv or sys.argv[1:])[0]
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(f'bench_{cfg["role"]}')
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_event()
     if cfg['role'] == 'pub':
         out = run_pub(cfg, node)
     else:
         recv = Receiver(node, cfg)
         ex = SingleThreadedExecutor()
         ex.add_node(node)
-        swapper = None
-        if cfg.get('swap'):
-            swapper = threading.Thread(target=recv.swap_loop, args=(stop,), daemon=True)
+        swapper = (threading.Thread(target=recv.swap_loop, args=(stop,), daemon=True) if cfg.get('swap')
+                   else None)
         deadline = time.monotonic() + 60
         while node.count_publishers(cfg['cls_topic']) < 1 and time.monotonic() < deadline:
             ex.spin_once(timeout_sec=0.05)
         if swapper:
             swapper.start()
-        with open(cfg['ready'], 'w') as f:
-            f.write(str(time.time()))
+        Path(cfg['ready']).write_text(str(time.time()))
         while not stop.is_set():
             ex.spin_once(timeout_sec=0.05)
         if swapper:
             swapper.join(5)
         out = recv.result()
-    with open(cfg['out'] + '.tmp', 'w') as f:
-        json.dump(out, f)
-    os.replace(cfg['out'] + '.tmp', cfg['out'])
+    common.write_json(cfg['out'], out)
     node.destroy_node()
     rclpy.try_shutdown()
     return 0
