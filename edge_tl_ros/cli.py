@@ -43,7 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        # bad input (a dataset of the wrong layout, a damaged bundle, no GTSDB folder): one clear line
+        print(f'edge-tl {args.command}: {e}', file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+def _user_error(e: Exception) -> bool:
+    from .bundle import BundleError
+    from .data import DataError
+    from .gtsdb import SceneError
+
+    return isinstance(e, (DataError, BundleError, SceneError))
 
 
 if __name__ == '__main__':

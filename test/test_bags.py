@@ -246,7 +246,7 @@ def test_make_bag_cli(tmp_path, capsys):
     assert main(['make-bag', str(tmp_path / 'y'), '--data', str(tmp_path / 'nothing.npz')]) == 2
 
 
-def test_evaluate_bag(tmp_path, capsys):
+def test_evaluate_bag(tmp_path, capsys, monkeypatch):
     from edge_tl_ros.bags.evaluate import evaluate_bag, running_accuracy
     from edge_tl_ros.cli import main
     from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames
@@ -282,6 +282,13 @@ def test_evaluate_bag(tmp_path, capsys):
     assert summary['labelled'] == 300 and summary['adapt_rounds']
     assert main(['evaluate-bag', str(tmp_path / 'nope'), '--bundle', str(bundle)]) == 2
     assert 'bag not found' in capsys.readouterr().err
+    # the default bundle is the shipped student wherever the command runs (not a path relative to the cwd)
+    from edge_tl_ros.bundle import default_model_path
+
+    if (default_model_path() / 'manifest.yaml').is_file():
+        monkeypatch.chdir(tmp_path)
+        assert main(['evaluate-bag', str(bag), '--no-plot', '--no-progress', '--max-frames', '20']) == 0, \
+            capsys.readouterr().err
 
 
 # -- replay (real rclpy) ----------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_outlier_exposure_lowers_the_score_of_background():
             FitConfig(epochs=1, input_size=16, outlier_weight=1.0), log=lambda *_: None, progress=False)
 
 
-def test_distill_with_outlier_exposure_uses_background_crops_of_the_train_scenes(tmp_path):
+def test_distill_with_outlier_exposure_uses_background_crops_of_the_train_scenes(tmp_path, capsys):
     """``edge-tl distill --outlier-weight`` reads GTSDB-layout background crops and records them."""
     pytest.importorskip('torch')
     from edge_tl_ros.cli import main
@@ -186,8 +186,9 @@ def test_distill_with_outlier_exposure_uses_background_crops_of_the_train_scenes
     args = ['distill', '--data', str(npz), '--image-size', '16', '--student-epochs', '1', '--alpha', '0',
             '--student-batch-size', '32', '--no-int8', '--no-progress', '--threads', '1',
             '--work', str(tmp_path / 'w'), '--out', str(tmp_path / 's')]
-    with pytest.raises(gtsdb.SceneError):  # no GTSDB folder: a clear error, not a silent run without it
-        main(args + ['--outlier-weight', '0.5', '--background', str(tmp_path / 'missing')])
+    # no GTSDB folder: a clear one-line error (exit 2), not a traceback or a silent run without it
+    assert main(args + ['--outlier-weight', '0.5', '--background', str(tmp_path / 'missing')]) == 2
+    assert 'not a GTSDB-layout folder' in capsys.readouterr().err
     assert main(args + ['--outlier-weight', '0.5', '--background', str(scenes),
                         '--background-per-scene', '5']) == 0
     oe = load_bundle(tmp_path / 's').manifest['training']['outlier_exposure']

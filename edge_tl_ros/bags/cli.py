@@ -69,7 +69,8 @@ def register(subparsers) -> None:
         description='Decode every frame as the perception node does, infer with the bundle, compare with '
                     'the label of the same header stamp; accuracy over time, latency, PNG plot.')
     p.add_argument('bag')
-    p.add_argument('--bundle', default='models/gtsrb_student', help='model bundle directory')
+    p.add_argument('--bundle', default='', help='model bundle: a directory, a shipped bundle name, or "" '
+                   'for the shipped student (found wherever edge-tl runs from)')
     p.add_argument('--mode', choices=('full', 'feature_extractor', 'incremental'),
                    default='feature_extractor')
     p.add_argument('--adapt', action='store_true', help='simulate the adaptation node (edge_tl_ros.adapt)')
@@ -191,16 +192,16 @@ def cmd_replay(args) -> int:
 def cmd_evaluate_bag(args) -> int:
     from pathlib import Path
 
-    from ..bundle import BundleError
+    from ..bundle import BundleError, resolve_bundle_path
     from ..engine import EngineError
     from .evaluate import evaluate_bag, plot_result, write_json
     from .io import BagError
 
     try:
-        res = evaluate_bag(args.bag, args.bundle, mode=args.mode, image_topic=args.image_topic,
-                           label_topic=args.label_topic, window=args.window, adapt=args.adapt,
-                           adapt_every=args.adapt_every, num_threads=args.threads, provider=args.provider,
-                           max_frames=args.max_frames, progress=not args.no_progress)
+        res = evaluate_bag(args.bag, resolve_bundle_path(args.bundle), mode=args.mode,
+                           image_topic=args.image_topic, label_topic=args.label_topic, window=args.window,
+                           adapt=args.adapt, adapt_every=args.adapt_every, num_threads=args.threads,
+                           provider=args.provider, max_frames=args.max_frames, progress=not args.no_progress)
     except (BagError, BundleError, EngineError) as e:
         return _fail(str(e))
     print(res.text())
