@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +162,11 @@ def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
 
     toy = make_toy_bundle(tmp_path / 'toy')
     env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain), PYTHONUNBUFFERED='1')
+    env.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
     proc = subprocess.Popen(
         [sys.executable, '-m', 'edge_tl_ros.cli', 'up', '--model-bundle', str(toy), '--state-dir',
-         str(tmp_path / 'state'), '--camera-topic', '/cam/image'],
+         str(tmp_path / 'state'), '--camera-topic', '/cam/image', '-p', 'top_k:=2',
+         '-p', 'execution_provider:=cuda', '--ros-args', '-p', 'score_threshold:=0.0'],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node = rclpy.create_node('probe', context=ros_context)
     executor = SingleThreadedExecutor(context=ros_context)
@@ -184,12 +187,33 @@ def test_edge_tl_up_serves_a_classification(ros_context, ros_domain, tmp_path):
         assert proc.poll() is None, proc.stdout.read()
         assert got, 'no classification from edge-tl up'
         assert got[0].results[0].class_id == 'green' and got[0].header.stamp.sec == 42
+        assert len(got[0].results) == 2  # -p top_k:=2 reached the node
         names = {n for n, _ in node.get_node_names_and_namespaces()}
         assert {'perception', 'adaptation'} <= names
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            out, _ = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            out, _ = proc.communicate()
         node.destroy_node()
+    # the launch file's large shared-memory Fast DDS profile, applied without being asked
+    assert 'Fast DDS profile' in out and 'fastdds_large_shm.xml' in out, out[-2000:]
+    # this onnxruntime has no CUDA: the node says so at WARN and runs on the CPU
+    assert "execution_provider 'cuda' is not available" in out and 'WARN' in out, out[-2000:]
+
+
+def test_fastdds_profile_defaults_like_the_launch_file(monkeypatch, tmp_path):
+    from edge_tl_ros.nodes.bringup import apply_fastdds_profile, default_fastdds_profile
+
+    monkeypatch.delenv('FASTDDS_DEFAULT_PROFILES_FILE', raising=False)
+    assert apply_fastdds_profile('') is None and 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ
+    assert apply_fastdds_profile(None) == str(default_fastdds_profile())
+    assert '<profiles' in Path(os.environ['FASTDDS_DEFAULT_PROFILES_FILE']).read_text()
+    mine = tmp_path / 'mine.xml'
+    mine.write_text('<profiles/>')
+    monkeypatch.setenv('FASTDDS_DEFAULT_PROFILES_FILE', str(mine))
+    assert apply_fastdds_profile(None) == str(mine)  # the user's exported profile wins over the default
+    with pytest.raises(ValueError, match='not found'):
+        apply_fastdds_profile(str(tmp_path / 'nope.xml'))

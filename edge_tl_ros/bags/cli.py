@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help='image publishers: reliable keep-last 10 (default) or sensor-data best effort')
     p.add_argument('--deserialize', action='store_true',
                    help='deserialise and publish message objects instead of the recorded bytes')
+    from ..nodes.bringup import add_fastdds_arg
+
+    add_fastdds_arg(p)
     p.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SEC',
                    help='wait up to SEC seconds for a subscriber on every topic before starting')
     p.set_defaults(func=cmd_replay)

@@ -332,7 +332,13 @@ class Replayer:
 
 def replay_main(args) -> int:
     """``edge-tl replay``: a node ``edge_tl_replay`` publishing the bag; Ctrl-C stops it."""
+    from ..nodes.bringup import apply_fastdds_profile
+
     bag_info(args.bag)  # a missing/corrupt bag fails here, before any ROS setup
+    try:
+        profile = apply_fastdds_profile(getattr(args, 'fastdds_profile', ''))
+    except ValueError as e:
+        raise BagError(str(e)) from None
     rclpy.init()
     node = rclpy.create_node('edge_tl_replay')
     stop = threading.Event()
@@ -344,7 +350,7 @@ def replay_main(args) -> int:
         info = rep.info
         node.get_logger().info(
             f'replaying {info.path} ({info.storage}, {info.message_count} messages, {info.duration:.1f} s) '
-            f'at rate {args.rate}' + (' looping' if args.loop else '') +
+            f'at rate {args.rate}' + (' looping' if args.loop else '') + f'; Fast DDS profile {profile}' +
             ''.join(f'; {t} -> {rep.out_topic(t)}' for t in rep.topics))
         try:
             stats = rep.run(stop)

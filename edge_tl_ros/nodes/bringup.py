@@ -26,6 +26,36 @@ def default_config() -> Path:
     return DEFAULT_CONFIG
 
 
+def default_fastdds_profile() -> Path:
+    """config/fastdds_large_shm.xml of the installed package (else of the source tree)."""
+    return default_config().parent / 'fastdds_large_shm.xml'
+
+
+def apply_fastdds_profile(path: str | None) -> str | None:
+    """What the launch file does for its nodes: ``FASTDDS_DEFAULT_PROFILES_FILE`` = ``path`` (``None``: the
+    package's large shared-memory profile; ``""``: leave the environment as it is). Call before
+    ``rclpy.init()``. A profile the user already exported wins over the default. Returns the file in use."""
+    import os
+
+    if path == '':
+        return os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE')
+    if path is None:
+        if os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
+            return os.environ['FASTDDS_DEFAULT_PROFILES_FILE']
+        path = str(default_fastdds_profile())
+    if not Path(path).expanduser().is_file():
+        raise ValueError(f'Fast DDS profile {path} not found')
+    os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(Path(path).expanduser())
+    return os.environ['FASTDDS_DEFAULT_PROFILES_FILE']
+
+
+def add_fastdds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--fastdds-profile', default=None, metavar='XML',
+                   help='Fast DDS profile (FASTDDS_DEFAULT_PROFILES_FILE) as the launch file sets it; '
+                   'default: an exported FASTDDS_DEFAULT_PROFILES_FILE, else config/fastdds_large_shm.xml '
+                   '(16 MiB shared-memory segments for camera-sized frames); "" leaves the environment alone')
+
+
 def node_args(params_file: str | Path, camera_topic: str = '/camera/image', namespace: str = '',
               model_bundle: str = '', state_dir: str = '', use_compressed: bool | None = None) -> list[str]:
     """rcl command-line arguments shared by both nodes (what the launch file passes)."""
@@ -93,10 +123,17 @@ def cmd_up(args) -> int:
     from ..bundle import BundleError
     from ..engine import EngineError
 
+    try:
+        profile = apply_fastdds_profile(args.fastdds_profile)
+    except ValueError as e:
+        print(f'edge-tl up: cannot start: {e}')
+        return 1
+    print(f'edge-tl up: Fast DDS profile {profile or "(Fast DDS defaults)"}', flush=True)
+    extra = [a for kv in args.param for a in ('-p', kv)] + list(args.ros_args or [])
     rclpy.init()
     try:
         up = Bringup(args.params_file, args.camera_topic, args.namespace, args.model_bundle,
-                     args.state_dir, not args.no_adaptation, args.use_compressed or None)
+                     args.state_dir, not args.no_adaptation, args.use_compressed or None, extra_args=extra)
     except (BundleError, EngineError, ValueError) as e:
         print(f'edge-tl up: cannot start: {e}')
         rclpy.try_shutdown()
@@ -123,4 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--state-dir', default='', help='head versions + frame store directory')
     p.add_argument('--no-adaptation', action='store_true', help='run the perception node only')
     p.add_argument('--use-compressed', action='store_true', help='subscribe <camera-topic>/compressed too')
+    p.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
+                   help='set a parameter of both nodes (as ros2 run ... -p NAME:=VALUE; repeatable)')
+    add_fastdds_arg(p)
+    p.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[], metavar='ARGS',
+                   help='the rest of the line goes to both nodes as ROS arguments (-p, -r, --log-level ...)')
     p.set_defaults(func=cmd_up)

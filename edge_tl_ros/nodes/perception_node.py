@@ -135,6 +135,13 @@ class PerceptionNode(Node):
         head = self._initial_head(p('head_version')) if self.mode != 'full' else None
         self.engine = Engine(self.bundle, self.mode, p('num_threads'), p('execution_provider'),
                              use_int8=p('use_int8'), head=head)
+        from ..engine import PROVIDERS
+
+        want = p('execution_provider')
+        if PROVIDERS.get(want) != self.engine.provider:
+            self.get_logger().warning(
+                f'execution_provider {want!r} is not available in this onnxruntime; running on '
+                f'{self.engine.provider} (CUDA needs the onnxruntime-gpu package, TensorRT also TensorRT)')
         self._top_k = p('top_k')
         self._threshold = p('score_threshold')
         self._min_score = self._resolve_min_score(p('min_score'))
