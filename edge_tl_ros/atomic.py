@@ -22,12 +22,16 @@ import numpy as np
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
-    A crash (or ENOSPC) leaves at most a ``.tmp`` file behind, never a half-written ``path``.
+    A crash (or ENOSPC) leaves at most a ``.tmp`` file behind, never a half-written ``path``. The file
+    gets the permissions a plain ``open(path, 'wb')`` would give it (an existing file's mode, else
+    0666 minus the umask), not the private 0600 of the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _target_mode(path)
     fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -41,6 +45,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # read, not os.umask(): setting it to probe is process-wide and races with other threads' file creation
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -569,3 +569,25 @@ def test_round_worker_on_a_hostile_store_dir(tmp_path, monkeypatch):
     assert writer.skipped == {'not_regular': 4, 'too_large': 1}
     assert _tree(root) == before and outside.read_bytes() == outside_bytes
     sock.close()
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path):
+    """A bundle written on a workstation must be readable by the robot's service user: not the 0600 of a
+    temporary file. A new file gets 0666 minus the umask; a replaced file keeps its mode."""
+    from edge_tl_ros.atomic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        new = atomic_write_bytes(tmp_path / 'manifest.yaml', b'a: 1\n')
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644
+        private = tmp_path / 'labels.json'
+        private.write_bytes(b'{}')
+        private.chmod(0o600)
+        atomic_write_bytes(private, b'{"x": 1}')
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        assert private.read_bytes() == b'{"x": 1}'
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write_bytes(tmp_path / 'other', b'x').stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert not list(tmp_path.glob('.*.tmp'))
