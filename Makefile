@@ -26,8 +26,13 @@ bench-quick: setup
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 
+# the shipped recipe: a robust teacher (generic augmentation, outlier exposure, 48 px then 64 px) and the
+# edge_cnn_fc student distilled from it with outlier exposure (+ its alpha=0 ablation), both calibrated
+MODELS_ARGS ?= --robust --outlier-weight 0.5 --low-res-size 48 --low-res-epochs 2 --input-size 64 --epochs 1.5 \
+               --lr 3e-3 --student edge_cnn_fc --student-outlier-weight 0.5
+
 models: setup
-	$(VENV)/bin/edge-tl train-default
+	$(VENV)/bin/edge-tl train-default $(MODELS_ARGS)
 
 clean:
 	rm -rf $(VENV) build install log .pytest_cache .ruff_cache *.egg-info demo_out bench/results/tmp

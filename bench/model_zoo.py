@@ -1,4 +1,5 @@
-"""model_zoo: teacher vs student(s) on the GTSRB test set: accuracy, GFLOPs, params, batch-1 latency.
+"""model_zoo: teacher vs student(s) on the GTSRB test set: accuracy, calibration, robustness to the
+synthetic shifts, rejection of background, GFLOPs, params, batch-1 latency.
 
 Variants (each only when its files exist): the teacher bundle (models/gtsrb_teacher) and the student
 bundle (models/gtsrb_student), each as ONNX Runtime fp32 (``full.onnx`` if present, else backbone +
@@ -8,7 +9,16 @@ only). Accuracy: top-1 on the GTSRB official test set (12630 images; 1000 with -
 ``Engine.predict_batch``. Latency: one preprocessed 1x3xHxW tensor, model call only, median/p99 over
 repeated runs on 1 and 2 threads. GFLOPs and params come from the manifests when they record them,
 else they are counted from the ONNX graph (Conv/Gemm/MatMul multiply-accumulates x 2; initializers).
-The distillation ablation recorded in the student manifest is copied as is.
+The distillation ablation recorded in the student manifest is copied as is (train-default measures it
+with the same code: accuracy, ECE, false-accept rate, shifts).
+
+Per fp32 ORT row also: ``ece`` (expected calibration error of the bundle's scores, 15 bins), ``shifts``
+(top-1 under every shift of ``edge_tl_ros.shifts`` at severities 3 and 5, on the same images, one seed
+per shift: ``edge_tl_ros.training.evaluate.shift_report``) and ``reject`` (at the bundle's ``min_score``:
+the fraction of 3000 GTSDB *test-scene* background windows published as a class, and of test signs
+kept; ``edge_tl_ros.calibration.reject_report``). Top level: ``teacher_shift_mean``,
+``student_shift_mean``, ``min_teacher_margin_points`` (teacher minus student, worst shift cell),
+``student_ece``, ``student_background_false_accept``.
 
     python -m bench.model_zoo [--quick] [--student DIR] [--teacher DIR] [--data PATH] [--results-dir D]
 """
@@ -152,8 +162,39 @@ def bundles(args) -> tuple[list, list]:
     return present, missing
 
 
-def ort_row(b, label: str, kw: dict, onnx_path, images, labels, reps: int, mflops, mparams) -> dict:
-    """One ORT variant: accuracy over ``images``, graph cost, batch-1 latency on 1 and 2 threads."""
+def background(args):
+    """(3000 background windows of the GTSDB test scenes, description) or (None, why not)."""
+    from edge_tl_ros.gtsdb import SceneError, background_crops, find_gtsdb
+
+    d = Path(args.data).expanduser() if args.data else None
+    try:
+        root = find_gtsdb((d.parent if d.is_file() else d) / 'gtsdb' if d else None)
+        return background_crops(root, 'test', per_scene=10, size=32, seed=1), f'GTSDB test scenes of {root}'
+    except (SceneError, OSError) as e:
+        return None, f'no GTSDB background crops: {e}'
+
+
+def quality(b, kw: dict, probs, images, labels, bg) -> dict:
+    """ECE, accuracy under the shifts and the background false-accept rate of one fp32 bundle."""
+    from edge_tl_ros.calibration import ece, reject_report
+    from edge_tl_ros.data import Split
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.training.evaluate import shift_report
+
+    sh = shift_report(b, Split(images, labels, b.class_names), None, (3, 5), kw['mode'], num_threads=2)
+    out = {'ece': round(ece(probs, labels), 5),
+           'shifts': {k: sh[k] for k in ('accuracy', 'mean', 'worst', 'severities')}}
+    min_score = ((b.manifest.get('reject') or {}).get('min_score'))
+    if min_score is not None and bg is not None:
+        pb = Engine(b, kw['mode'], num_threads=2).predict_batch(bg, 'rgb', batch_size=256)
+        out['reject'] = reject_report(probs, labels, pb, float(min_score))
+    return out
+
+
+def ort_row(b, label: str, kw: dict, onnx_path, images, labels, reps: int, mflops, mparams,
+            bg=None) -> dict:
+    """One ORT variant: accuracy over ``images`` (fp32: also :func:`quality`), graph cost, batch-1
+    latency on 1 and 2 threads."""
     from edge_tl_ros.engine import Engine
 
     h, w = b.input_size
@@ -166,7 +207,9 @@ def ort_row(b, label: str, kw: dict, onnx_path, images, labels, reps: int, mflop
     lat = {f'{th}t': time_ort(Engine(b, kw['mode'], num_threads=th, use_int8=kw['use_int8']), reps)
            for th in (1, 2)}
     from_manifest = mflops is not None and 'int8' not in label
+    extra = {} if kw['use_int8'] else quality(b, kw, probs, images, labels, bg)
     return {
+        **extra,
         'model': label, 'bundle': b.name, 'architecture': b.manifest.get('architecture'), 'input_size': h,
         'accuracy': float(np.mean(np.argmax(probs, 1) == labels)), 'n_test': int(len(images)),
         'gflops': mflops if from_manifest else cost['gflops'],
@@ -204,10 +247,12 @@ def run(args) -> dict:
     reps = 20 if args.quick else 200
     idx = np.random.default_rng(0).permutation(len(test))[:n_eval]
     images, labels = test.images[idx], test.labels[idx]
+    bg, bg_desc = background(args)
     rows = []
     for role, root, b, vs in present:
         for label, kw, onnx_path in vs:
-            rows.append(ort_row(b, label, kw, onnx_path, images, labels, reps, *manifest_cost(b.manifest)))
+            rows.append(ort_row(b, label, kw, onnx_path, images, labels, reps, *manifest_cost(b.manifest),
+                                bg=bg))
         t_row = torch_row(role, b, reps, rows[-1])
         if t_row is not None:
             rows.append(t_row)
@@ -216,7 +261,17 @@ def run(args) -> dict:
     test_metrics = (student.manifest.get('metrics') or {}).get('test')
     if ablation and test_metrics:
         ablation['student_manifest_metrics.test'] = test_metrics
+    fp32 = {r['model'].split()[0]: r for r in rows if r['model'].endswith('ORT fp32')}
+    t_sh, s_sh = (fp32.get(k, {}).get('shifts') for k in ('teacher', 'student'))
+    margins = ({f'{n}@{v}': round(100 * (t_sh['accuracy'][n][v] - s_sh['accuracy'][n][v]), 2)
+                for n in s_sh['accuracy'] for v in s_sh['accuracy'][n]} if t_sh and s_sh else {})
+    st = fp32.get('student', {})
     data = {
+        'teacher_shift_mean': t_sh and t_sh['mean'], 'student_shift_mean': s_sh and s_sh['mean'],
+        'min_teacher_margin_points': min(margins.values()) if margins else None,
+        'student_ece': st.get('ece'),
+        'student_background_false_accept': (st.get('reject') or {}).get('background_false_accept_rate'),
+        'teacher_margin_points': margins, 'background': bg_desc,
         'models': {r['model']: {k: r[k] for k in ('accuracy', 'gflops', 'latency_ms')} for r in rows},
         'rows': rows, 'distillation_ablation': ablation or None, 'missing': missing, 'n_test': int(n_eval),
         'definitions': {
@@ -224,18 +279,39 @@ def run(args) -> dict:
             '1 thread; latency_2t on 2 threads',
             'accuracy': 'top-1 on the GTSRB official test set (a seeded subset with --quick)',
             'gflops': '2 x multiply-accumulates of one image',
+            'shifts': 'top-1 on the same test images under each edge_tl_ros.shifts shift, severities 3 and 5',
+            'teacher_margin_points': 'teacher minus student top-1 (points) per shift@severity',
+            'ece': 'expected calibration error (15 confidence bins) of the shipped (calibrated) scores',
+            'reject': "at the bundle's min_score: background windows published as a class, signs kept",
         },
     }
     table = [{'model': r['model'], 'in': r['input_size'], 'acc': r['accuracy'], 'gflops': r['gflops'],
+              'shift_mean': (r.get('shifts') or {}).get('mean'), 'ece': r.get('ece'),
+              'bg_accept': (r.get('reject') or {}).get('background_false_accept_rate'),
               'params_M': (r['params'] or 0) / 1e6, 'p50_1t_ms': r['latency_1t']['p50_ms'],
               'p99_1t_ms': r['latency_1t']['p99_ms'], 'p50_2t_ms': r['latency_2t']['p50_ms']} for r in rows]
-    plot(rows, args)
+    plot(rows, ablation, args)
     common.report(NAME, data, args, t_start, table, title=f'{n_eval} test images')
     return data
 
 
-def plot(rows: list[dict], args) -> None:
-    fig, ax = common.subplots(figsize=(7, 4.5))
+def plot(rows: list[dict], ablation, args) -> None:
+    fig, (ax, ax2) = common.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={'width_ratios': [1, 1.4]})
+    # right: accuracy under each shift at severity 5, teacher / student / alpha=0 student
+    series = [(r['model'].replace(' ORT fp32', ''), r['shifts']['accuracy']) for r in rows if r.get('shifts')]
+    abl = next((v['shifts']['accuracy'] for v in (ablation or {}).values()
+                if isinstance(v, dict) and isinstance(v.get('shifts'), dict)), None)
+    if abl:
+        series.append(('student alpha=0 (manifest)', abl))
+    if series:
+        names = list(series[0][1])
+        width = 0.8 / len(series)
+        for i, (lab, acc) in enumerate(series):
+            ax2.bar(np.arange(len(names)) + i * width, [100 * acc[n].get('5', np.nan) for n in names], width,
+                    label=lab)
+        ax2.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=8)
+        ax2.set(ylabel='top-1 under shift, severity 5 (%)', ylim=(0, 100))
+        ax2.legend(fontsize=8)
     for r in rows:
         if r['accuracy'] is not None:
             ax.scatter(r['latency_1t']['p50_ms'], r['accuracy'] * 100)

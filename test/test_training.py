@@ -351,6 +351,23 @@ def test_distill_end_to_end_one_epoch(distilled, tiny_data):
     assert m0['distillation']['teacher'] is None and m0['distillation']['alpha'] == 0
 
 
+def test_finetune_oracle_runs_the_shipped_student_graph_with_its_batchnorm():
+    """The shipped edge_cnn_fc keeps a BatchNormalization after its fc layer (nothing to fold it into):
+    the oracle runs it in inference form, equal to ONNX Runtime, with running statistics frozen."""
+    from edge_tl_ros.training.finetune import OnnxModule
+
+    b = load_bundle(Path(__file__).resolve().parents[1] / 'models' / 'gtsrb_student')
+    eng = Engine(b, 'feature_extractor')
+    imgs = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    net = OnnxModule(b.files['backbone'], b.head)
+    assert 'BatchNormalization' in {n.op_type for n in net.nodes}
+    with torch.no_grad():
+        feats = net.features(torch.from_numpy(eng.prepare_batch(imgs))).numpy()
+    np.testing.assert_allclose(feats, eng.features_batch(imgs), atol=1e-4)
+    bn = next(n for n in net.nodes if n.op_type == 'BatchNormalization')
+    assert bn.input[1] in net.key and bn.input[3] not in net.key and bn.input[3] in net.consts
+
+
 def test_finetune_oracle_starts_from_the_exported_student_and_trains_every_weight(distilled, tiny_data):
     """The adaptation benchmark's oracle: the exported seed_cnn graph (BN folded) as a torch module equals
     ONNX Runtime, then fine-tuning moves every weight, not only the head, and fits a relabelled task."""

@@ -3,9 +3,11 @@
 Only argparse at import time: torch (and the modules that import it) are imported inside the command
 functions, so ``edge-tl --help`` and the robot-side commands never import torch.
 
-The shipped bundles ``models/gtsrb_teacher`` and ``models/gtsrb_student`` are reproduced by::
+The shipped bundles ``models/gtsrb_teacher`` and ``models/gtsrb_student`` are reproduced by ``make models``::
 
-    nice -n 10 edge-tl train-default --data ../shared/data
+    edge-tl train-default --data ../shared/data --robust --outlier-weight 0.5 --low-res-size 48 \
+        --low-res-epochs 2 --input-size 64 --epochs 1.5 --lr 3e-3 \
+        --student edge_cnn_fc --student-outlier-weight 0.5
 """
 
 from __future__ import annotations
@@ -374,21 +376,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_norm_stats(args) -> int:
+def _add_norm_stats(bundle_dir, data, frames: int = 2000, seed: int = 0, threads: int = 2) -> dict:
+    """Write ``norm_stats.npz`` (test-time normalisation) for ``bundle_dir`` from random training images."""
     import numpy as np
 
     from ..ttn import add_to_bundle
+
+    split = data.full_train
+    n = min(int(frames), len(split))
+    idx = np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False))
+    return add_to_bundle(bundle_dir, split.images[idx], threads=threads,
+                         source=f'{data.desc["kind"]} {Path(str(data.desc["source"])).name} '
+                                f'[train, {n} random images, seed {seed}]')
+
+
+def cmd_norm_stats(args) -> int:
     from .datasets import training_data
 
     data = training_data(args.data, image_size=args.image_size, val_fraction=0.1, seed=0,
                          image_topic=args.image_topic, label_topic=args.label_topic)
-    split = data.full_train
-    n = min(int(args.frames), len(split))
-    idx = np.sort(np.random.default_rng(args.seed).choice(len(split), n, replace=False))
-    summary = add_to_bundle(args.bundle, split.images[idx], threads=args.threads,
-                            source=f'{data.desc["kind"]} {Path(str(data.desc["source"])).name} '
-                                   f'[train, {n} random images, '
-                                   f'seed {args.seed}]')
+    summary = _add_norm_stats(args.bundle, data, args.frames, args.seed, args.threads)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -488,6 +495,8 @@ def cmd_train_default(args) -> int:
             train_teacher(data, teacher_dir, _teacher_cfg(args), 'gtsrb_teacher', work, command, args.threads,
                           log, not args.no_progress, background=_background(args, log))
             calibrate_from_args(teacher_dir, args, log)
+            # source statistics for test-time-normalised teacher pseudo-labels on the robot
+            _add_norm_stats(teacher_dir, data, threads=args.threads)
             _record_shifts(teacher_dir, data, args.threads, log)
             timings['teacher_s'] = round(time.time() - t, 1)
         t = time.time()

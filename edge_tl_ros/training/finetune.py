@@ -39,7 +39,7 @@ class OnnxModule(torch.nn.Module):
 
     OPS = ('Conv', 'Relu', 'MaxPool', 'AveragePool', 'GlobalAveragePool', 'Flatten', 'Gemm', 'MatMul',
            'Add', 'Sub', 'Mul', 'Div', 'Clip', 'Sigmoid', 'HardSigmoid', 'HardSwish', 'Reshape', 'Identity',
-           'Constant')
+           'Constant', 'BatchNormalization')
 
     def __init__(self, backbone_path: str | Path, head: Head):
         super().__init__()
@@ -55,9 +55,11 @@ class OnnxModule(torch.nn.Module):
         self.params = torch.nn.ParameterDict()
         self.key: dict[str, str] = {}
         self.consts: dict[str, torch.Tensor] = {}
+        # BatchNormalization runs in inference form: its running mean/var stay fixed, scale/bias train
+        frozen = {i for n in self.nodes if n.op_type == 'BatchNormalization' for i in n.input[3:5]}
         for init in g.initializer:
             a = numpy_helper.to_array(init).copy()
-            if a.dtype == np.float32:
+            if a.dtype == np.float32 and init.name not in frozen:
                 k = f'w{len(self.key)}'
                 self.key[init.name] = k
                 self.params[k] = torch.nn.Parameter(torch.from_numpy(a))
@@ -113,6 +115,11 @@ class OnnxModule(torch.nn.Module):
                 y = a[0] @ a[1]
             elif t in ('Add', 'Sub', 'Mul', 'Div'):
                 y = {'Add': torch.add, 'Sub': torch.sub, 'Mul': torch.mul, 'Div': torch.div}[t](a[0], a[1])
+            elif t == 'BatchNormalization':
+                if at.get('training_mode', 0):
+                    raise FinetuneError(f'{n.name}: training-mode BatchNormalization is not supported')
+                y = F.batch_norm(a[0], a[3], a[4], a[1], a[2], training=False,
+                                 eps=float(at.get('epsilon', 1e-5)))
             elif t == 'Relu':
                 y = F.relu(a[0])
             elif t == 'Clip':
