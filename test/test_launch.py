@@ -1,7 +1,8 @@
-"""launch/edge_tl.launch.py structure (launch_ros is not installable here) and `edge-tl up`.
+"""launch/edge_tl.launch.py structure and `edge-tl up`, without the launch packages installed.
 
-The launch file is executed for real against recording stand-ins of the launch API, so the checks
-see exactly the actions it builds; the nodes are then started with the shipped YAML on real rclpy.
+The launch file is executed against recording stand-ins of the launch API, so the checks see exactly
+the actions it builds even where launch_ros is absent; the nodes are then started with the shipped
+YAML on real rclpy. The real `ros2 launch` / `ros2 run` / ros2cli checks are in test_ros2_cli.py.
 """
 
 import ast

@@ -5,17 +5,22 @@
 #   2. pip install -r requirements/dev.txt (plain pip: the CPU torch build comes from local disk);
 #      with EDGE_TL_TORCH=cuda also requirements/cuda.txt (torch with CUDA + torchvision)
 #   3. builds vision_msgs (tools/build_vision_msgs.sh) and installs it into .venv
-#   4. installs edge_tl_ros itself in editable mode (edge-tl, perception_node, adaptation_node
-#      land on .venv/bin), links share/edge_tl_ros into the venv's ament index and makes
-#      AMENT_PREFIX_PATH default to the venv
-#   5. writes .venv/.setup-stamp (sha256 of the inputs); a re-run with the same inputs exits at once
+#   4. installs the ROS 2 launch / ros2cli stack from ../shared/vendor/ros2_launch when that folder is
+#      there (`ros2 launch`, `ros2 run`, `ros2 topic` ...; on a robot they come with ROS)
+#   5. installs edge_tl_ros itself in editable mode (edge-tl, perception_node, adaptation_node
+#      land on .venv/bin), lays it out in the venv as an ament prefix (share/edge_tl_ros,
+#      lib/edge_tl_ros/<executable>) and makes AMENT_PREFIX_PATH default to the venv
+#   6. writes .venv/.setup-stamp (sha256 of the inputs); a re-run with the same inputs exits at once
 #
 # Environment: VENV (default <repo>/.venv), PYTHON (default python3.11), SETUP_FORCE=1 to ignore
-# the stamp, SETUP_RECREATE=1 to delete and recreate the venv, EDGE_TL_TORCH=cuda for CUDA torch.
+# the stamp, SETUP_RECREATE=1 to delete and recreate the venv, EDGE_TL_TORCH=cuda for CUDA torch,
+# EDGE_TL_ROS2_LAUNCH_SRC (default <repo>/../shared/vendor/ros2_launch; "none" skips it).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
+ROS2_LAUNCH_SRC="${EDGE_TL_ROS2_LAUNCH_SRC:-$REPO_ROOT/../shared/vendor/ros2_launch}"
+[ -f "$ROS2_LAUNCH_SRC/install_ros2_launch.sh" ] || ROS2_LAUNCH_SRC=""
 VENV="${VENV:-$REPO_ROOT/.venv}"
 STAMP="$VENV/.setup-stamp"
 PIP_VERSION="26.3"
@@ -31,11 +36,14 @@ stamp_inputs() {
     echo tools/build_vision_msgs.sh
     echo setup.py
     echo setup.cfg
+    ls launch/*.py
   } | LC_ALL=C sort
 }
 compute_stamp() {
   # shellcheck disable=SC2046
-  { sha256sum $(stamp_inputs); echo "python=${PYTHON:-python3.11} torch=${EDGE_TL_TORCH:-cpu}"; } | sha256sum | cut -d' ' -f1
+  { sha256sum $(stamp_inputs)
+    if [ -n "$ROS2_LAUNCH_SRC" ]; then (cd "$ROS2_LAUNCH_SRC" && sha256sum ./*.sh ./*.txt); else echo "ros2_launch=none"; fi
+    echo "python=${PYTHON:-python3.11} torch=${EDGE_TL_TORCH:-cpu}"; } | sha256sum | cut -d' ' -f1
 }
 
 # One setup at a time per checkout (e.g. two `make test` started together): lock this script file.
@@ -120,7 +128,16 @@ esac
 log "building vision_msgs"
 bash tools/build_vision_msgs.sh "$VENV"
 
-# --- 4. this package (editable) --------------------------------------------------------------------
+# --- 4. ros2 launch / ros2cli (from source, offline) -----------------------------------------------
+if [ -n "$ROS2_LAUNCH_SRC" ]; then
+  log "installing ROS 2 launch + ros2cli from $ROS2_LAUNCH_SRC"
+  PIP_DEPS=1 bash "$ROS2_LAUNCH_SRC/install_ros2_launch.sh" "$VENV" "$ROS2_LAUNCH_SRC"
+else
+  log "no ROS 2 launch sources (../shared/vendor/ros2_launch or \$EDGE_TL_ROS2_LAUNCH_SRC): skipping" \
+      "ros2 launch / ros2 run / ros2 topic; on a robot they come with ROS, here use edge-tl up"
+fi
+
+# --- 5. this package (editable) --------------------------------------------------------------------
 log "pip install -e . (editable)"
 pip_filtered install -q --no-deps --no-build-isolation -e .
 
@@ -132,10 +149,18 @@ rm -rf "$SHARE"
 mkdir -p "$SHARE" "$VENV/share/ament_index/resource_index/packages"
 : > "$VENV/share/ament_index/resource_index/packages/edge_tl_ros"
 ln -s "$REPO_ROOT/package.xml" "$SHARE/package.xml"
-for d in launch config models; do
+for d in config models; do
   mkdir -p "$REPO_ROOT/$d"
   ln -s "$REPO_ROOT/$d" "$SHARE/$d"
 done
+# `ros2 launch PKG FILE` walks share/PKG without following directory links: a real launch/ directory
+# with one link per file (as colcon --symlink-install lays it out)
+mkdir -p "$SHARE/launch"
+for f in "$REPO_ROOT"/launch/*.py; do ln -s "$f" "$SHARE/launch/$(basename "$f")"; done
+# `ros2 run` and launch_ros' Node(package=, executable=) look in <prefix>/lib/<package>/ only
+rm -rf "$VENV/lib/edge_tl_ros"
+mkdir -p "$VENV/lib/edge_tl_ros"
+for exe in perception_node adaptation_node; do ln -s "../../bin/$exe" "$VENV/lib/edge_tl_ros/$exe"; done
 
 # AMENT_PREFIX_PATH defaults to the venv in every interpreter of the venv (ament_index_python needs
 # it; the pip ROS wheels install their share/ and lib/ under the venv prefix). Runs before
@@ -145,7 +170,7 @@ cat > "$SITE/edge_tl_ros_env.pth" <<'EOF'
 import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
 EOF
 
-# --- 5. final check + stamp ---------------------------------------------------------------------------
+# --- 6. final check + stamp ---------------------------------------------------------------------------
 env -u AMENT_PREFIX_PATH -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE "$VPY" -c '
 from ament_index_python.packages import get_package_share_directory
 from vision_msgs.msg import Classification  # noqa: F401
@@ -153,5 +178,11 @@ import rclpy  # noqa: F401
 get_package_share_directory("edge_tl_ros")
 get_package_share_directory("vision_msgs")
 '
+if [ -n "$ROS2_LAUNCH_SRC" ]; then
+  env -u AMENT_PREFIX_PATH -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE \
+    "$VENV/bin/ros2" pkg executables edge_tl_ros | grep -q perception_node \
+    || { echo "[setup] ros2 does not find edge_tl_ros' executables" >&2; exit 1; }
+  log "ros2 launch edge_tl_ros edge_tl.launch.py / ros2 run edge_tl_ros perception_node: ready"
+fi
 echo "$want" > "$STAMP"
 log "done in $(( $(date +%s) - start )) s; use $VENV/bin/python (no activation or sourcing needed)"
