@@ -40,9 +40,10 @@ with teacher pseudo-labels (true labels when no teacher exists; ``gap_recovered_
 
 Contrast ``student_norm_run`` (same run, 500 frames, teacher labels; not what the node ships): the
 student's own conv activations re-normalised to the 500 local frames' statistics (AdaBN folded into the
-conv weights: a backbone change, so the node would have to swap backbones, and the anchor check would
-need source images), then the same round on the new features; ``source_accuracy`` = that backbone with
-the bundle head on the unshifted test frames.
+conv weights by ``ttn.adapted_backbone``, the backbone the perception node can hot-swap with a head
+version; the round does not produce it yet, and its anchor check would need source images), then the
+same round on the new features; ``source_accuracy`` = that backbone with the bundle head on the
+unshifted test frames.
 ``ceiling`` per shift (same run, the 500 local frames with their TRUE labels, no holdout): what these
 frames allow at most. ``head_true`` = the head alone; ``full_true`` = every weight (``finetune_all``,
 60 epochs, where 30 -> 60 -> 100 epochs gained +3 / +1 points); ``full_teacher`` = every weight on the
@@ -155,8 +156,6 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
                           teacher_classes, cfg, gap) -> dict | None:
     """AdaBN of the student's backbone on the pool frames, then the shipped round on its features."""
     try:
-        from onnx import helper, numpy_helper
-        import onnx
         import onnxruntime as ort
 
         from edge_tl_ros import ttn
@@ -165,29 +164,9 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
     stats_path = student.path('norm_stats')
     if stats_path is None:
         return None
-    src = ttn.load_norm_stats(stats_path)
-    m = ttn.ttn_model(student.files['backbone'], src)
-    k_convs = len(src['names'])
-    outs = [f'ttn{k}_{s}' for k in range(k_convs) for s in ('mean', 'var')]
-    for n in outs:
-        m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
-    # the batch moments ttn_model computes for each conv output (after the earlier convs are normalised,
-    # as AdaBN needs): one batch = the 500 local frames
-    r = sess.run(outs, {sess.get_inputs()[0].name: x_all[pool_ix]})
-    base = onnx.load(str(student.files['backbone']))
-    init = {i.name: i for i in base.graph.initializer}
-    off = np.concatenate([[0], np.cumsum(src['sizes'])])
-    for k, conv in enumerate(n for n in base.graph.node if n.op_type == 'Conv'):
-        mu_s, sd_s = src['mean'][off[k]:off[k + 1]], src['std'][off[k]:off[k + 1]]
-        mu_t, sd_t = r[2 * k].ravel(), np.sqrt(r[2 * k + 1].ravel() + ttn.DEFAULT_EPS)
-        a = sd_s / sd_t  # conv'(x) = (conv(x) - mu_t) * sd_s / sd_t + mu_s, folded into W and b
-        w, b = (numpy_helper.to_array(init[conv.input[j]]) for j in (1, 2))
-        init[conv.input[1]].CopyFrom(numpy_helper.from_array((w * a.reshape(-1, 1, 1, 1)).astype(np.float32),
-                                                             conv.input[1]))
-        init[conv.input[2]].CopyFrom(numpy_helper.from_array(((b - mu_t) * a + mu_s).astype(np.float32),
-                                                             conv.input[2]))
-    sess = ort.InferenceSession(base.SerializeToString(), providers=['CPUExecutionProvider'])
+    # AdaBN, as the shipped code folds it: one batch = the 500 local frames
+    model = ttn.adapted_backbone(student.files['backbone'], ttn.load_norm_stats(stats_path), x_all[pool_ix])
+    sess = ort.InferenceSession(model, providers=['CPUExecutionProvider'])
 
     def feats(x):
         return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1000]})[0]

@@ -60,7 +60,8 @@ STRAY_AGE_S = 60.0  # an unregistered head_v<N>.npz / temp file this old is a cr
 _ONNX_KEYS = ('backbone', 'full', 'backbone_int8')
 _SHA256 = re.compile(r'[0-9a-f]{64}')
 _VERSION_KEY = re.compile(r'[1-9][0-9]{0,14}')
-_STRAY = re.compile(r'head_v(?P<v>[1-9][0-9]*)\.npz|\.(head_v[0-9]+\.npz|index\.json)\.[A-Za-z0-9_]+\.tmp')
+_STRAY = re.compile(r'(?:head_v(?P<v>[1-9][0-9]*)\.npz|backbone_v(?P<w>[1-9][0-9]*)\.onnx)'
+                    r'|\.((head_v[0-9]+\.npz|backbone_v[0-9]+\.onnx|index\.json)\.[A-Za-z0-9_]+\.tmp)')
 _BAD_CHAR_CATEGORIES = ('Cc', 'Cs', 'Zl', 'Zp')  # control characters, lone surrogates, line breaks
 
 
@@ -129,6 +130,15 @@ def _float32_array(x, what: str) -> np.ndarray:
         if isinstance(e, BundleError):
             raise
         raise BundleError(f'{what} is not a numeric array ({type(e).__name__}: {str(e)[:100]})') from e
+
+
+def backbone_max_bytes(bundle: 'ModelBundle') -> int:
+    """Bound on an adapted backbone file: the same graph as the bundle's, so a small multiple of it."""
+    try:
+        size = bundle.files['backbone'].stat().st_size
+    except OSError:
+        size = 0
+    return max(4 << 20, 2 * size + (1 << 20))
 
 
 def head_max_bytes(feature_size: int) -> int:
@@ -576,7 +586,13 @@ class HeadRegistry:
     (atomically) and registers it in ``index.json`` (also atomic)::
 
         {"current": N, "accepted": [0, .., N],
-         "versions": {"N": {"file": "head_v<N>.npz", "sha256": <hex>, "created", "metrics", ...}}}
+         "versions": {"N": {"file": "head_v<N>.npz", "sha256": <hex>, "created", "metrics", ...,
+                            "backbone": {"file": "backbone_v<N>.onnx", "sha256": <hex>}}}}
+
+    A version may carry its own backbone (``backbone_v<N>.onnx``: the bundle's backbone with statistics
+    re-estimated on robot frames, :func:`edge_tl_ros.ttn.adapted_backbone`); its head was trained on that
+    backbone's features, so the two load, roll back and fall back together (``with_backbone=True``
+    returns ``(head, backbone bytes or None)``; None = the bundle's backbone).
 
     ``rollback()`` moves ``current`` to the previous accepted version (and drops the later ones from
     ``accepted``; their files stay, so ``activate`` can undo it). A version loads only if its file's sha256
@@ -644,6 +660,10 @@ class HeadRegistry:
             if meta.get('file', f'head_v{key}.npz') != f'head_v{key}.npz':
                 raise self._corrupt(f'version {key} names file {_short(meta.get("file"))}, '
                                     f'not head_v{key}.npz')
+            bb = meta.get('backbone')
+            if bb is not None and (not isinstance(bb, dict) or bb.get('file') != f'backbone_v{key}.onnx'):
+                raise self._corrupt(f'version {key} backbone entry {_short(bb)} does not name '
+                                    f'backbone_v{key}.onnx')
         cur, acc = obj.get('current'), obj.get('accepted')
         if not _is_int(cur, 0, MAX_VERSION) or (cur and str(cur) not in versions):
             raise self._corrupt(f'"current" must be 0 or a registered version, got {_short(cur)}')
@@ -673,14 +693,36 @@ class HeadRegistry:
             return self.bundle.files['head']
         return self.dir / f'head_v{version}.npz'
 
-    def load(self, version: int | None = None) -> Head:
-        """Load a version (default: current) and validate it against the bundle."""
-        return self._load_from(self._read_index(), version)
+    def backbone_path_of(self, version: int) -> Path:
+        return self.dir / f'backbone_v{version}.onnx'
 
-    def _load_from(self, idx: dict, version) -> Head:
+    def load(self, version: int | None = None, with_backbone: bool = False):
+        """Load a version (default: current) and validate it against the bundle; with ``with_backbone``,
+        ``(head, backbone bytes or None)``."""
+        return self._load_from(self._read_index(), version, with_backbone)
+
+    def _load_backbone(self, version: int, meta: dict) -> bytes | None:
+        bb = meta.get('backbone')
+        if bb is None:
+            return None
+        want = bb.get('sha256')
+        if not isinstance(want, str) or not _SHA256.fullmatch(want):
+            raise BundleError(f'backbone of version {version}: the index has no valid sha256 (required)')
+        p = self.backbone_path_of(version)
+        try:
+            data = read_bounded(p, backbone_max_bytes(self.bundle))
+        except FileNotFoundError as e:
+            raise BundleError(f'backbone of version {version}: file {p} is missing') from e
+        except (OSError, ValueError) as e:
+            raise BundleError(f'backbone of version {version}: {e}') from e
+        if hashlib.sha256(data).hexdigest() != want:
+            raise BundleError(f'backbone of version {version}: sha256 mismatch, {p} is corrupt')
+        return data
+
+    def _load_from(self, idx: dict, version, with_backbone: bool = False):
         version = _as_version(idx['current'] if version is None else version)
         if version == 0:
-            return self.bundle.head
+            return (self.bundle.head, None) if with_backbone else self.bundle.head
         meta = idx['versions'].get(str(version))
         if meta is None:
             raise BundleError(f'head version {version} is not registered in {self.index_path}')
@@ -699,7 +741,8 @@ class HeadRegistry:
             raise BundleError(f'head version {version}: sha256 mismatch, {p} is corrupt')
         head = Head.load(p, version=version, max_bytes=bound, data=data)
         self.check_compatible(head)
-        return head
+        backbone = self._load_backbone(version, meta)  # verified even when not asked for: a pair or nothing
+        return (head, backbone) if with_backbone else head
 
     def check_compatible(self, head: Head) -> None:
         base = self.bundle.class_names
@@ -716,27 +759,40 @@ class HeadRegistry:
         pos = acc.index(cur) if cur in acc else len(acc)
         return acc[pos - 1] if pos else None
 
-    def load_current_or_fallback(self) -> tuple[Head, str | None]:
+    def load_current_or_fallback(self, with_backbone: bool = False) -> tuple:
         """The current head; if it is unusable, the previous accepted versions in turn, else the bundle head.
 
-        Never raises. Returns ``(head, warning)``; the warning explains a fallback (None if none was
-        needed). The index is read once (linear in the number of versions tried).
+        Never raises. Returns ``(head, warning)``, with ``with_backbone`` ``(head, backbone, warning)``; the
+        warning explains a fallback (None if none was needed). A version whose backbone file is damaged is
+        unusable as a whole. The index is read once (linear in the number of versions tried).
         """
-        try:
-            idx = self._read_index()
-        except BundleError as e:
-            return self.bundle.head, f'{e}; using the bundle head (v0)'
+        if with_backbone:
+            try:
+                idx = self._read_index()
+            except BundleError as e:
+                return self.bundle.head, None, f'{e}; using the bundle head (v0)'
+            (head, backbone), warn = self._first_usable(idx)
+            return head, backbone, warn
+        head_backbone, warn = self._first_usable(None)
+        return head_backbone[0], warn
+
+    def _first_usable(self, idx: dict | None) -> tuple[tuple, str | None]:
+        if idx is None:
+            try:
+                idx = self._read_index()
+            except BundleError as e:
+                return (self.bundle.head, None), f'{e}; using the bundle head (v0)'
         acc, cur = idx['accepted'], idx['current']
         pos = acc.index(cur) if cur in acc else len(acc)
         first_error = None
         for v in dict.fromkeys([cur, *reversed(acc[:pos]), 0]):
             try:
-                head = self._load_from(idx, v)
+                pair = self._load_from(idx, v, with_backbone=True)
             except BundleError as e:
                 first_error = first_error or str(e)
                 continue
-            return head, None if first_error is None else f'head v{cur} unusable ({first_error}), using v{v}'
-        return self.bundle.head, 'no usable adapted head, using the bundle head (v0)'
+            return pair, None if first_error is None else f'head v{cur} unusable ({first_error}), using v{v}'
+        return (self.bundle.head, None), 'no usable adapted head, using the bundle head (v0)'
 
     @contextlib.contextmanager
     def _locked(self):
@@ -765,9 +821,11 @@ class HeadRegistry:
             if fd is not None:
                 os.close(fd)  # releases the lock
 
-    def add(self, head: Head, metrics: dict | None = None, activate: bool = True) -> Head:
+    def add(self, head: Head, metrics: dict | None = None, activate: bool = True,
+            backbone: bytes | None = None) -> Head:
         """Write ``head`` as the next version (atomic), register it, and make it current; then apply
-        retention (``keep_versions``).
+        retention (``keep_versions``). ``backbone``: serialised ONNX the head's features come from (the
+        bundle's backbone with re-estimated statistics), stored as ``backbone_v<N>.onnx`` with the version.
 
         Safe against concurrent writers (threads or processes) and write failures (ENOSPC, EROFS, ...):
         on any error the index and the current head are unchanged and no new file is left behind.
@@ -779,10 +837,26 @@ class HeadRegistry:
             head = Head(head.weight, head.bias, head.class_names, version)
             p = self.path_of(version)
             data = head.to_bytes()
-            atomic_write_bytes(p, data)
-            idx['versions'][str(version)] = {
-                'file': p.name, 'sha256': hashlib.sha256(data).hexdigest(), 'created': time.time(),
-                'metrics': metrics or {}, 'num_classes': head.num_classes}
+            written = []
+            meta = {'file': p.name, 'sha256': hashlib.sha256(data).hexdigest(), 'created': time.time(),
+                    'metrics': metrics or {}, 'num_classes': head.num_classes}
+            try:
+                if backbone is not None:
+                    bp = self.backbone_path_of(version)
+                    if len(backbone) > backbone_max_bytes(self.bundle):
+                        raise BundleError(f'backbone of {len(backbone)} bytes is larger than the bound '
+                                          f'{backbone_max_bytes(self.bundle)} for bundle {self.bundle.name}')
+                    atomic_write_bytes(bp, backbone)
+                    written.append(bp)
+                    meta['backbone'] = {'file': bp.name, 'sha256': hashlib.sha256(backbone).hexdigest()}
+                atomic_write_bytes(p, data)
+                written.append(p)
+            except BaseException:
+                for f in written:
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                raise
+            idx['versions'][str(version)] = meta
             if activate:
                 idx['accepted'].append(version)
                 idx['current'] = version
@@ -790,14 +864,14 @@ class HeadRegistry:
             try:
                 self._write_index(idx)
             except BaseException:
-                try:  # not registered: do not leave an orphan version file behind
-                    p.unlink()
-                except OSError:
-                    pass
+                for f in written:  # not registered: do not leave orphan version files behind
+                    with contextlib.suppress(OSError):
+                        f.unlink()
                 raise
             for v in doomed:  # unregistered now: a crash before the unlink leaves a stray, removed later
-                with contextlib.suppress(OSError):
-                    self.path_of(v).unlink()
+                for f in (self.path_of(v), self.backbone_path_of(v)):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
             if self.keep_versions:
                 self._remove_strays(idx)
         return head
@@ -823,7 +897,7 @@ class HeadRegistry:
             return
         for e in entries:
             m = _STRAY.fullmatch(e.name)
-            if m is None or (m['v'] and m['v'] in idx['versions']):
+            if m is None or ((m['v'] or m['w']) and (m['v'] or m['w']) in idx['versions']):
                 continue
             with contextlib.suppress(OSError):
                 old = now - e.stat(follow_symlinks=False).st_mtime > STRAY_AGE_S
@@ -841,8 +915,9 @@ class HeadRegistry:
             self._write_index(idx)
         return head
 
-    def rollback(self) -> Head:
-        """Return to the previous accepted version. Raises BundleError if already at the first one."""
+    def rollback(self, with_backbone: bool = False):
+        """Return to the previous accepted version (with ``with_backbone``: ``(head, backbone or None)``).
+        Raises BundleError if already at the first one."""
         with self._locked():
             idx = self._read_index()
             acc = idx['accepted']
@@ -851,11 +926,11 @@ class HeadRegistry:
             if pos == 0:
                 raise BundleError('already at the first accepted head (v0); nothing to roll back to')
             prev = acc[pos - 1]
-            head = self._load_from(idx, prev)
+            head, backbone = self._load_from(idx, prev, with_backbone=True)
             idx['accepted'] = acc[:pos]
             idx['current'] = prev
             self._write_index(idx)
-        return head
+        return (head, backbone) if with_backbone else head
 
 
 def default_model_path(name: str = 'gtsrb_student') -> Path:

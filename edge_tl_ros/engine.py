@@ -80,10 +80,11 @@ def make_session(path, num_threads: int = 1, provider: str = 'cpu', low_priority
     want = PROVIDERS[provider]
     providers = [want, 'CPUExecutionProvider'] if want in available and want != 'CPUExecutionProvider' \
         else ['CPUExecutionProvider']
+    what = 'adapted backbone' if isinstance(path, bytes) else path
     try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
+        sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
     except Exception as e:  # onnxruntime's own exception types
-        raise BundleError(f'{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}') from e
+        raise BundleError(f'{what}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:200]}') from e
     used = sess.get_providers()[0]
     return sess, used
 
@@ -93,7 +94,10 @@ class Engine:
 
     def __init__(self, bundle: ModelBundle, mode: str = 'feature_extractor', num_threads: int = 1,
                  provider: str = 'cpu', use_int8: bool = False, head: Head | None = None,
-                 low_priority: bool = False):
+                 low_priority: bool = False, backbone: bytes | None = None,
+                 backbone_version: int | None = None):
+        """``backbone``: serialised ONNX that replaces the bundle's backbone (an adapted version from the head
+        registry, ``backbone_version`` its version); validated here: same input, ``feature_size`` outputs."""
         if mode not in MODES:
             raise EngineError(f'unknown deployment mode {mode!r}; choose one of {list(MODES)}')
         self.bundle = bundle
@@ -103,7 +107,14 @@ class Engine:
         self.color_order = bundle.color_order
         self._mean = bundle.mean.reshape(3, 1, 1)
         self._inv_std = (1.0 / bundle.std).reshape(3, 1, 1).astype(np.float32)
-        if mode == 'full':
+        self.backbone_version = None  # None: the bundle's own backbone
+        if backbone is not None:
+            if mode == 'full':
+                raise EngineError('deployment mode full has the bundle backbone fused into full.onnx; use '
+                                  'feature_extractor or incremental with an adapted backbone')
+            path = backbone
+            self.backbone_version = backbone_version
+        elif mode == 'full':
             path = bundle.path('full')
             if path is None:
                 raise EngineError(f'bundle {bundle.name} has no full.onnx; use mode feature_extractor')
@@ -112,11 +123,21 @@ class Engine:
             if use_int8 and path is None:
                 raise EngineError(f'bundle {bundle.name} has no int8 backbone')
             path = path or bundle.path('backbone')
-        self.model_path = path
+        self.model_path = path if backbone is None else f'<adapted backbone v{backbone_version}>'
         self.session, self.provider = make_session(path, num_threads, provider, low_priority)
         self._in_name = self.session.get_inputs()[0].name
         self._out_name = self.session.get_outputs()[0].name
         self._x = np.zeros((1, 3, h, w), np.float32)  # pre-allocated input tensor
+        if backbone is not None:
+            try:
+                out = self.session.run([self._out_name], {self._in_name: self._x})[0]
+            except Exception as e:  # onnxruntime's exception types: wrong input rank/shape/type
+                raise BundleError(f'adapted backbone v{backbone_version} does not take the bundle\'s '
+                                  f'[1,3,{h},{w}] input: {str(e).splitlines()[0][:200]}') from e
+            if out.shape != (1, bundle.feature_size) or not np.isfinite(out).all():
+                raise BundleError(f'adapted backbone v{backbone_version} gives {out.shape} outputs '
+                                  f'(finite: {bool(np.isfinite(out).all())}), the bundle needs '
+                                  f'(1, {bundle.feature_size})')
         self.head: Head | None = None
         if mode != 'full':
             self.swap_head(head or bundle.head)

@@ -17,7 +17,10 @@ statistics taken from the batch. For convolutions without BN it is a plain first
 - :func:`ttn_model` rewrites the backbone ONNX graph (the ``onnx`` package; needed only where this
   runs, i.e. the adaptation round or the workstation, never the perception node);
 - :class:`TestTimeNormSession` runs it: a batch's output depends on the whole batch, so callers pass
-  batches of mixed frames (:func:`balanced_batches`), never single frames.
+  batches of mixed frames (:func:`balanced_batches`), never single frames;
+- :func:`adapted_backbone` is the deployable form (AdaBN): the moments of the robot's frames, measured
+  once, folded into the convolution weights, so the backbone runs frame by frame again and can be
+  hot-swapped into the perception node like a head (``HeadRegistry.add(..., backbone=...)``).
 
 The adaptation node uses it to pseudo-label with the teacher (``teacher_test_time_norm``); on the
 bundled GTSRB shifts it lifts the teacher's label accuracy by about 10 points (bench.adaptation).
@@ -180,6 +183,68 @@ def ttn_model(backbone_path, stats: dict, eps: float = DEFAULT_EPS):
             g.node.insert(at + j, n)
     onnx.checker.check_model(model)
     return model
+
+
+def domain_moments(backbone_path, stats: dict, x: np.ndarray, threads: int = 1,
+                   eps: float = DEFAULT_EPS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per conv output, the (mean, std) of the target frames ``x`` ([N,3,H,W] normalised, N >= MIN_BATCH)
+    with every earlier conv output already re-normalised, as AdaBN measures them: one batch of all N."""
+    onnx = _onnx()
+    if len(x) < MIN_BATCH:
+        raise TTNError(f'domain moments need at least {MIN_BATCH} frames, got {len(x)}')
+    model = ttn_model(backbone_path, stats, eps)
+    k = len(stats['names'])
+    outs = [f'ttn{i}_{s}' for i in range(k) for s in ('mean', 'var')]
+    for n in outs:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = _session(model.SerializeToString(), threads)
+    r = sess.run(outs, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})
+    return [(r[2 * i].ravel().astype(np.float64), np.sqrt(r[2 * i + 1].ravel().astype(np.float64) + eps))
+            for i in range(k)]
+
+
+def adapted_backbone(backbone_path, stats: dict, x: np.ndarray, threads: int = 1,
+                     eps: float = DEFAULT_EPS) -> bytes:
+    """The backbone with the target frames' moments folded into its convolutions (serialised ONNX).
+
+    Every conv output ``y`` becomes ``(y - mean_target) * std_source / std_target + mean_source``, written
+    into the conv's weight and bias (a conv without a bias gets one): for a BN-folded conv this is the
+    network with its BN statistics re-estimated on the target frames. Same inputs, outputs and cost as the
+    original; the perception node runs it on single frames. ``x``: [N,3,H,W] normalised target frames.
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    moments = domain_moments(backbone_path, stats, x, threads, eps)
+    model = onnx.load(str(backbone_path))
+    init = {i.name: i for i in model.graph.initializer}
+    off = np.concatenate([[0], np.cumsum(stats['sizes'])]).astype(np.int64)
+    for k, conv in enumerate(n for n in model.graph.node if n.op_type == 'Conv'):
+        if conv.input[1] not in init:
+            raise TTNError(f'{backbone_path}: conv {conv.name} weight is not a constant; cannot fold')
+        mu_s = stats['mean'][off[k]:off[k + 1]].astype(np.float64)
+        sd_s = stats['std'][off[k]:off[k + 1]].astype(np.float64)
+        mu_t, sd_t = moments[k]
+        a = sd_s / sd_t
+        w = numpy_helper.to_array(init[conv.input[1]]).astype(np.float64)
+        if len(conv.input) > 2 and conv.input[2]:
+            b = numpy_helper.to_array(init[conv.input[2]]).astype(np.float64)
+            bias_name = conv.input[2]
+        else:
+            b, bias_name = np.zeros(w.shape[0]), f'{conv.output[0]}_adapted_bias'
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(len(w), np.float32), bias_name))
+            init[bias_name] = model.graph.initializer[-1]
+            while len(conv.input) < 3:
+                conv.input.append('')
+            conv.input[2] = bias_name
+        new_w = (w * a.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((b - mu_t) * a + mu_s).astype(np.float32)
+        if not (np.isfinite(new_w).all() and np.isfinite(new_b).all()):
+            raise TTNError('the adapted backbone has NaN/Inf weights (degenerate target frames)')
+        init[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w, conv.input[1]))
+        init[bias_name].CopyFrom(numpy_helper.from_array(new_b, bias_name))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 class TestTimeNormSession:

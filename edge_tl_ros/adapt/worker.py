@@ -141,9 +141,14 @@ def _round_job(job: dict) -> RoundResult:
     bundle = load_bundle(job['bundle_path'], check_onnx=False)
     registry = HeadRegistry(bundle, job['state_dir'])
     if job.get('base_version') is None:
-        head, _ = registry.load_current_or_fallback()
+        head, backbone, _ = registry.load_current_or_fallback(with_backbone=True)
     else:
-        head = registry.load(job['base_version'])
+        head, backbone = registry.load(job['base_version'], with_backbone=True)
+    if backbone is not None:
+        # the store's features come from the bundle backbone: a head trained and gated on them would be
+        # compared with the wrong baseline and would silently drop the deployed backbone
+        raise RuntimeError(f'head v{head.version} runs with an adapted backbone; head rounds on top of it '
+                           'are not supported: roll back to a version on the bundle backbone first')
     cfg = AdaptConfig(**job['config'])
     store = FrameStore(job['store_root'], readonly=True)
     arr = store.entries(feature_size=head.feature_size)

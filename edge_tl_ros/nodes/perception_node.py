@@ -132,9 +132,8 @@ class PerceptionNode(Node):
         self.mode = p('deployment_mode')
         if self.mode not in MODES:
             raise EngineError(f'deployment_mode {self.mode!r} is not one of {MODES}')
-        head = self._initial_head(p('head_version')) if self.mode != 'full' else None
-        self.engine = Engine(self.bundle, self.mode, p('num_threads'), p('execution_provider'),
-                             use_int8=p('use_int8'), head=head)
+        head, backbone = self._initial_head(p('head_version')) if self.mode != 'full' else (None, None)
+        self.engine = self._make_engine(head, backbone)
         from ..engine import PROVIDERS
 
         want = p('execution_provider')
@@ -197,21 +196,33 @@ class PerceptionNode(Node):
         return self.get_parameter(name).value
 
     def _initial_head(self, want: int):
-        """``head_version`` ``want`` if it loads, else what -1 gives: the registry's current head or the last
-        good one before it, else the bundle head; each fallback is warned, none refuses to start."""
+        """(head, adapted backbone or None) of ``head_version`` ``want`` if it loads, else what -1 gives: the
+        registry's current version or the last good one before it, else the bundle's; each fallback is
+        warned, none refuses to start."""
         if want >= 0:
             try:
-                return self.registry.load(want)
+                return self.registry.load(want, with_backbone=True)
             except Exception as e:
                 self.get_logger().warning(f'head_version {want} cannot be loaded ({_why(e)}); using the '
                                           'registry\'s current head instead')
         try:
-            head, warn = self.registry.load_current_or_fallback()
+            head, backbone, warn = self.registry.load_current_or_fallback(with_backbone=True)
         except Exception as e:  # an index the fallback itself cannot read
-            head, warn = self.bundle.head, f'head registry unusable ({_why(e)}), using the bundle head (v0)'
+            head, backbone = self.bundle.head, None
+            warn = f'head registry unusable ({_why(e)}), using the bundle head (v0)'
         if warn:
             self.get_logger().warning(warn)
-        return head
+        return head, backbone
+
+    def _make_engine(self, head, backbone: bytes | None) -> Engine:
+        """An engine for ``head`` on the bundle backbone, or on ``backbone`` (its version's adapted one)."""
+        p = self._p
+        if backbone is not None and p('use_int8'):
+            self.get_logger().warning(f'head v{head.version} comes with an adapted fp32 backbone: '
+                                      'use_int8 does not apply to it', once=True)
+        return Engine(self.bundle, self.mode, p('num_threads'), p('execution_provider'),
+                      use_int8=p('use_int8') and backbone is None, head=head, backbone=backbone,
+                      backbone_version=head.version if backbone is not None else None)
 
     @staticmethod
     def _roi_tuple(roi):
@@ -242,15 +253,15 @@ class PerceptionNode(Node):
                     if self.mode == 'full':
                         raise EngineError('deployment_mode full cannot swap heads')
                     v = int(prm.value)
-                    updates['_head'] = self.registry.load(None if v < 0 else v)
+                    updates['_head'] = self.registry.load(None if v < 0 else v, with_backbone=True)
             except Exception as e:  # whatever a malformed registry raises: refuse, keep the current head
                 reason = f'{prm.name}: {_why(e)}'
                 self.get_logger().error(f'parameter refused: {reason}')
                 return SetParametersResult(successful=False, reason=reason)
-        head = updates.pop('_head', None)
-        if head is not None:
+        pair = updates.pop('_head', None)
+        if pair is not None:
             try:
-                self._swap(head)
+                self._swap(*pair)
             except Exception as e:
                 return SetParametersResult(successful=False, reason=f'head_version: {_why(e)}')
         for k, v in updates.items():
@@ -381,15 +392,29 @@ class PerceptionNode(Node):
     def head_version(self) -> int:
         return self.engine.head.version if self.engine.head is not None else 0
 
-    def _swap(self, head) -> None:
-        self.engine.swap_head(head)  # validates, then one reference assignment
+    @property
+    def backbone_version(self) -> int | None:
+        """Version whose adapted backbone is in use; None = the bundle's backbone."""
+        return self.engine.backbone_version
+
+    def _swap(self, head, backbone: bytes | None = None) -> None:
+        """Make (head, backbone) the pair the next frame uses. Same backbone: the head reference is swapped
+        (validated first). Another backbone: a new engine (ORT session, validated on a test input) is built
+        here, off the inference thread, which keeps running frames on the old one; then one reference
+        assignment hands the next frame the new engine with its head."""
+        same = backbone is None and self.engine.backbone_version is None
+        if same:
+            self.engine.swap_head(head)
+            return
+        self.engine = self._make_engine(head, backbone)
 
     def _srv_reload(self, request, response):
-        return self._head_service(response, self.registry.load, 'head v{} loaded', 'refused')
+        return self._head_service(response, lambda: self.registry.load(with_backbone=True), 'head v{} loaded',
+                                  'refused')
 
     def _srv_rollback(self, request, response):
-        return self._head_service(response, self.registry.rollback, 'rolled back to head v{}',
-                                  'rollback refused')
+        return self._head_service(response, lambda: self.registry.rollback(with_backbone=True),
+                                  'rolled back to head v{}', 'rollback refused')
 
     def _head_service(self, response, get_head, ok: str, refused: str):
         """Validate the head ``get_head`` returns, swap it in; on any error keep the current head."""
@@ -397,9 +422,11 @@ class PerceptionNode(Node):
             response.success, response.message = False, 'deployment_mode full cannot swap heads'
             return response
         try:
-            head = get_head()
-            self._swap(head)
+            head, backbone = get_head()
+            self._swap(head, backbone)
             response.success, response.message = True, ok.format(head.version)
+            if backbone is not None:
+                response.message += ' with its adapted backbone'
             self.get_logger().info(response.message)
         except Exception as e:  # whatever a malformed index or head file raises: the service answers
             response.success = False
@@ -423,7 +450,8 @@ class PerceptionNode(Node):
                 'latency_p50_ms': float(np.percentile(lat, 50) * 1e3),
                 'latency_p99_ms': float(np.percentile(lat, 99) * 1e3),
                 'stamp_age_p50_ms': float(np.percentile(age, 50) * 1e3),
-                'head_version': self.head_version, 'provider': self.engine.provider}
+                'head_version': self.head_version, 'provider': self.engine.provider,
+                'backbone_version': self.backbone_version}
 
     def _supervise(self) -> str | None:
         """Restart a dead inference thread; returns why it died (None while it is alive)."""
@@ -486,6 +514,7 @@ class PerceptionNode(Node):
               'latency_p50_ms': f'{s["latency_p50_ms"]:.2f}', 'latency_p99_ms': f'{s["latency_p99_ms"]:.2f}',
               'model': self.bundle.name, 'model_path': str(self.bundle.root),
               'head_version': s['head_version'],
+              'backbone': 'bundle' if s['backbone_version'] is None else f'v{s["backbone_version"]}',
               'registry_version': registry if registry_error is None else 'unreadable',
               'deployment_mode': self.mode, 'execution_provider': s['provider'],
               'publish_errors': s['publish_errors'], 'inference_restarts': s['inference_restarts'],

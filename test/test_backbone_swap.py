@@ -1,0 +1,253 @@
+"""Adapted backbones: AdaBN folded into the convolutions (ttn.adapted_backbone), versioned with heads in
+the registry, and hot-swapped into a real perception node (rclpy, ONNX Runtime) without dropping a frame."""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_tl_ros import ttn
+from edge_tl_ros.bundle import BundleError, HeadRegistry, load_bundle
+from edge_tl_ros.engine import Engine
+from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_frames, toy_head
+
+
+@pytest.fixture
+def conv_bundle(tmp_path):
+    """A toy bundle with a conv stem and the source norm stats of that stem."""
+    root = make_toy_bundle(tmp_path / 'toy', conv=True)
+    src, _ = toy_frames(np.random.default_rng(1), 200)
+    ttn.add_to_bundle(root, src, threads=1)
+    return load_bundle(root)
+
+
+def _cast(frames):
+    """A dim amber colour cast (street lights at night): per-channel gain and offset."""
+    x = frames.astype(np.float32) * 0.5 + np.array([0.5, 0.2, 0.0], np.float32) * 255
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _shifted(rng, n):
+    x, y = toy_frames(rng, n)
+    return _cast(x), y
+
+
+def _adapted(bundle, frames):
+    eng = Engine(bundle, 'feature_extractor')
+    stats = ttn.load_norm_stats(bundle.path('norm_stats'))
+    return ttn.adapted_backbone(bundle.files['backbone'], stats, eng.prepare_batch(frames))
+
+
+def test_adapted_backbone_is_test_time_norm_frozen_into_the_weights(conv_bundle):
+    """On the frames it was estimated on, the folded backbone equals batch test-time normalisation; frame
+    by frame it recovers accuracy a colour shift took away, with no label."""
+    rng = np.random.default_rng(2)
+    x_t, y_t = _shifted(rng, 300)
+    eng = Engine(conv_bundle, 'feature_extractor')
+    stats = ttn.load_norm_stats(conv_bundle.path('norm_stats'))
+    model = _adapted(conv_bundle, x_t[:200])
+    adapted = Engine(conv_bundle, 'feature_extractor', backbone=model, backbone_version=1)
+    tsess = ttn.TestTimeNormSession(conv_bundle.files['backbone'], stats)
+    batch = tsess.features(eng.prepare_batch(x_t[:200]))
+    np.testing.assert_allclose(adapted.features_batch(x_t[:200]), batch, rtol=1e-4, atol=1e-4)
+    # single frames (the perception node's path), held-out frames of the same domain
+    single = np.array([adapted.infer(im, 'rgb').probs.argmax() for im in x_t[200:]])
+    before = float(np.mean(eng.predict_batch(x_t[200:]).argmax(1) == y_t[200:]))
+    after = float(np.mean(single == y_t[200:]))
+    assert before < 0.75 and after >= before + 0.25, (before, after)  # measured: 0.61 -> 1.0
+    # the graph keeps the bundle's inputs and outputs; a conv without bias gets one
+    import onnx
+    m = onnx.load_from_string(model)
+    assert [i.name for i in m.graph.input] == ['image'] and [o.name for o in m.graph.output] == ['features']
+    with pytest.raises(ttn.TTNError, match='at least'):
+        _adapted(conv_bundle, x_t[:3])
+
+
+def test_registry_versions_a_backbone_with_its_head(conv_bundle, tmp_path):
+    rng = np.random.default_rng(3)
+    model = _adapted(conv_bundle, _shifted(rng, 100)[0])
+    reg = HeadRegistry(conv_bundle, tmp_path / 'state', keep_versions=2)
+    v1 = reg.add(toy_head(), metrics={'kind': 'backbone'}, backbone=model)
+    meta = reg.index()['versions']['1']
+    assert meta['backbone']['file'] == 'backbone_v1.onnx'
+    assert (reg.dir / 'backbone_v1.onnx').read_bytes() == model
+    head, backbone = reg.load(with_backbone=True)
+    assert head.version == v1.version == 1 and backbone == model
+    reg.add(toy_head(permute=(1, 2, 0)))  # v2: a head on the bundle backbone
+    assert reg.load(with_backbone=True)[1] is None
+    # rollback returns v1 as a pair
+    head, backbone = reg.rollback(with_backbone=True)
+    assert head.version == 1 and backbone == model
+    # a damaged backbone makes the whole version unusable: load refuses, fallback skips to v0
+    (reg.dir / 'backbone_v1.onnx').write_bytes(b'garbage')
+    with pytest.raises(BundleError, match='sha256 mismatch'):
+        reg.load(1, with_backbone=True)
+    head, backbone, warn = reg.load_current_or_fallback(with_backbone=True)
+    assert head.version == 0 and backbone is None and 'unusable' in warn
+    (reg.dir / 'backbone_v1.onnx').write_bytes(model)
+    # an index entry naming another file is corrupt
+    idx = json.loads(reg.index_path.read_text())
+    idx['versions']['1']['backbone']['file'] = '../../etc/passwd'
+    reg.index_path.write_text(json.dumps(idx))
+    with pytest.raises(BundleError, match='backbone entry'):
+        reg.index()
+    idx['versions']['1']['backbone']['file'] = 'backbone_v1.onnx'
+    reg.index_path.write_text(json.dumps(idx))
+    # retention removes a pruned version's backbone with its head; old stray backbones go too
+    stray = reg.dir / 'backbone_v99.onnx'
+    stray.write_bytes(model)
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))
+    reg.add(toy_head(), backbone=model)  # v3 (v2 was dropped from accepted by the rollback)
+    reg.add(toy_head())  # v4: keep_versions=2 prunes v1
+    assert not (reg.dir / 'backbone_v1.onnx').exists() and not stray.exists()
+    assert (reg.dir / 'backbone_v3.onnx').exists()
+    # a backbone that does not fit the bundle is refused by the engine with a clear error
+    with pytest.raises(BundleError, match='ONNX Runtime cannot load'):
+        Engine(conv_bundle, 'feature_extractor', backbone=b'not onnx', backbone_version=5)
+    with pytest.raises(Exception, match='full'):
+        Engine(conv_bundle, 'full', backbone=model)
+
+
+def test_perception_node_swaps_backbone_and_head_together_without_dropping_a_frame(
+        ros_context, conv_bundle, tmp_path):
+    rclpy = pytest.importorskip('rclpy')
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from std_srvs.srv import Trigger
+    from vision_msgs.msg import Classification
+
+    from edge_tl_ros.imaging import image_fields
+    from edge_tl_ros.nodes.perception_node import PerceptionNode
+
+    rng = np.random.default_rng(4)
+    x_t, _ = _shifted(rng, 200)
+    model = _adapted(conv_bundle, x_t[:150])
+    probe = x_t[150]
+    ref_new = Engine(conv_bundle, 'feature_extractor', backbone=model, backbone_version=1).infer(probe, 'rgb')
+    ref_old = Engine(conv_bundle, 'feature_extractor').infer(probe, 'rgb')
+    assert not np.allclose(ref_new.probs, ref_old.probs, atol=1e-3)
+    state = tmp_path / 'state'
+    node = PerceptionNode(context=ros_context, parameter_overrides=[
+        Parameter('model_bundle', value=str(conv_bundle.root)), Parameter('state_dir', value=str(state)),
+        Parameter('qos_reliability', value='reliable'), Parameter('qos_depth', value=50),
+        Parameter('top_k', value=3)])
+    io = rclpy.create_node('io', context=ros_context)
+    got = []
+    io.create_subscription(Classification, '/perception/classification', got.append, 500)
+    pub = io.create_publisher(Image, 'image', QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+    reload_cli = io.create_client(Trigger, '/perception/reload_head')
+    rollback_cli = io.create_client(Trigger, '/perception/rollback')
+    ex = MultiThreadedExecutor(num_threads=4, context=ros_context)
+    ex.add_node(node)
+    ex.add_node(io)
+    threading.Thread(target=ex.spin, daemon=True).start()
+
+    def call(cli):
+        assert cli.wait_for_service(timeout_sec=5)
+        fut = cli.call_async(Trigger.Request())
+        deadline = time.monotonic() + 10
+        while not fut.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return fut.result()
+
+    def scores(msg):
+        return np.array([dict((r.class_id, r.score) for r in msg.results)[c] for c in TOY_CLASSES])
+
+    def classify(stamp):
+        msg = Image(**image_fields(probe, 'rgb8'))
+        msg.header.stamp.sec = stamp
+        pub.publish(msg)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            hit = [m for m in got if m.header.stamp.sec == stamp]
+            if hit:
+                return scores(hit[0])
+            time.sleep(0.01)
+        raise AssertionError(f'no classification for stamp {stamp}')
+
+    try:
+        deadline = time.monotonic() + 10
+        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        np.testing.assert_allclose(classify(1), ref_old.probs, atol=1e-5)
+        HeadRegistry(conv_bundle, state).add(toy_head(), metrics={}, backbone=model)
+        # frames stream in at a camera's 30 Hz while the node builds the new session and swaps
+        stop = threading.Event()
+        sent = []
+
+        def stream():
+            s = 1000
+            while not stop.is_set():
+                msg = Image(**image_fields(probe, 'rgb8'))
+                msg.header.stamp.sec = s
+                pub.publish(msg)
+                sent.append(s)
+                s += 1
+                time.sleep(1 / 30)
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        res = call(reload_cli)
+        time.sleep(0.5)
+        stop.set()
+        t.join()
+        assert res.success and 'adapted backbone' in res.message, res.message
+        assert node.head_version == 1 and node.backbone_version == 1
+        deadline = time.monotonic() + 5
+        while len({m.header.stamp.sec for m in got if m.header.stamp.sec >= 1000}) < len(sent) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        streamed = [m for m in got if m.header.stamp.sec >= 1000]
+        assert node.dropped == 0 and node.rejected == 0
+        assert len({m.header.stamp.sec for m in streamed}) == len(sent), 'a frame was dropped during the swap'
+        # every streamed frame came from exactly one of the two models, old ones first
+        kinds = ['old' if np.allclose(scores(m), ref_old.probs, atol=1e-5) else
+                 'new' if np.allclose(scores(m), ref_new.probs, atol=1e-5) else 'mixed'
+                 for m in sorted(streamed, key=lambda m: m.header.stamp.sec)]
+        assert 'mixed' not in kinds and kinds[0] == 'old' and kinds[-1] == 'new'
+        assert kinds == sorted(kinds, key=lambda k: k == 'new')
+        np.testing.assert_allclose(classify(5000), ref_new.probs, atol=1e-5)
+        # rollback brings back the bundle backbone with head v0
+        res = call(rollback_cli)
+        assert res.success and node.head_version == 0 and node.backbone_version is None, res.message
+        np.testing.assert_allclose(classify(5001), ref_old.probs, atol=1e-5)
+    finally:
+        ex.shutdown(timeout_sec=2)
+        node.destroy_node()
+        io.destroy_node()
+    # a restarted node starts from the registry's current version, backbone included
+    HeadRegistry(conv_bundle, state).activate(1)
+    node = PerceptionNode(context=ros_context, parameter_overrides=[
+        Parameter('model_bundle', value=str(conv_bundle.root)), Parameter('state_dir', value=str(state))])
+    try:
+        assert node.head_version == 1 and node.backbone_version == 1
+        np.testing.assert_allclose(node.engine.infer(probe, 'rgb').probs, ref_new.probs, atol=1e-6)
+    finally:
+        node.destroy_node()
+
+
+def test_a_head_round_refuses_a_version_that_runs_an_adapted_backbone(conv_bundle, tmp_path):
+    """The store's features come from the bundle backbone: a round on top of an adapted backbone would gate
+    against the wrong baseline and silently drop the deployed backbone, so it fails and says why."""
+    from edge_tl_ros.adapt import AdaptConfig, run_round_in_subprocess
+    from edge_tl_ros.store import FrameStore
+
+    eng = Engine(conv_bundle, 'feature_extractor')
+    st = FrameStore(tmp_path / 'store', crop_size=(16, 16))
+    im, y = _shifted(np.random.default_rng(5), 60)
+    for i in range(len(im)):
+        p = eng.infer(im[i], 'rgb')
+        st.add(10_000 + i, im[i], p.features, p.probs, TOY_CLASSES[y[i]], 'topic')
+    state = tmp_path / 'state'
+    HeadRegistry(conv_bundle, state).add(toy_head(), backbone=_adapted(conv_bundle, im))
+    r = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(), threads=1)
+    assert r.failed and not r.accepted
+    assert 'adapted backbone' in (r.reason + str(r.metrics.get('error', ''))), (r.reason, r.metrics)
+    HeadRegistry(conv_bundle, state).rollback()
+    r = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(), threads=1)
+    assert not r.failed, (r.reason, r.metrics)
