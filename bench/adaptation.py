@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,39 @@ def teacher_round(student, feats, lab, keep, y_pool, test_f, y_test, fallback, g
     return {'frames': len(feats), **extra, 'labelled': int(keep.sum()),
             'label_accuracy': label_accuracy(lab, keep, y_pool), 'adapted': adapted,
             'accepted': bool(r.accepted), 'gap_recovered': gap(adapted)}
+
+
+def shipped_round(student, r_head, frames, lab, keep, source, test_x, test_f, y_test, source_only, cfg):
+    """What the worker ships from the same labels: the head-only result ``r_head`` and the backbone
+    candidate (``adapt.backbone_round``: statistics from all ``frames``, head on the kept ones) through
+    ``adapt.choose``; the deployed accuracy on the target test set and the candidates' own figures."""
+    import onnxruntime as ort
+
+    from edge_tl_ros.adapt import backbone_round, choose
+
+    names = [student.class_names[i] for i in lab[keep]]
+    b = backbone_round(student, frames[keep], names, [source] * len(names), student.head, None,
+                       replace(cfg, label_sources=(source,)), stats_images=frames)
+    pick = choose(r_head, b)
+
+    def test_acc(res):
+        if res is None or res.head is None:
+            return None
+        if res.backbone is None:
+            return acc(res.head, test_f, y_test)
+        sess = ort.InferenceSession(res.backbone, providers=['CPUExecutionProvider'])
+        f = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: test_x[i:i + 1000]})[0]
+                            for i in range(0, len(test_x), 1000)])
+        return acc(res.head, f, y_test)
+
+    deployed = test_acc(pick) if pick.accepted else source_only
+    cands = [c for c in (r_head, b) if c is not None and c.head is not None]
+    best = max((test_acc(c) for c in cands), default=source_only)
+    return {'kind': pick.metrics.get('kind', 'head'), 'accepted': bool(pick.accepted), 'deployed': deployed,
+            'reason': pick.reason, 'best_candidate': best,
+            'backbone_candidate': None if b is None else {
+                'accepted': bool(b.accepted), 'adapted': test_acc(b), 'reason': b.reason,
+                'normalised_only_holdout_acc': b.metrics.get('normalised_only_holdout_acc')}}
 
 
 def label_indices(names, student):
@@ -291,6 +325,7 @@ def run(args) -> dict:
 
         feats_all = eng.features_batch(imgs)
         test_f, pool_f = feats_all[at(tst)], feats_all[at(pool)]
+        test_x = eng.prepare_batch(imgs[at(tst)], 'rgb')
         source_only = acc(head0, test_f, y_test)
         oracle_head_model = train_head(feats_all[at(oracle_idx)], y[oracle_idx], head0, l2_to_prior=1e-4,
                                        iters=100)
@@ -348,6 +383,11 @@ def run(args) -> dict:
                 r, adapted, secs = labelled_round(student, pool_f[:n], lab, keep, as_src, test_f, y_test,
                                                   source_only)
                 accepted = None if src == 'self' else bool(r.accepted)
+                shipped = None
+                if src != 'self':
+                    shipped = shipped_round(student, r, imgs[at(pool[:n])], lab, keep, as_src, test_x, test_f,
+                                            y_test, source_only, cfg)
+                    shipped['gap_recovered'] = gap(shipped['deployed'])
                 entry['runs'].append({
                     'frames': n, 'label_source': src, 'labelled': int(keep.sum()),
                     'label_accuracy': label_accuracy(lab, keep, y[pool[:n]]), 'adapted': adapted,
@@ -355,7 +395,8 @@ def run(args) -> dict:
                     'accepted': accepted, 'reason': r.reason,
                     'source_anchor_after': acc(r.head, clean_test_f, y_test) if r.head else None,
                     'source_anchor_before': src_clean_acc, 'round_s_in_process': secs,
-                    'gap_recovered': gap(adapted), 'gap_recovered_vs_head_oracle': gap(adapted, oracle_head)})
+                    'gap_recovered': gap(adapted), 'gap_recovered_vs_head_oracle': gap(adapted, oracle_head),
+                    'shipped': shipped})
         f_max = pool_f[:n_max]
         if teacher_eng is not None:  # contrasts, same run, n_max frames: what each step of the labelling adds
             # before this session's changes: the plain teacher alone; the test-time-normalised teacher
@@ -400,7 +441,31 @@ def run(args) -> dict:
     n_round = 100 if quick else 500
     rs = round_seconds(Path(args.student), Path(args.teacher) if teacher_eng is not None else None,
                        test.images[pool[:n_round]], y[pool[:n_round]], wd)
+    def shipped_runs(src, n=None):
+        return [(e, r['shipped']) for e in results for r in e['runs']
+                if r['label_source'] == src and r.get('shipped') and (n is None or r['frames'] == n)]
+
+    def gate_counts(src):
+        # against truth on the target test set: an accepted model that made it worse; a rejected round
+        # whose better candidate would have gained at least the margin
+        runs = shipped_runs(src)
+        fa = sum(1 for e, sh in runs if sh['accepted'] and sh['deployed'] < e['source_only'] - 1e-9)
+        fr = sum(1 for e, sh in runs if not sh['accepted'] and sh['best_candidate'] is not None
+                 and sh['best_candidate'] >= e['source_only'] + cfg.margin)
+        return fa, fr, len(runs)
+
+    lf = [sh['gap_recovered'] for _, sh in shipped_runs('teacher', n_max) if sh['gap_recovered'] is not None]
+    tl = [sh['gap_recovered'] for _, sh in shipped_runs('topic', n_max) if sh['gap_recovered'] is not None]
+    g_fa, g_fr, g_n = gate_counts('teacher')
+    t_fa, t_fr, t_n = gate_counts('topic')
     data = {
+        'recovered_label_free': mean_of(lf) if lf else None,
+        'min_recovered_label_free': min(lf) if lf else None,
+        'recovered_true_labels': mean_of(tl) if tl else None,
+        'gate_false_accepts': g_fa, 'gate_false_rejects': g_fr, 'gate_rounds': g_n,
+        'gate_true_labels': {'false_accepts': t_fa, 'false_rejects': t_fr, 'rounds': t_n},
+        'backbone_rounds_deployed': sum(1 for _, sh in shipped_runs('teacher', n_max)
+                                        if sh['accepted'] and sh['kind'] == 'backbone'),
         'gap_recovered': mean_of(r['gap_recovered'] for r in headline), 'gap_recovered_label_source': gap_src,
         'gap_recovered_frames': n_max, 'gap_recovered_plain_teacher': contrast_gap('plain_run'),
         'gap_recovered_ttn_teacher_only': contrast_gap('ttn_only_run'),
@@ -422,6 +487,15 @@ def run(args) -> dict:
         'config': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         'student': student.name,
         'definitions': {
+            'recovered_label_free': f'mean over shifts of (deployed - source_only) / (oracle - source_only) '
+            f'with teacher labels only at {n_max} frames, deployed = what the worker ships (the head-only '
+            'and the adapted-backbone candidate through adapt.choose, each gated on the round holdout and '
+            'the anchor set), a rejected round counting as source_only: runs[].shipped',
+            'recovered_true_labels': 'the same with label-topic (true) labels',
+            'gate_false_accepts': 'teacher-label rounds (all sizes, all shifts) whose deployed model is '
+            'below source-only on the target test set',
+            'gate_false_rejects': 'teacher-label rounds rejected although a candidate would have gained at '
+            'least accept.margin on the target test set',
             'adapted': "accuracy on the shifted target test set of the round's trained head",
             'deployed': 'adapted if the round accepted the head, else source-only (None for self labels)',
             'source_anchor_after': 'accuracy of the adapted head on the same test frames unshifted '

@@ -9,7 +9,8 @@ A bundle is a directory ``models/<name>/``::
     head.npz           weight [C,D] float32, bias [C] float32, class_names [C] str   (head version 0)
     full.onnx          optional: backbone + head fused, image -> logits [N,C]
     backbone.int8.onnx optional: statically quantised backbone (QDQ), used when it pays
-    anchor.npz         optional: source-domain anchor set, features [M,D] + labels [M] (no images)
+    anchor.npz         optional: source-domain anchor set, features [M,D] + labels [M], optionally the
+                       source images [M,H,W,3] uint8 RGB at the input size (to check an adapted backbone)
 
 File paths in the manifest are relative, inside the bundle (no absolute path, no ``..``). An ONNX file
 whose tensors live in external data files may only reference files inside the bundle that the manifest's
@@ -255,6 +256,7 @@ class ModelBundle:
     manifest: dict
     head: Head
     anchor: tuple[np.ndarray, np.ndarray] | None = None
+    anchor_images: np.ndarray | None = None  # [M,H,W,3] uint8 RGB, same rows as ``anchor``
     files: dict = field(default_factory=dict)
 
     @property
@@ -455,16 +457,24 @@ def load_bundle(root: str | os.PathLike, verify_hashes: bool = True, check_onnx:
                           f'manifest lists {len(classes)}; they must match')
     if head.feature_size != fs:
         raise BundleError(f'{root}: head expects {head.feature_size} features, manifest feature_size is {fs}')
-    anchor = None
+    anchor = anchor_images = None
     if 'anchor' in files:
-        anchor = _load_anchor(files['anchor'], fs, len(classes))
-    bundle = ModelBundle(root=root, manifest=manifest, head=head, anchor=anchor, files=files)
+        *anchor, anchor_images = _load_anchor(files['anchor'], fs, len(classes))
+        anchor = tuple(anchor)
+    bundle = ModelBundle(root=root, manifest=manifest, head=head, anchor=anchor, files=files,
+                         anchor_images=anchor_images)
     if check_onnx:
         _check_onnx_shapes(bundle)
+    if anchor_images is not None:  # after the ONNX check: a wrong input size is named as such first
+        want = (len(anchor[1]), *bundle.input_size, 3)
+        if anchor_images.shape != want:
+            raise BundleError(f'{files["anchor"]}: anchor images must be uint8 {list(want)} (the input '
+                              f'size), got {list(anchor_images.shape)}')
     return bundle
 
 
-def _load_anchor(path: Path, feature_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_anchor(path: Path, feature_size: int, num_classes: int):
+    """(features, labels, images or None) of an anchor file, validated."""
     try:
         z = load_npz(path)
     except ValueError as e:
@@ -484,7 +494,11 @@ def _load_anchor(path: Path, feature_size: int, num_classes: int) -> tuple[np.nd
         raise BundleError(f'{path}: anchor features contain NaN or Inf')
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise BundleError(f'{path}: anchor labels outside 0..{num_classes - 1}')
-    return feats, labels
+    images = z.get('images')
+    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
+        raise BundleError(f'{path}: anchor images must be uint8 [N, H, W, 3], got {images.dtype} '
+                          f'{list(images.shape)}')
+    return feats, labels, images
 
 
 def _onnx_external_data(path: Path) -> list[str]:

@@ -98,7 +98,8 @@ def make_toy_bundle(root: str | Path, size: int = 16, with_full: bool = True, wi
         feats = toy_features(imgs)
         from .atomic import atomic_write_bytes, npz_bytes
 
-        atomic_write_bytes(root / 'anchor.npz', npz_bytes(features=feats, labels=labels.astype(np.int64)))
+        atomic_write_bytes(root / 'anchor.npz', npz_bytes(features=feats, labels=labels.astype(np.int64),
+                                                         images=imgs))
         files['anchor'] = 'anchor.npz'
     manifest = {
         'format_version': 1,

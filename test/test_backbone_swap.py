@@ -231,23 +231,93 @@ def test_perception_node_swaps_backbone_and_head_together_without_dropping_a_fra
         node.destroy_node()
 
 
-def test_a_head_round_refuses_a_version_that_runs_an_adapted_backbone(conv_bundle, tmp_path):
-    """The store's features come from the bundle backbone: a round on top of an adapted backbone would gate
-    against the wrong baseline and silently drop the deployed backbone, so it fails and says why."""
+def test_backbone_round_proposes_and_gates_an_adapted_backbone(conv_bundle):
+    from edge_tl_ros.adapt import AdaptConfig, backbone_round
+
+    rng = np.random.default_rng(6)
+    x, y = _shifted(rng, 150)
+    names = [TOY_CLASSES[i] for i in y]
+    r = backbone_round(conv_bundle, x, names, ['teacher'] * len(x), conv_bundle.head, None, AdaptConfig())
+    assert r.accepted and r.backbone is not None and r.metrics['kind'] == 'backbone', r.reason
+    assert r.metrics['holdout_acc_old'] < 0.8 and r.metrics['holdout_acc_new'] >= 0.95, r.metrics
+    assert r.metrics['anchor_acc_new'] >= r.metrics['anchor_acc_old'] - 0.05  # source images still right
+    xt, yt = _shifted(rng, 100)
+    eng = Engine(conv_bundle, 'feature_extractor', head=r.head, backbone=r.backbone, backbone_version=1)
+    assert np.mean(eng.predict_batch(xt).argmax(1) == yt) >= 0.95  # frames it never saw
+    # the gate: a pair that does not beat the deployed one by the margin is refused (with the pair
+    # returned for inspection), as a head is
+    strict = backbone_round(conv_bundle, x, names, ['teacher'] * len(x), conv_bundle.head, None,
+                            AdaptConfig(margin=0.5))
+    assert not strict.accepted and 'does not improve by margin 0.500' in strict.reason
+    assert strict.backbone is not None and strict.head is not None
+    # self labels never validate; too few labels, new classes, or no anchor images: no candidate
+    few = backbone_round(conv_bundle, x[:10], names[:10], ['topic'] * 10, conv_bundle.head, None,
+                         AdaptConfig())
+    assert not few.accepted and 'not enough' in few.reason
+    plain = load_bundle(make_toy_bundle(conv_bundle.root.parent / 'plain', conv=True, with_anchor=False))
+    assert backbone_round(plain, x, names, ['topic'] * len(x), plain.head, None, AdaptConfig()) is None
+
+
+def test_anchor_images_must_fit_the_bundle(tmp_path):
+    from edge_tl_ros.atomic import atomic_write_bytes, load_npz, npz_bytes
+    from edge_tl_ros.bundle import read_manifest, write_manifest
+
+    root = make_toy_bundle(tmp_path / 'toy', conv=True)
+    assert load_bundle(root).anchor_images.shape == (60, 16, 16, 3)  # the toy anchor carries its images
+    z = load_npz(root / 'anchor.npz')
+    for images, why in ((z['images'][:, :8], r'\[60, 16, 16, 3\] \(the input size\)'),
+                        (z['images'].astype(np.float32), 'uint8')):
+        atomic_write_bytes(root / 'anchor.npz', npz_bytes(features=z['features'], labels=z['labels'],
+                                                          images=images))
+        write_manifest(root, read_manifest(root))
+        with pytest.raises(BundleError, match=why):
+            load_bundle(root)
+
+
+def test_choose_takes_the_accepted_candidate_with_the_larger_holdout_gain():
+    from edge_tl_ros.adapt import RoundResult, choose
+
+    def res(accepted, old, new, kind=None):
+        m = {'holdout_acc_old': old, 'holdout_acc_new': new}
+        if kind:
+            m['kind'] = kind
+        return RoundResult(accepted, 'r', None, m, backbone=b'x' if kind else None)
+
+    assert choose(res(True, 0.5, 0.6), res(True, 0.5, 0.9, 'backbone')).metrics['kind'] == 'backbone'
+    assert choose(res(True, 0.5, 0.9), res(True, 0.5, 0.6, 'backbone')).metrics['kind'] == 'head'
+    picked = choose(res(False, 0.5, 0.5), res(True, 0.5, 0.6, 'backbone'))
+    assert picked.accepted and picked.backbone == b'x'
+    picked = choose(res(True, 0.5, 0.6), res(False, 0.5, 0.9, 'backbone'))
+    assert picked.backbone is None and picked.metrics['other_candidate']['accepted'] is False
+    assert choose(res(False, 0.5, 0.5), None).metrics == {'holdout_acc_old': 0.5, 'holdout_acc_new': 0.5}
+
+
+def test_rounds_on_top_of_an_adapted_backbone(conv_bundle, tmp_path):
+    """The store's features come from the bundle backbone: on a version that runs an adapted backbone the
+    head-only candidate would gate against the wrong baseline, so only the backbone candidate runs (both
+    pairs evaluated from the stored crops); with it switched off the round fails and says why."""
     from edge_tl_ros.adapt import AdaptConfig, run_round_in_subprocess
     from edge_tl_ros.store import FrameStore
 
     eng = Engine(conv_bundle, 'feature_extractor')
     st = FrameStore(tmp_path / 'store', crop_size=(16, 16))
-    im, y = _shifted(np.random.default_rng(5), 60)
+    im, y = _shifted(np.random.default_rng(5), 90)
     for i in range(len(im)):
         p = eng.infer(im[i], 'rgb')
         st.add(10_000 + i, im[i], p.features, p.probs, TOY_CLASSES[y[i]], 'topic')
     state = tmp_path / 'state'
-    HeadRegistry(conv_bundle, state).add(toy_head(), backbone=_adapted(conv_bundle, im))
-    r = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(), threads=1)
-    assert r.failed and not r.accepted
-    assert 'adapted backbone' in (r.reason + str(r.metrics.get('error', ''))), (r.reason, r.metrics)
-    HeadRegistry(conv_bundle, state).rollback()
-    r = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(), threads=1)
-    assert not r.failed, (r.reason, r.metrics)
+    reg = HeadRegistry(conv_bundle, state)
+    cfg = AdaptConfig(anchor_tolerance=0.1)
+    r = run_round_in_subprocess(conv_bundle.root, state, st.root, cfg, threads=1)
+    assert r.accepted and not r.failed, (r.reason, r.metrics)
+    assert 'other_candidate' in r.metrics  # both candidates ran, the better one is returned
+    reg.add(r.head, r.metrics, backbone=r.backbone)
+    # force a backbone version, then a round on top of it
+    reg.add(toy_head(), backbone=_adapted(conv_bundle, im))
+    r2 = run_round_in_subprocess(conv_bundle.root, state, st.root, cfg, threads=1)
+    assert not r2.failed and r2.metrics['kind'] == 'backbone', (r2.reason, r2.metrics)
+    assert r2.backbone is not None
+    assert 'other_candidate' not in r2.metrics  # the head-only candidate did not run
+    off = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(adapt_backbone=False),
+                                  threads=1)
+    assert off.failed and 'adapted backbone' in (off.reason + str(off.metrics.get('error', '')))

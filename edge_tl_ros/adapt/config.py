@@ -54,6 +54,10 @@ class AdaptConfig:
     student_test_time_norm: bool = setting(True, 'advanced.student_test_time_norm',
                                            'The ensemble\'s student side is the bundle\'s student '
                                            're-normalised to the robot frames (labels only).')
+    adapt_backbone: bool = setting(True, 'advanced.adapt_backbone',
+                                   'Also propose the student with its normalisation statistics re-estimated '
+                                   'on the stored frames, gated like a head (needs norm_stats and anchor '
+                                   'images in the bundle).')
     teacher_batch_size: int = setting(64, 'advanced.teacher_batch_size',
                                       'Frames per test-time-normalisation batch of the labelling models.',
                                       (16, 4096))
@@ -83,6 +87,7 @@ class RoundResult:
     metrics: dict = field(default_factory=dict)
     teacher_labels: dict = field(default_factory=dict)  # stamp_ns -> class name, for the store
     failed: bool = False  # the round could not run (error, killed worker, timeout)
+    backbone: bytes | None = None  # the adapted backbone (serialised ONNX) the head belongs to, if any
 
     def summary(self) -> dict:
         """JSON-friendly description (no arrays)."""

@@ -20,6 +20,7 @@ from ..bundle import Head, HeadRegistry
 from ..settings import check, setting
 from ..store import FrameStore
 from .config import AdaptConfig, RoundResult
+from .backbone import backbone_round, choose
 from .labels import label_store, overlay_labels
 from .round import run_round
 
@@ -144,11 +145,6 @@ def _round_job(job: dict) -> RoundResult:
         head, backbone, _ = registry.load_current_or_fallback(with_backbone=True)
     else:
         head, backbone = registry.load(job['base_version'], with_backbone=True)
-    if backbone is not None:
-        # the store's features come from the bundle backbone: a head trained and gated on them would be
-        # compared with the wrong baseline and would silently drop the deployed backbone
-        raise RuntimeError(f'head v{head.version} runs with an adapted backbone; head rounds on top of it '
-                           'are not supported: roll back to a version on the bundle backbone first')
     cfg = AdaptConfig(**job['config'])
     store = FrameStore(job['store_root'], readonly=True)
     arr = store.entries(feature_size=head.feature_size)
@@ -159,7 +155,25 @@ def _round_job(job: dict) -> RoundResult:
         teacher_labels, teacher_info = label_store(store, arr, job['teacher_bundle'], bundle, head, cfg,
                                                    job.get('threads', 1), job.get('teacher_max_frames'))
         arr = overlay_labels(arr, teacher_labels)
-    result = run_round(bundle, arr, head, cfg)
+    # the stored features come from the bundle backbone: the head-only candidate exists only while the
+    # deployed pair runs on it; the backbone candidate evaluates both pairs from the stored crops
+    head_result = run_round(bundle, arr, head, cfg) if backbone is None else None
+    backbone_result = None
+    if cfg.adapt_backbone:
+        labelled = [i for i, (n, s) in enumerate(zip(arr.labels, arr.sources)) if n is not None]
+        crops, found = store.crops(arr.stamps)
+        row = {int(s): i for i, s in enumerate(found)}
+        idx = [i for i in labelled if int(arr.stamps[i]) in row]
+        if idx:
+            backbone_result = backbone_round(
+                bundle, crops[[row[int(arr.stamps[i])] for i in idx]], [arr.labels[i] for i in idx],
+                [arr.sources[i] for i in idx], head, backbone, cfg, stats_images=crops,
+                threads=job.get('threads', 1))
+    if head_result is None and backbone_result is None:
+        raise RuntimeError(f'head v{head.version} runs with an adapted backbone and no backbone candidate '
+                           'can be made (advanced.adapt_backbone off, or no stored crops): roll back to a '
+                           'version on the bundle backbone first')
+    result = choose(head_result, backbone_result)
     result.teacher_labels = teacher_labels
     result.metrics['teacher'] = teacher_info
     result.metrics['worker'] = {'pid': os.getpid(), 'nice': os.nice(0),
@@ -182,7 +196,7 @@ def _round_worker(conn, nice_level: int, threads: int, job: dict) -> None:
         head = None if r.head is None else (np.asarray(r.head.weight), np.asarray(r.head.bias),
                                             r.head.class_names, r.head.version)
         payload = ('ok', {'accepted': r.accepted, 'reason': r.reason, 'metrics': r.metrics,
-                          'teacher_labels': r.teacher_labels, 'head': head})
+                          'teacher_labels': r.teacher_labels, 'head': head, 'backbone': r.backbone})
     except BaseException as e:  # noqa: BLE001 - report everything to the parent
         payload = ('error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}')
     try:
@@ -260,4 +274,5 @@ def run_round_in_subprocess(bundle_path, state_dir, store_root, config: AdaptCon
         w, b, names, ver = payload['head']
         head = Head(w, b, names, ver)
     teacher = {int(k): v for k, v in payload['teacher_labels'].items()}
-    return RoundResult(payload['accepted'], payload['reason'], head, payload['metrics'], teacher)
+    return RoundResult(payload['accepted'], payload['reason'], head, payload['metrics'], teacher,
+                       backbone=payload.get('backbone'))

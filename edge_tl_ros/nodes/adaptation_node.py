@@ -246,12 +246,14 @@ class AdaptationNode(Node):
             summary.update(started=t0, finished=time.time(), trigger=why, committed_version=None)
             if result.accepted:
                 try:  # HeadRegistry.add: atomic file + index
-                    head = self.registry.add(result.head, {**result.metrics, 'reason': result.reason})
+                    head = self.registry.add(result.head, {**result.metrics, 'reason': result.reason},
+                                             backbone=result.backbone)
                 except (BundleError, OSError, ValueError) as e:
                     summary.update(accepted=False, failed=True, reason=f'could not write the head: {e}')
                     self.get_logger().error(summary['reason'])
                 else:
-                    self.engine.swap_head(head)
+                    if result.backbone is None:  # this node's features stay the bundle backbone's: a head
+                        self.engine.swap_head(head)  # trained for an adapted backbone does not fit them
                     summary['committed_version'] = head.version
                     self.get_logger().info(f'round accepted: head v{head.version} ({result.reason})')
                     self.reloader.request(head.version)

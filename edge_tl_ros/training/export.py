@@ -107,6 +107,16 @@ def select_anchor(split: Split, per_class: int = 16, seed: int = 0) -> np.ndarra
     return np.asarray(sorted(out), np.int64)
 
 
+def anchor_images(images: np.ndarray, input_size: int) -> np.ndarray:
+    """Anchor images at the bundle's input size (the rule every path resizes with): the source check of
+    an adapted backbone runs them through it."""
+    from ..imaging import resize_to
+
+    if images.shape[1:3] == (input_size, input_size):
+        return np.ascontiguousarray(images, np.uint8)
+    return np.stack([resize_to(im, input_size, input_size) for im in images]).astype(np.uint8)
+
+
 def onnx_features(
     onnx_path: Path, model, images: np.ndarray, input_size: int, batch: int = 256
 ) -> np.ndarray:
@@ -176,7 +186,9 @@ def export_bundle(
 
         idx = select_anchor(anchor_split, anchor_per_class)
         feats = onnx_features(out / files['backbone'], model, anchor_split.images[idx], input_size)
-        atomic_write_bytes(out / 'anchor.npz', npz_bytes(features=feats, labels=anchor_split.labels[idx]))
+        images = anchor_images(anchor_split.images[idx], input_size)
+        atomic_write_bytes(out / 'anchor.npz', npz_bytes(features=feats, labels=anchor_split.labels[idx],
+                                                         images=images))
         files['anchor'] = 'anchor.npz'
     mean, std = model.norm
     manifest = {
@@ -208,6 +220,7 @@ def export_bundle(
             'source': 'training split',
             'per_class': int(anchor_per_class),
             'count': int(len(idx)),
+            'images': 'the anchor images at the input size (uint8 RGB): source check of adapted backbones',
         }
     manifest.update(manifest_extra or {})
     write_manifest(out, plain(manifest))
