@@ -186,7 +186,7 @@ def ceilings(student, feats, y_true, teacher_lab, teacher_keep, test_f, x, x_tes
     return out
 
 
-def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_test, teacher_probs,
+def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, src_y, y_pool, y_test, teacher_probs,
                           teacher_classes, cfg, gap) -> dict | None:
     """AdaBN of the student's backbone on the pool frames, then the shipped round on its features."""
     try:
@@ -210,7 +210,7 @@ def student_norm_contrast(student, x_all, pool_ix, test_ix, clean_x, y_pool, y_t
     lab, keep, _ = round_labels(teacher_probs, teacher_classes, student, fp, cfg)
     normed_only = acc(student.head, ft, y_test)
     r = teacher_round(student, fp, lab, keep, y_pool, ft, y_test, normed_only, gap)
-    r.update(normalised_only=normed_only, source_accuracy=acc(student.head, feats(clean_x), y_test),
+    r.update(normalised_only=normed_only, source_accuracy=acc(student.head, feats(clean_x), src_y),
              gap_recovered_normalised_only=gap(normed_only))
     keys = ('frames', 'labelled', 'label_accuracy', 'normalised_only', 'adapted', 'accepted',
             'source_accuracy', 'gap_recovered', 'gap_recovered_normalised_only')
@@ -271,6 +271,32 @@ def load_models(args, n_classes: int, cfg):
         return student, None, None, None, teacher_note
 
 
+def target_domain(path, student, n_max: int):
+    """A user's target data as a domain: an npz in the gtsrb32.npz layout (X_train/y_train = the robot's
+    local stream, X_test/y_test = held-out frames, labels in the student's class order)."""
+    from edge_tl_ros.data import load_gtsrb_npz
+
+    try:
+        tr, te = load_gtsrb_npz(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f'[{NAME}] --target {path}: not a gtsrb32.npz-style file ({e})') from None
+    n_cls = len(student.class_names)
+    for split, what in ((tr, 'y_train'), (te, 'y_test')):
+        if len(split) and (split.labels.min() < 0 or split.labels.max() >= n_cls):
+            raise SystemExit(f'[{NAME}] --target {path}: {what} has labels outside 0..{n_cls - 1} '
+                             f'(the student\'s classes)')
+    if len(tr) < n_max or len(te) == 0:
+        raise SystemExit(f'[{NAME}] --target {path}: needs >= {n_max} X_train frames and some X_test, '
+                         f'has {len(tr)} / {len(te)}')
+    if tr.images.shape[1:] != te.images.shape[1:]:
+        raise SystemExit(f'[{NAME}] --target {path}: X_train and X_test frames differ in size')
+    imgs = np.concatenate([tr.images, te.images])
+    ids = np.arange(len(imgs))
+    y = np.concatenate([tr.labels, te.labels]).astype(np.int64)
+    train_ids = ids[:len(tr)]
+    return (Path(path).stem, None, ids, imgs, y, train_ids, ids[len(tr):], train_ids)
+
+
 def mean_of(vals) -> float | None:
     """The mean of the values that are not None (None where there are none)."""
     vals = [v for v in vals if v is not None]
@@ -313,31 +339,42 @@ def run(args) -> dict:
         finetune_all = None
         print(f'[{NAME}] torch absent ({e}): oracle = head retrained on all target labels')
     src_clean_acc = acc(head0, clean_test_f, y_test)
+    src_y = y_test  # the source check: the same GTSRB test frames unshifted, in every domain
+
+    def domains():
+        """(name, severity or None, ids, images, labels by id, pool ids, test ids, oracle ids) per domain:
+        the project's shifts of the GTSRB test frames, then each --target npz (its X_train is the robot's
+        local stream and the oracle's labelled pool, X_test the held-out frames)."""
+        for shift, sev in shifts:
+            shifted = apply_shift(test.images[perm], shift, sev, seed=1)
+            yield shift, sev, perm, shifted, test.labels, pool, tst, oracle_idx
+        for path in args.target or ():
+            yield target_domain(path, student, n_max)
     sources = [s for s in SOURCES if s != 'teacher' or teacher_eng is not None]
     results = []
-    for shift, sev in shifts:
+    for shift, sev, ids, imgs, y_d, d_pool, d_tst, d_oracle in domains():
         t_s = time.perf_counter()
-        imgs = apply_shift(test.images[perm], shift, sev, seed=1)
-        pos = {int(i): k for k, i in enumerate(perm)}
+        pos = {int(i): k for k, i in enumerate(ids)}
+        y_test, y_pool = y_d[d_tst], y_d[d_pool[:n_max]]
 
         def at(ix):  # the rows of the shifted frames of these test-set indices
             return [pos[int(i)] for i in ix]
 
         feats_all = eng.features_batch(imgs)
-        test_f, pool_f = feats_all[at(tst)], feats_all[at(pool)]
-        test_x = eng.prepare_batch(imgs[at(tst)], 'rgb')
+        test_f, pool_f = feats_all[at(d_tst)], feats_all[at(d_pool)]
+        test_x = eng.prepare_batch(imgs[at(d_tst)], 'rgb')
         source_only = acc(head0, test_f, y_test)
-        oracle_head_model = train_head(feats_all[at(oracle_idx)], y[oracle_idx], head0, l2_to_prior=1e-4,
+        oracle_head_model = train_head(feats_all[at(d_oracle)], y_d[d_oracle], head0, l2_to_prior=1e-4,
                                        iters=100)
         oracle_head = acc(oracle_head_model, test_f, y_test)
         oracle_full = x_all = None
         if finetune_all is not None:
             x_all = eng.prepare_batch(imgs, 'rgb')
             t_ft = time.perf_counter()
-            net = finetune_all(student.files['backbone'], head0, x_all[at(oracle_idx)], y[oracle_idx],
+            net = finetune_all(student.files['backbone'], head0, x_all[at(d_oracle)], y_d[d_oracle],
                                epochs=oracle_epochs, threads=2)
-            oracle_full = {'accuracy': float(np.mean(net.predict(x_all[at(tst)]) == y_test)),
-                           'source_accuracy': float(np.mean(net.predict(clean_test_x) == y_test)),
+            oracle_full = {'accuracy': float(np.mean(net.predict(x_all[at(d_tst)]) == y_test)),
+                           'source_accuracy': float(np.mean(net.predict(clean_test_x) == src_y)),
                            'epochs': oracle_epochs, 'seconds': time.perf_counter() - t_ft}
         oracle = oracle_full['accuracy'] if oracle_full else oracle_head
 
@@ -348,12 +385,12 @@ def run(args) -> dict:
         t_lab, teacher_info = {}, None
         teacher_acc = teacher_kept = teacher_kept_acc = None
         if teacher_eng is not None:
-            plain = teacher_eng.predict_batch(imgs[at(pool[:n_max])], 'rgb')
+            plain = teacher_eng.predict_batch(imgs[at(d_pool[:n_max])], 'rgb')
             # the round's labelling function on the first n frames only for each n (a round with n
             # frames has no other frames to take batch statistics from); the teacher's own probabilities
             # beside it for the label-accuracy figures and the contrasts
             for n in sizes:
-                frames = imgs[at(pool[:n])]
+                frames = imgs[at(d_pool[:n])]
                 names, how = pseudo_labels(frames, labeler, student.head, cfg, pool_f[:n], s_labeler)
                 lab, keep = label_indices(names, student)
                 t_lab[n] = {'labels': lab, 'keep': keep, 'teacher_probs': labeler.probs(frames), 'how': how}
@@ -364,9 +401,10 @@ def run(args) -> dict:
             teacher_info = {'mode': labeler.mode, 'ensemble': tl['how']['ensemble'],
                             'student_side': tl['how'].get('student'),
                             'plain_label_accuracy': float(np.mean(np.argmax(plain, 1) == y_pool))}
-        sp = eng.predict_batch(imgs[at(pool[:n_max])], 'rgb')
+        sp = eng.predict_batch(imgs[at(d_pool[:n_max])], 'rgb')
         s_top, s_conf = np.argmax(sp, 1), sp.max(1)
-        entry = {'shift': shift, 'severity': sev, 'source_only': source_only, 'oracle': oracle,
+        entry = {'shift': shift, 'severity': sev, 'target': sev is None, 'source_only': source_only,
+                 'oracle': oracle,
                  'oracle_kind': 'full' if oracle_full else 'head', 'oracle_head': oracle_head,
                  'oracle_full': oracle_full, 'teacher_label_accuracy': teacher_acc,
                  'teacher_confident_fraction': teacher_kept, 'teacher_confident_accuracy': teacher_kept_acc,
@@ -374,7 +412,7 @@ def run(args) -> dict:
         for n in sizes:
             for src in sources:
                 if src == 'topic':
-                    lab, keep = y[pool[:n]], np.ones(n, bool)
+                    lab, keep = y_d[d_pool[:n]], np.ones(n, bool)
                 elif src == 'teacher':
                     lab, keep = t_lab[n]['labels'], t_lab[n]['keep']
                 else:
@@ -385,15 +423,15 @@ def run(args) -> dict:
                 accepted = None if src == 'self' else bool(r.accepted)
                 shipped = None
                 if src != 'self':
-                    shipped = shipped_round(student, r, imgs[at(pool[:n])], lab, keep, as_src, test_x, test_f,
-                                            y_test, source_only, cfg)
+                    shipped = shipped_round(student, r, imgs[at(d_pool[:n])], lab, keep, as_src, test_x,
+                                            test_f, y_test, source_only, cfg)
                     shipped['gap_recovered'] = gap(shipped['deployed'])
                 entry['runs'].append({
                     'frames': n, 'label_source': src, 'labelled': int(keep.sum()),
-                    'label_accuracy': label_accuracy(lab, keep, y[pool[:n]]), 'adapted': adapted,
+                    'label_accuracy': label_accuracy(lab, keep, y_d[d_pool[:n]]), 'adapted': adapted,
                     'deployed': None if src == 'self' else (adapted if accepted else source_only),
                     'accepted': accepted, 'reason': r.reason,
-                    'source_anchor_after': acc(r.head, clean_test_f, y_test) if r.head else None,
+                    'source_anchor_after': acc(r.head, clean_test_f, src_y) if r.head else None,
                     'source_anchor_before': src_clean_acc, 'round_s_in_process': secs,
                     'gap_recovered': gap(adapted), 'gap_recovered_vs_head_oracle': gap(adapted, oracle_head),
                     'shipped': shipped})
@@ -413,13 +451,13 @@ def run(args) -> dict:
                                                                      test_f, y_test, source_only, gap)
             if x_all is not None:  # the next step, measured: AdaBN of the student's own backbone
                 teacher_info['student_norm_run'] = student_norm_contrast(
-                    student, x_all, at(pool[:n_max]), at(tst), clean_test_x, y_pool, y_test,
+                    student, x_all, at(d_pool[:n_max]), at(d_tst), clean_test_x, src_y, y_pool, y_test,
                     t_lab[n_max]['teacher_probs'], labeler.class_names, cfg, gap)
         # the ceilings of n_max local frames, same run
         tl = t_lab.get(n_max)
         entry['ceiling'] = ceilings(
             student, f_max, y_pool, tl['labels'] if tl else None, tl['keep'] if tl else None, test_f,
-            None if x_all is None else x_all[at(pool[:n_max])], None if x_all is None else x_all[at(tst)],
+            None if x_all is None else x_all[at(d_pool[:n_max])], None if x_all is None else x_all[at(d_tst)],
             y_test, gap, 1 if quick else CEILING_EPOCHS, finetune_all)
         c_full = entry['ceiling'].get('full_true')
         for r in entry['runs']:
@@ -427,7 +465,8 @@ def run(args) -> dict:
                 (r['adapted'] - source_only) / (c_full - source_only)
                 if c_full is not None and c_full - source_only > 1e-6 and r['frames'] == n_max else None)
         results.append(entry)
-        print(f'[{NAME}] {shift} {sev}: source-only {source_only:.3f}, oracle {oracle:.3f} '
+        print(f'[{NAME}] {shift} {"(target)" if sev is None else sev}: source-only {source_only:.3f}, '
+              f'oracle {oracle:.3f} '
               f'({time.perf_counter() - t_s:.1f} s)', flush=True)
     gap_src = 'teacher' if teacher_eng is not None else 'topic'
     headline = [r for e in results for r in e['runs']  # the runs gap_recovered averages
@@ -464,6 +503,14 @@ def run(args) -> dict:
         'recovered_true_labels': mean_of(tl) if tl else None,
         'gate_false_accepts': g_fa, 'gate_false_rejects': g_fr, 'gate_rounds': g_n,
         'gate_true_labels': {'false_accepts': t_fa, 'false_rejects': t_fr, 'rounds': t_n},
+        'per_domain': [{'domain': e['shift'] if e['severity'] is None else f'{e["shift"]} {e["severity"]}',
+                        'target': e['target'], 'source_only': e['source_only'], 'oracle': e['oracle'],
+                        **{f'recovered_{k}': next((r['shipped']['gap_recovered'] for r in e['runs']
+                                                   if r['frames'] == n_max and r['label_source'] == src
+                                                   and r.get('shipped')), None)
+                           for k, src in (('label_free', 'teacher'), ('true_labels', 'topic'))}}
+                       for e in results],
+        'targets': list(args.target or []),
         'backbone_rounds_deployed': sum(1 for _, sh in shipped_runs('teacher', n_max)
                                         if sh['accepted'] and sh['kind'] == 'backbone'),
         'gap_recovered': mean_of(r['gap_recovered'] for r in headline), 'gap_recovered_label_source': gap_src,
@@ -529,8 +576,8 @@ def run(args) -> dict:
     path = common.write_result(NAME, data, args, t_start)
     rows = []
     for e in results:
-        row = {'shift': f'{e["shift"]}{e["severity"]}', 'src_only': e['source_only'], 'oracle': e['oracle'],
-               'oracle_head': e['oracle_head']}
+        row = {'shift': f'{e["shift"]}{e["severity"] or ""}', 'src_only': e['source_only'],
+               'oracle': e['oracle'], 'oracle_head': e['oracle_head']}
         for r in e['runs']:
             if r['frames'] == n_max:
                 row[r['label_source']] = r['adapted']
@@ -566,7 +613,7 @@ def plot(results: list, sources, n_max: int, args) -> None:
         ax.scatter([x for x, c in zip(xs, ceil) if c is not None], [c for c in ceil if c is not None],
                    marker='_', s=900, color='k', zorder=3,
                    label=f'all weights, true labels, {n_max} frames (ceiling)')
-    ax.set_xticks(xs, [f'{e["shift"]} {e["severity"]}' for e in results])
+    ax.set_xticks(xs, [f'{e["shift"]} {e["severity"] or ""}'.strip() for e in results])
     ax.set_ylabel('target accuracy')
     ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False,
               markerscale=0.35)
@@ -577,6 +624,10 @@ def plot(results: list, sources, n_max: int, args) -> None:
 def add_args(p) -> None:
     p.add_argument('--student', default=None,
                    help='student bundle (default --bundle, else models/gtsrb_student)')
+    p.add_argument('--target', action='append', default=[], metavar='NPZ',
+                   help='target data of your own, gtsrb32.npz layout: X_train/y_train = the robot\'s local '
+                        'stream (>= 500 frames; 100 with --quick), X_test/y_test = held-out frames; '
+                        'repeatable')
     common.add_teacher_data_args(p)
 
 

@@ -26,7 +26,8 @@ REQUIRED = {
     'swap': ('dropped_frames', 'max_pause_ms'),
     'adaptation_interference': ('p99_ratio',),
     'model_zoo': ('models',),
-    'adaptation': ('gap_recovered', 'round_seconds'),
+    'adaptation': ('recovered_label_free', 'recovered_true_labels', 'gate_false_accepts',
+                   'gate_false_rejects', 'round_seconds'),
     'adaptation_memory': ('rss_growth_ratio', 'growth_vs_old_design', 'bound_held'),
 }
 TIMEOUT_S = {'quick': 240, 'full': 1200}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip('rclpy')
@@ -104,3 +105,39 @@ def test_run_all_quick_writes_valid_results(tmp_path):
             c = e['ceiling']
             assert c['frames'] == ad['gap_recovered_frames'] and 0.0 <= c['head_true'] <= 1.0, c
             assert c.get('full_true') is None or 0.0 <= c['full_true'] <= 1.0, c
+
+
+def test_adaptation_bench_on_a_users_target(tmp_path):
+    """`python -m bench.adaptation --target NPZ`: the user's own local stream / held-out frames become one
+    more domain with the same figures; a file of the wrong layout is one clear line, not a traceback."""
+    from edge_tl_ros import data as DD
+    from edge_tl_ros.shifts import apply_shift
+    from edge_tl_ros.training import datasets as D
+
+    try:
+        tr, _ = DD.load_gtsrb_npz(None)
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f'GTSRB data absent ({e}); the benchmark needs the source test set')
+    i = np.random.default_rng(5).permutation(len(tr))[:260]
+    X = apply_shift(tr.images[i], 'rain', 4, seed=3)
+    target = tmp_path / 'my_rain.npz'
+    D.save_npz(D.Dataset(DD.Split(X[:160], tr.labels[i[:160]], tr.class_names),
+                         DD.Split(X[160:], tr.labels[i[160:]], tr.class_names), 'gtsrb-npz', 'rain'), target)
+    out = tmp_path / 'res'
+    proc = subprocess.run([sys.executable, '-m', 'bench.adaptation', '--quick', '--target', str(target),
+                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / 'adaptation.json').read_text(), parse_constant=_no_nan)
+    mine = [d for d in res['per_domain'] if d['target']]
+    assert [d['domain'] for d in mine] == ['my_rain'] and res['targets'] == [str(target)]
+    for key in ('source_only', 'oracle', 'recovered_label_free', 'recovered_true_labels'):
+        assert isinstance(mine[0][key], float) and math.isfinite(mine[0][key]), (key, mine[0])
+    entry = next(e for e in res['shifts'] if e['target'])
+    assert {r['label_source'] for r in entry['runs']} >= {'topic', 'teacher'}
+    assert all(r['shipped'] is not None for r in entry['runs'] if r['label_source'] != 'self')
+    bad = tmp_path / 'bad.npz'
+    np.savez(bad, images=np.zeros((3, 32, 32, 3), np.uint8))
+    proc = subprocess.run([sys.executable, '-m', 'bench.adaptation', '--quick', '--target', str(bad),
+                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert '--target' in proc.stderr + proc.stdout and 'bad.npz' in proc.stderr + proc.stdout
