@@ -719,19 +719,8 @@ class HeadRegistry:
         bb = meta.get('backbone')
         if bb is None:
             return None
-        want = bb.get('sha256')
-        if not isinstance(want, str) or not _SHA256.fullmatch(want):
-            raise BundleError(f'backbone of version {version}: the index has no valid sha256 (required)')
-        p = self.backbone_path_of(version)
-        try:
-            data = read_bounded(p, backbone_max_bytes(self.bundle))
-        except FileNotFoundError as e:
-            raise BundleError(f'backbone of version {version}: file {p} is missing') from e
-        except (OSError, ValueError) as e:
-            raise BundleError(f'backbone of version {version}: {e}') from e
-        if hashlib.sha256(data).hexdigest() != want:
-            raise BundleError(f'backbone of version {version}: sha256 mismatch, {p} is corrupt')
-        return data
+        return _read_verified(self.backbone_path_of(version), bb.get('sha256'),
+                              backbone_max_bytes(self.bundle), f'backbone of version {version}')
 
     def _load_from(self, idx: dict, version, with_backbone: bool = False):
         version = _as_version(idx['current'] if version is None else version)
@@ -740,19 +729,9 @@ class HeadRegistry:
         meta = idx['versions'].get(str(version))
         if meta is None:
             raise BundleError(f'head version {version} is not registered in {self.index_path}')
-        want = meta.get('sha256')
-        if not isinstance(want, str) or not _SHA256.fullmatch(want):
-            raise BundleError(f'head version {version}: the index has no valid sha256 for it (required)')
         p = self.path_of(version)
         bound = head_max_bytes(self.bundle.feature_size)
-        try:
-            data = read_bounded(p, npz_file_bound(bound))
-        except FileNotFoundError as e:
-            raise BundleError(f'head version {version}: file {p} is missing') from e
-        except (OSError, ValueError) as e:
-            raise BundleError(f'head version {version}: {e}') from e
-        if hashlib.sha256(data).hexdigest() != want:
-            raise BundleError(f'head version {version}: sha256 mismatch, {p} is corrupt')
+        data = _read_verified(p, meta.get('sha256'), npz_file_bound(bound), f'head version {version}')
         head = Head.load(p, version=version, max_bytes=bound, data=data)
         self.check_compatible(head)
         backbone = self._load_backbone(version, meta)  # verified even when not asked for: a pair or nothing
@@ -945,6 +924,22 @@ class HeadRegistry:
             idx['current'] = prev
             self._write_index(idx)
         return (head, backbone) if with_backbone else head
+
+
+def _read_verified(path: Path, want, limit: int, what: str) -> bytes:
+    """The bytes of a registry file whose sha256 (required, from the index) is checked before anything
+    parses them; BundleError naming ``what`` otherwise."""
+    if not isinstance(want, str) or not _SHA256.fullmatch(want):
+        raise BundleError(f'{what}: the index has no valid sha256 for it (required)')
+    try:
+        data = read_bounded(path, limit)
+    except FileNotFoundError as e:
+        raise BundleError(f'{what}: file {path} is missing') from e
+    except (OSError, ValueError) as e:
+        raise BundleError(f'{what}: {e}') from e
+    if hashlib.sha256(data).hexdigest() != want:
+        raise BundleError(f'{what}: sha256 mismatch, {path} is corrupt')
+    return data
 
 
 def default_model_path(name: str = 'gtsrb_student') -> Path:
