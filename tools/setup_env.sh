@@ -162,12 +162,12 @@ rm -rf "$VENV/lib/edge_tl_ros"
 mkdir -p "$VENV/lib/edge_tl_ros"
 for exe in perception_node adaptation_node; do ln -s "../../bin/$exe" "$VENV/lib/edge_tl_ros/$exe"; done
 
-# AMENT_PREFIX_PATH defaults to the venv in every interpreter of the venv (ament_index_python needs
-# it; the pip ROS wheels install their share/ and lib/ under the venv prefix). Runs before
-# ros_wheels_bootstrapper.pth (alphabetical order), whose re-exec keeps the variable.
+# AMENT_PREFIX_PATH defaults to the venv (when unset or empty) in every interpreter of the venv
+# (ament_index_python needs it; the pip ROS wheels install their share/ and lib/ under the venv
+# prefix). Runs before ros_wheels_bootstrapper.pth (alphabetical order), whose re-exec keeps it.
 SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cat > "$SITE/edge_tl_ros_env.pth" <<'EOF'
-import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
+import os, sys; os.environ['AMENT_PREFIX_PATH'] = os.environ.get('AMENT_PREFIX_PATH') or sys.prefix
 EOF
 
 # --- 6. final check + stamp ---------------------------------------------------------------------------
