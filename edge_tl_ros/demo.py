@@ -3,7 +3,7 @@
 1. builds (once, cached) three rosbag2 files from GTSRB test images: a source-domain bag, and two
    shifted-domain bags (default: night, severity 4) from disjoint images - one the robot drives
    through with labels on ``/labels`` (adaptation data), one kept for evaluation (its labels are on a
-   topic no node subscribes to);
+   topic no node subscribes to, and the adaptation node stores no unlabelled frame while it plays);
 2. brings up perception + adaptation in this process (``edge-tl up``'s graph, shipped YAML);
 3. replays: source bag -> evaluation bag (before) -> adaptation bag (the adaptation node collects,
    labels and trains; accepted heads are hot-swapped into perception) -> evaluation bag (after);
@@ -180,10 +180,28 @@ def run_demo(args) -> int:
                     print(f'[demo]   adaptation round {seen}: {verdict} - {last.get("reason", "")}')
                 time.sleep(0.1)
 
+        from rclpy.parameter import Parameter
+
+        rate = float(adaptation.get_parameter('store.sample_rate_hz').value)
+
+        def collect(on: bool):
+            # evaluation frames must not reach the adaptation data: while they play the node keeps only
+            # labelled frames (store.sample_rate_hz 0), and their labels are on a topic it never reads
+            res = adaptation.set_parameters([Parameter('store.sample_rate_hz', value=rate if on else 0.0)])
+            if not res[0].successful:
+                raise RuntimeError(f'cannot pause collection: {res[0].reason}')
+
+        def evaluate(name):
+            collect(False)
+            try:
+                play(name, bags['eval'], EVAL_LABELS, [CAMERA])
+            finally:
+                collect(True)
+
         stop = threading.Event()
         threading.Thread(target=watch_rounds, args=(stop,), daemon=True).start()
         play('source domain', bags['source'], LABELS, [CAMERA])
-        play(f'{args.shift} before adapting', bags['eval'], EVAL_LABELS, [CAMERA])
+        evaluate(f'{args.shift} before adapting')
         play(f'{args.shift} robot drives', bags['adapt'], LABELS, [CAMERA, LABELS])
         deadline = time.monotonic() + args.round_timeout
         while time.monotonic() < deadline and adaptation.round_running:
@@ -195,10 +213,12 @@ def run_demo(args) -> int:
             while time.monotonic() < deadline and adaptation.round_running:
                 time.sleep(0.1)
         time.sleep(1.0)  # the reload_head call after an accepted round
-        play(f'{args.shift} after adapting', bags['eval'], EVAL_LABELS, [CAMERA])
+        evaluate(f'{args.shift} after adapting')
         stop.set()
         stats = perception.stats()
         summary = _summary(args, phases, rounds, stats, perception, adaptation)
+        summary['eval_frames_in_store'] = len(set(read_labels(bags['eval'], EVAL_LABELS))
+                                              & set(adaptation.store.stamps()))
         (out / 'demo_summary.json').write_text(json.dumps(summary, indent=2, default=str))
         plot = _plot(phases, rounds, out / 'demo_accuracy.png', args)
         _print_summary(summary, plot)
@@ -247,6 +267,9 @@ def _print_summary(s: dict, plot: Path) -> None:
     acc = sum(1 for r in s['rounds'] if r['accepted'])
     print(f'adaptation rounds   {len(s["rounds"])} ({acc} accepted); head v{s["head_version_start"]} -> '
           f'v{s["head_version_end"]}; labels {s["label_counts"]}')
+    if 'eval_frames_in_store' in s:
+        print(f'evaluation frames   {s["eval_frames_in_store"]} in the adaptation store (collection paused '
+              'while they play)')
     print(f'plot                {plot}')
 
 

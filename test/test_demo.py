@@ -38,6 +38,7 @@ def test_demo_runs_end_to_end(tmp_path, ros_domain):
     assert s['accuracy_source'] > 0.95  # the toy head is right on clean toy frames
     assert len(s['rounds']) >= 1 and all(r['reason'] for r in s['rounds'])
     assert s['label_counts']['topic'] >= 40  # frames may be lost in transport (see above)
+    assert s['eval_frames_in_store'] == 0  # evaluation frames never become adaptation data
     assert (out / 'demo_accuracy.png').stat().st_size > 10_000
     # bags are cached: a second run reuses them
     run2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
