@@ -107,13 +107,12 @@ def teacher_round(student, feats, lab, keep, y_pool, test_f, y_test, fallback, g
             'accepted': bool(r.accepted), 'gap_recovered': gap(adapted)}
 
 
-def shipped_round(student, r_head, frames, lab, keep, source, test_x, test_f, y_test, source_only, cfg):
+def shipped_round(student, r_head, frames, lab, keep, source, test_imgs, test_f, y_test, source_only, cfg):
     """What the worker ships from the same labels: the head-only result ``r_head`` and the backbone
     candidate (``adapt.backbone_round``: statistics from all ``frames``, head on the kept ones) through
     ``adapt.choose``; the deployed accuracy on the target test set and the candidates' own figures."""
-    import onnxruntime as ort
-
     from edge_tl_ros.adapt import backbone_round, choose
+    from edge_tl_ros.engine import Engine
 
     names = [student.class_names[i] for i in lab[keep]]
     b = backbone_round(student, frames[keep], names, [source] * len(names), student.head, None,
@@ -125,10 +124,8 @@ def shipped_round(student, r_head, frames, lab, keep, source, test_x, test_f, y_
             return None
         if res.backbone is None:
             return acc(res.head, test_f, y_test)
-        sess = ort.InferenceSession(res.backbone, providers=['CPUExecutionProvider'])
-        f = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: test_x[i:i + 1000]})[0]
-                            for i in range(0, len(test_x), 1000)])
-        return acc(res.head, f, y_test)
+        eng = Engine(student, 'feature_extractor', num_threads=2, backbone=res.backbone)
+        return acc(res.head, eng.features_batch(test_imgs), y_test)
 
     deployed = test_acc(pick) if pick.accepted else source_only
     cands = [c for c in (r_head, b) if c is not None and c.head is not None]
@@ -362,7 +359,6 @@ def run(args) -> dict:
 
         feats_all = eng.features_batch(imgs)
         test_f, pool_f = feats_all[at(d_tst)], feats_all[at(d_pool)]
-        test_x = eng.prepare_batch(imgs[at(d_tst)], 'rgb')
         source_only = acc(head0, test_f, y_test)
         oracle_head_model = train_head(feats_all[at(d_oracle)], y_d[d_oracle], head0, l2_to_prior=1e-4,
                                        iters=100)
@@ -423,8 +419,8 @@ def run(args) -> dict:
                 accepted = None if src == 'self' else bool(r.accepted)
                 shipped = None
                 if src != 'self':
-                    shipped = shipped_round(student, r, imgs[at(d_pool[:n])], lab, keep, as_src, test_x,
-                                            test_f, y_test, source_only, cfg)
+                    shipped = shipped_round(student, r, imgs[at(d_pool[:n])], lab, keep, as_src,
+                                            imgs[at(d_tst)], test_f, y_test, source_only, cfg)
                     shipped['gap_recovered'] = gap(shipped['deployed'])
                 entry['runs'].append({
                     'frames': n, 'label_source': src, 'labelled': int(keep.sum()),

@@ -123,7 +123,8 @@ class Engine:
             if use_int8 and path is None:
                 raise EngineError(f'bundle {bundle.name} has no int8 backbone')
             path = path or bundle.path('backbone')
-        self.model_path = path if backbone is None else f'<adapted backbone v{backbone_version}>'
+        what = 'adapted backbone' + ('' if backbone_version is None else f' v{backbone_version}')
+        self.model_path = path if backbone is None else f'<{what}>'
         self.session, self.provider = make_session(path, num_threads, provider, low_priority)
         self._in_name = self.session.get_inputs()[0].name
         self._out_name = self.session.get_outputs()[0].name
@@ -132,10 +133,10 @@ class Engine:
             try:
                 out = self.session.run([self._out_name], {self._in_name: self._x})[0]
             except Exception as e:  # onnxruntime's exception types: wrong input rank/shape/type
-                raise BundleError(f'adapted backbone v{backbone_version} does not take the bundle\'s '
+                raise BundleError(f'{what} does not take the bundle\'s '
                                   f'[1,3,{h},{w}] input: {str(e).splitlines()[0][:200]}') from e
             if out.shape != (1, bundle.feature_size) or not np.isfinite(out).all():
-                raise BundleError(f'adapted backbone v{backbone_version} gives {out.shape} outputs '
+                raise BundleError(f'{what} gives {out.shape} outputs '
                                   f'(finite: {bool(np.isfinite(out).all())}), the bundle needs '
                                   f'(1, {bundle.feature_size})')
         self.head: Head | None = None

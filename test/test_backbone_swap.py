@@ -321,3 +321,37 @@ def test_rounds_on_top_of_an_adapted_backbone(conv_bundle, tmp_path):
     off = run_round_in_subprocess(conv_bundle.root, state, st.root, AdaptConfig(adapt_backbone=False),
                                   threads=1)
     assert off.failed and 'adapted backbone' in (off.reason + str(off.metrics.get('error', '')))
+
+
+def test_adaptation_node_never_scores_bundle_features_with_a_head_for_an_adapted_backbone(
+        ros_context, conv_bundle, tmp_path):
+    """The adaptation node stores bundle-backbone features (what rounds train on). When the registry's
+    version runs an adapted backbone, its head must not score those features (selection, self labels):
+    the node keeps the bundle head for that, reports the version it follows, and takes the next
+    bundle-backbone version's head again."""
+    from rclpy.parameter import Parameter
+
+    from edge_tl_ros.nodes.adaptation_node import AdaptationNode
+
+    state = tmp_path / 'state'
+    reg = HeadRegistry(conv_bundle, state)
+    adapted_head = toy_head(permute=(1, 2, 0), version=0)
+    reg.add(adapted_head, backbone=_adapted(conv_bundle, _shifted(np.random.default_rng(8), 60)[0]))
+    node = AdaptationNode(context=ros_context, parameter_overrides=[
+        Parameter('model_bundle', value=str(conv_bundle.root)), Parameter('state_dir', value=str(state)),
+        Parameter('teacher_bundle', value=''), Parameter('advanced.use_perception_features', value=True)])
+    try:
+        assert node.status()['head_version'] == 1  # the version it follows
+        np.testing.assert_array_equal(node.engine.head.weight, conv_bundle.head.weight)
+        # perception's ~/features come from the adapted backbone now: not stored as bundle features
+        assert not node.collector.use_perception_features
+        plain = reg.add(toy_head(permute=(2, 0, 1)))  # v2 on the bundle backbone: its head is used
+        node._follow_registry()
+        assert node.status()['head_version'] == 2 and node.collector.use_perception_features
+        np.testing.assert_array_equal(node.engine.head.weight, plain.weight)
+        reg.activate(1)  # back to the adapted version (a rollback elsewhere): bundle head again
+        node._follow_registry()
+        assert node.status()['head_version'] == 1 and not node.collector.use_perception_features
+        np.testing.assert_array_equal(node.engine.head.weight, conv_bundle.head.weight)
+    finally:
+        node.destroy_node()

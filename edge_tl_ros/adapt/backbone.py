@@ -31,22 +31,6 @@ from .round import stratified_split
 MAX_STATS_FRAMES = 1000  # moments from more frames change nothing measurable and cost memory
 
 
-def _features(session, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    name, out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    return np.concatenate([session.run([out], {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def _session(model, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = max(1, int(threads))
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                providers=['CPUExecutionProvider'])
-
-
 def backbone_round(bundle: ModelBundle, images: np.ndarray, labels, sources, current_head: Head,
                    current_backbone: bytes | None, cfg: AdaptConfig, stats_images: np.ndarray | None = None,
                    threads: int = 1) -> RoundResult | None:
@@ -78,8 +62,8 @@ def backbone_round(bundle: ModelBundle, images: np.ndarray, labels, sources, cur
     y = np.array([pos[labels[i]] for i in keep], np.int64)
     src = np.array([sources[i] for i in keep], dtype=object)
     eng = Engine(bundle, 'feature_extractor', num_threads=threads)
-    x = eng.prepare_batch(np.asarray(images)[keep])
-    xs = x if stats_images is None else eng.prepare_batch(np.asarray(stats_images))
+    imgs = np.asarray(images)[keep]
+    xs = eng.prepare_batch(imgs if stats_images is None else np.asarray(stats_images))
     if len(xs) > MAX_STATS_FRAMES:
         xs = xs[np.sort(np.random.default_rng(cfg.seed).choice(len(xs), MAX_STATS_FRAMES, replace=False))]
     if len(xs) < ttn.MIN_BATCH:
@@ -90,12 +74,12 @@ def backbone_round(bundle: ModelBundle, images: np.ndarray, labels, sources, cur
     except ttn.TTNError as e:
         return done(False, f'no adapted backbone: {e}')
     metrics['stats_frames'] = int(len(xs))
-    new_sess = _session(model, threads)
-    old_sess = _session(bundle.files['backbone'] if current_backbone is None else current_backbone, threads)
-    f_new, f_old = _features(new_sess, x), _features(old_sess, x)
-    xa = eng.prepare_batch(bundle.anchor_images)
-    al = bundle.anchor[1]
-    a_new_f, a_old_f = _features(new_sess, xa), _features(old_sess, xa)
+    new_eng = Engine(bundle, 'feature_extractor', num_threads=threads, backbone=model)
+    old_eng = eng if current_backbone is None else Engine(bundle, 'feature_extractor', num_threads=threads,
+                                                          backbone=current_backbone)
+    f_new, f_old = new_eng.features_batch(imgs), old_eng.features_batch(imgs)
+    al, anchor_imgs = bundle.anchor[1], bundle.anchor_images
+    a_new_f, a_old_f = new_eng.features_batch(anchor_imgs), old_eng.features_batch(anchor_imgs)
 
     trusted = src != 'self'
     tr, ho = stratified_split(y, cfg.holdout_fraction, cfg.seed, eligible=trusted)

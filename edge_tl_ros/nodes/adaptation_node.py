@@ -106,10 +106,14 @@ class AdaptationNode(Node):
         self.state_dir = p('state_dir') or str(default_state_dir(self.bundle.name))
         self.registry = HeadRegistry(self.bundle, self.state_dir,
                                      keep_versions=p('advanced.keep_head_versions'))
-        head, warn = self.registry.load_current_or_fallback()
+        head, backbone, warn = self.registry.load_current_or_fallback(with_backbone=True)
         if warn:
             self.get_logger().warning(warn)
-        self.engine = Engine(self.bundle, 'feature_extractor', num_threads=1, low_priority=True, head=head)
+        self._followed = head.version  # the registry version this node last took its head from
+        # this node stores bundle-backbone features (what rounds train on); a head trained for an adapted
+        # backbone does not fit them, so for such a version the bundle head scores frames for selection
+        self.engine = Engine(self.bundle, 'feature_extractor', num_threads=1, low_priority=True,
+                             head=head if backbone is None else self.bundle.head)
         size = collect_cfg.crop_size
         self.store = FrameStore(p('store.dir') or f'{self.state_dir}/store', collect_cfg.max_entries,
                                 collect_cfg.max_bytes, collect_cfg.max_age_s, crop_size=(size, size),
@@ -121,7 +125,8 @@ class AdaptationNode(Node):
         self.teacher, self.teacher_error = self._find_teacher(p('teacher_bundle'))
         self.collector = Collector(self.engine, self.store, collect_cfg, self.round_cfg,
                                    has_teacher=self.teacher is not None,
-                                   use_perception_features=p('advanced.use_perception_features'),
+                                   use_perception_features=p('advanced.use_perception_features')
+                                   and backbone is None,
                                    nice_level=self.worker_cfg.nice_level,
                                    on_round_due=lambda: self.start_round('new labels'),
                                    log=self.get_logger().warning)
@@ -160,7 +165,7 @@ class AdaptationNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.collector.start()
         self.get_logger().info(
-            f'bundle {self.bundle.name}, head v{self.engine.head.version}, store {self.store.root} '
+            f'bundle {self.bundle.name}, head v{self._followed}, store {self.store.root} '
             f'({len(self.store)} entries), {self.teacher_how}, '
             f'label sources {list(self.round_cfg.label_sources)}')
         self._publish_status()
@@ -225,7 +230,7 @@ class AdaptationNode(Node):
     def _round(self, why: str) -> None:
         t0 = time.time()
         try:
-            self.get_logger().info(f'adaptation round started ({why}), base head v{self.engine.head.version}')
+            self.get_logger().info(f'adaptation round started ({why}), base head v{self._followed}')
             self.round_pid = None
 
             def started(pid):
@@ -252,8 +257,7 @@ class AdaptationNode(Node):
                     summary.update(accepted=False, failed=True, reason=f'could not write the head: {e}')
                     self.get_logger().error(summary['reason'])
                 else:
-                    if result.backbone is None:  # this node's features stay the bundle backbone's: a head
-                        self.engine.swap_head(head)  # trained for an adapted backbone does not fit them
+                    self._take_head(head, result.backbone)
                     summary['committed_version'] = head.version
                     self.get_logger().info(f'round accepted: head v{head.version} ({result.reason})')
                     self.reloader.request(head.version)
@@ -280,15 +284,27 @@ class AdaptationNode(Node):
         have moved it), so both nodes agree on the version and rounds start from the deployed head."""
         try:
             current = self.registry.current_version
-            if current == self.engine.head.version or self.round_running:
+            if current == self._followed or self.round_running:
                 return
-            head = self.registry.load(current)
+            head, backbone = self.registry.load(current, with_backbone=True)
         except Exception as e:  # an unreadable registry: keep the head in use, say why once in a while
-            self.get_logger().warning(f'head registry unreadable, keeping head v{self.engine.head.version}: '
+            self.get_logger().warning(f'head registry unreadable, keeping head v{self._followed}: '
                                       f'{e}', throttle_duration_sec=30.0)
             return
-        old = self.engine.swap_head(head)
-        self.get_logger().info(f'head registry moved to v{head.version}: following it (was v{old.version})')
+        self.get_logger().info(f'head registry moved to v{head.version}: following it '
+                               f'(was v{self._followed})')
+        self._take_head(head, backbone)
+
+    def _take_head(self, head, backbone: bytes | None) -> None:
+        """Follow registry version ``head.version``. The stored features stay the bundle backbone's (rounds
+        train on them), so while a version with an adapted backbone is deployed its head is not used here
+        (selection scores with the bundle head) and neither are the perception node's features."""
+        self._followed = head.version
+        self.engine.swap_head(head if backbone is None else self.bundle.head)
+        # the perception node's ~/features come from the backbone it runs: reuse them only while that is
+        # the bundle's (otherwise this node computes bundle-backbone features itself)
+        reuse = self._p('advanced.use_perception_features')
+        self.collector.use_perception_features = reuse and backbone is None
 
     # -- services --------------------------------------------------------------------------------------------
     def _srv_adapt_now(self, request, response):
@@ -328,7 +344,7 @@ class AdaptationNode(Node):
         c = self.collector
         return {
             'node': self.get_fully_qualified_name(), 'pid': os.getpid(), 'bundle': self.bundle.name,
-            'head_version': self.engine.head.version, 'registry_version': current,
+            'head_version': self._followed, 'registry_version': current,
             'store': self.store.stats(), 'label_counts': self.store.label_counts(),
             'counters': dict(c.counters), 'bad_frames': dict(c.bad_frames),
             'bad_labels': dict(c.bad_labels), 'bad_features': dict(c.bad_features),
@@ -363,7 +379,7 @@ class AdaptationNode(Node):
                                    f'frames, {recent["labels_bad"]} labels, {recent["features_bad"]} '
                                    'features messages '
                                    f'(all time: frames {dict(c.bad_frames)}, labels {dict(c.bad_labels)})'))
-        kv = {'head_version': self.engine.head.version, 'store_entries': s['entries'],
+        kv = {'head_version': self._followed, 'store_entries': s['entries'],
               'store_bytes': s['bytes'], 'store_dropped': s['dropped'], 'store_evicted': s['evicted'],
               'store_skipped': sum(s['skipped'].values()),
               'store_skipped_non_finite': s['skipped_non_finite'],
