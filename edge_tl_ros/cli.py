@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(e: Exception) -> bool:
     from .bundle import BundleError
+    from .classmap import ClassMapError
     from .data import DataError
     from .gtsdb import SceneError
 
-    return isinstance(e, (DataError, BundleError, SceneError))
+    return isinstance(e, (DataError, BundleError, SceneError, ClassMapError))
 
 
 if __name__ == '__main__':

@@ -287,8 +287,148 @@ def test_evaluate_bag(tmp_path, capsys, monkeypatch):
 
     if (default_model_path() / 'manifest.yaml').is_file():
         monkeypatch.chdir(tmp_path)
-        assert main(['evaluate-bag', str(bag), '--no-plot', '--no-progress', '--max-frames', '20']) == 0, \
-            capsys.readouterr().err
+        js = tmp_path / 'default.json'
+        assert main(['evaluate-bag', str(bag), '--no-plot', '--no-progress', '--max-frames', '20',
+                     '--json', str(js)]) == 0, capsys.readouterr().err
+        assert json.loads(js.read_text())['bundle'] == str(default_model_path())
+
+
+def _shifted_toy_bag(tmp_path, n=300, fps=2.0):
+    """A bag of colour-shifted toy frames (all labelled), the toy student, a teacher that knows the shift."""
+    from edge_tl_ros.headtrain import train_head
+    from edge_tl_ros.toy import TOY_CLASSES, make_toy_bundle, toy_features, toy_frames, toy_head
+
+    student = make_toy_bundle(tmp_path / 'toy', size=16)
+    rng = np.random.default_rng(3)
+    x, y = toy_frames(rng, 300, size=16, shifted=True)
+    teacher_head = train_head(toy_features(x), y, toy_head(scale=3.0), l2_to_prior=1e-4)
+    teacher = make_toy_bundle(tmp_path / 'teacher', size=16, head=teacher_head, name='teacher',
+                              with_full=False)
+    frames, labels = toy_frames(rng, n, size=40, shifted=True)
+    bag = write_bag(tmp_path / 'shifted', frames, [TOY_CLASSES[i] for i in labels], storage='mcap', fps=fps,
+                    start_stamp=START)
+    return bag, student, teacher
+
+
+def test_evaluate_bag_adapt_teacher_labels_and_held_out(tmp_path, capsys):
+    """--labels teacher: the bag's labels only score, the teacher labels the sampled frames; the last
+    --eval-fraction of the bag is scored before and after and never reaches the store."""
+    from edge_tl_ros.cli import main
+
+    bag, student, teacher = _shifted_toy_bag(tmp_path)
+    js = tmp_path / 'teacher.json'
+    rc = main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--adapt-every', '40',
+               '--labels', 'teacher', '--teacher-bundle', str(teacher), '--eval-fraction', '0.3',
+               '--no-plot', '--json', str(js), '--no-progress'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    s = json.loads(js.read_text())
+    assert s['label_sources'] == ['teacher'] and s['teacher'] == str(teacher)
+    assert s['heldout_from_frame'] == 210 and s['heldout_labelled'] == 90
+    assert s['adapt_frames'] == 210  # held-out frames never went to the simulated node
+    assert s['adapt_store']['topic'] == 0 and s['adapt_store']['teacher'] >= 40, s['adapt_store']
+    assert any(r['accepted'] for r in s['adapt_rounds'])
+    assert all(r['detail']['label_counts']['topic'] == 0 for r in s['adapt_rounds'] if r['detail'].get(
+        'label_counts'))
+    before, after = s['heldout_accuracy_before'], s['heldout_accuracy_after']
+    assert before < 0.5 and after > before + 0.3, s
+    assert 'held-out frames 210..299' in out and 'before' in out and 'after' in out
+
+    # without a teacher and without topic labels nothing can be learned: before == after, no round accepted
+    js2 = tmp_path / 'none.json'
+    assert main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--adapt-every', '40',
+                 '--labels', 'teacher', '--teacher-bundle', '', '--no-plot', '--json', str(js2),
+                 '--no-progress']) == 0
+    s2 = json.loads(js2.read_text())
+    assert not any(r['accepted'] for r in s2['adapt_rounds'])
+    assert s2['heldout_accuracy_after'] == s2['heldout_accuracy_before'] == s['heldout_accuracy_before']
+
+    # topic labels: stored with their label
+    js3 = tmp_path / 'topic.json'
+    assert main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--adapt-every', '40',
+                 '--labels', 'topic', '--no-plot', '--json', str(js3), '--no-progress']) == 0
+    s3 = json.loads(js3.read_text())
+    assert s3['adapt_store']['topic'] == 210 and s3['adapt_store']['teacher'] == 0
+    assert s3['heldout_accuracy_after'] > s3['heldout_accuracy_before'] + 0.3
+
+    assert main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--labels', 'oracle']) == 2
+    assert 'labels.sources' in capsys.readouterr().err
+    assert main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--labels', 'teacher',
+                 '--teacher-bundle', str(tmp_path / 'no_such_teacher')]) == 2
+    assert 'no_such_teacher' in capsys.readouterr().err
+
+
+def test_evaluate_bag_class_map(tmp_path, capsys):
+    """--class-map maps the bag's own label names to the bundle's; unknown names are one clear error."""
+    from edge_tl_ros.cli import main
+    from edge_tl_ros.toy import make_toy_bundle, toy_frames
+
+    bundle = make_toy_bundle(tmp_path / 'toy', size=16)
+    frames, y = toy_frames(np.random.default_rng(0), 60, size=24)
+    mine = ('rot', 'gruen', 'blau')
+    bag = write_bag(tmp_path / 'mine', frames, [mine[i] for i in y], storage='mcap', start_stamp=START)
+    js = tmp_path / 'e.json'
+    args = ['evaluate-bag', str(bag), '--bundle', str(bundle), '--no-plot', '--no-progress',
+            '--json', str(js)]
+    assert main(args) == 0
+    assert json.loads(js.read_text())['unknown_labels'] == 60  # without a map no label is a bundle class
+    cmap = tmp_path / 'map.yaml'
+    cmap.write_text('rot: red\ngruen: green\nblau: blue\n')
+    assert main(args + ['--class-map', str(cmap)]) == 0
+    s = json.loads(js.read_text())
+    assert s['unknown_labels'] == 0 and s['labelled'] == 60 and s['accuracy'] > 0.95
+    (tmp_path / 'map.json').write_text(json.dumps({'rot': 'red', 'gruen': 'green', 'blau': None}))
+    assert main(args + ['--class-map', str(tmp_path / 'map.json')]) == 0
+    assert json.loads(js.read_text())['labelled'] == int(np.sum(y != 2))  # null: frames of blau ignored
+    cmap.write_text('rot: red\ngruen: gren\nblau: blue\n')
+    assert main(args + ['--class-map', str(cmap)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown class name(s) 'gren' (did you mean 'green'?)" in err and 'Traceback' not in err
+    cmap.write_text('rot: red\ngruen: green\n')
+    assert main(args + ['--class-map', str(cmap)]) == 2
+    assert "labels 'blau' are neither in the class map" in capsys.readouterr().err
+    cmap.write_text('[red, green]')
+    assert main(args + ['--class-map', str(cmap)]) == 2
+    assert 'must be a non-empty mapping' in capsys.readouterr().err
+    assert main(args + ['--class-map', str(tmp_path / 'missing.yaml')]) == 2
+    assert 'missing.yaml' in capsys.readouterr().err
+
+
+def test_class_map_for_npz_labels(tmp_path, capsys):
+    """make-bag and evaluate take the npz's own class names (or ids) through --class-map."""
+    from edge_tl_ros.cli import main
+    from edge_tl_ros.toy import make_toy_bundle, toy_frames
+
+    bundle = make_toy_bundle(tmp_path / 'toy', size=16)
+    x, y = toy_frames(np.random.default_rng(1), 40, size=32)
+    npz = tmp_path / 'mine.npz'
+    np.savez(npz, X_train=x[:20], y_train=y[:20], X_test=x[20:], y_test=y[20:],
+             class_names=np.array(['rot', 'gruen', 'blau']))
+    cmap = tmp_path / 'map.yaml'
+    cmap.write_text('rot: red\n1: green\nblau: null\n')  # a name, an id, and a class left out
+    out = tmp_path / 'bag'
+    assert main(['make-bag', str(out), '--data', str(npz), '--count', '20', '--order', 'sequential',
+                 '--class-map', str(cmap), '--bundle', str(bundle), '--no-progress']) == 0, \
+        capsys.readouterr().err
+    _, names = read_labelled_frames(out)
+    want = [('red', 'green', None)[int(v)] for v in y[20:]]
+    assert names == [n for n in want if n is not None]
+    cmap.write_text('rot: red\n')
+    assert main(['make-bag', str(tmp_path / 'b2'), '--data', str(npz), '--class-map', str(cmap),
+                 '--bundle', str(bundle), '--no-progress']) == 2
+    assert "data classes 'gruen', 'blau' are neither in the class map" in capsys.readouterr().err
+
+    cmap.write_text('rot: red\ngruen: green\nblau: blue\n')
+    ev = tmp_path / 'ev'
+    assert main(['evaluate', str(bundle), '--data', str(npz), '--image-size', '32', '--no-latency',
+                 '--mode', 'feature_extractor', '--out', str(ev), '--class-map', str(cmap)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep['accuracy'] > 0.95, rep
+    cmap.write_text('rot: rouge\n')
+    assert main(['evaluate', str(bundle), '--data', str(npz), '--image-size', '32', '--no-latency',
+                 '--out', str(ev), '--class-map', str(cmap)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown class name(s) 'rouge'" in err and 'Traceback' not in err
 
 
 # -- replay (real rclpy) ----------------------------------------------------------------------------------

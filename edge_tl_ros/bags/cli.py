@@ -39,6 +39,12 @@ def register(subparsers) -> None:
     p.add_argument('--label-topic', default='/labels')
     p.add_argument('--start-stamp', type=float, default=None,
                    help='header stamp of the first frame, seconds since the epoch (default: now)')
+    p.add_argument('--class-map', default=None, metavar='FILE',
+                   help="YAML/JSON mapping the data's class names (or ids) to the class names of --bundle; "
+                        'the bag then carries those names')
+    p.add_argument('--bundle', default='gtsrb_student',
+                   help='with --class-map: the bundle whose class names the labels map to (default: '
+                        '%(default)s)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing bag at OUT')
     p.add_argument('--no-progress', action='store_true')
     p.set_defaults(func=cmd_make_bag)
@@ -72,12 +78,25 @@ def register(subparsers) -> None:
         description='Decode every frame as the perception node does, infer with the bundle, compare with '
                     'the label of the same header stamp; accuracy over time, latency, PNG plot.')
     p.add_argument('bag')
-    p.add_argument('--bundle', default='', help='model bundle: a directory, a shipped bundle name, or "" '
-                   'for the shipped student (found wherever edge-tl runs from)')
+    p.add_argument('--bundle', default='gtsrb_student', help='model bundle: a shipped bundle name or a '
+                   'directory (default: %(default)s, found wherever edge-tl runs from)')
     p.add_argument('--mode', choices=('full', 'feature_extractor', 'incremental'),
                    default='feature_extractor')
-    p.add_argument('--adapt', action='store_true', help='simulate the adaptation node (edge_tl_ros.adapt)')
-    p.add_argument('--adapt-every', type=int, default=100, help='labelled frames between adaptation rounds')
+    p.add_argument('--adapt', action='store_true', help='simulate the adaptation node (edge_tl_ros.adapt) on '
+                   'the first part of the bag; the rest is held out (--eval-fraction)')
+    p.add_argument('--adapt-every', type=int, default=100,
+                   help='trainable frames between adaptation rounds (default: %(default)s)')
+    p.add_argument('--labels', default='topic,teacher', metavar='SOURCES',
+                   help='with --adapt: label sources the simulated node may use, comma-separated from topic '
+                        '(the bag\'s label topic), teacher, self (default: %(default)s, as the node)')
+    p.add_argument('--teacher-bundle', default='auto',
+                   help='with --adapt: teacher for pseudo-labels: auto (the one the student was distilled '
+                        'from), a shipped bundle name or a directory, "" = none (default: %(default)s)')
+    p.add_argument('--eval-fraction', type=float, default=0.3,
+                   help='with --adapt: the last FRACTION of the frames is held out: never adaptation data, '
+                        'scored before and after adapting (0 = none; default: %(default)s)')
+    p.add_argument('--class-map', default=None, metavar='FILE',
+                   help='YAML/JSON mapping the bag\'s label names to the bundle\'s class names')
     p.add_argument('--window', type=int, default=50, help='running-accuracy window (labelled frames)')
     p.add_argument('--image-topic', default=None, help="default: the bag's only image topic")
     p.add_argument('--label-topic', default='/labels')
@@ -145,7 +164,16 @@ def cmd_make_bag(args) -> int:
         return _fail('--upscale must be >= 0')
     try:
         split = load_split(args.data, args.split, args.image_size)
-    except (DataError, ValueError, OSError) as e:
+        if args.class_map:
+            from ..bundle import BundleError, load_bundle, resolve_bundle_path
+            from ..classmap import load_class_map, remap_split
+
+            try:
+                names = load_bundle(resolve_bundle_path(args.bundle)).class_names
+            except BundleError as e:
+                return _fail(str(e))
+            split = remap_split(split, load_class_map(args.class_map, names), names)
+    except (DataError, ValueError, OSError) as e:  # ClassMapError is a ValueError
         return _fail(str(e))
     n = min(args.count, len(split))
     if n == 0:
@@ -200,12 +228,39 @@ def cmd_evaluate_bag(args) -> int:
     from .evaluate import evaluate_bag, plot_result, write_json
     from .io import BagError
 
+    from ..classmap import ClassMapError
+
     try:
-        res = evaluate_bag(args.bag, resolve_bundle_path(args.bundle), mode=args.mode,
+        bundle_path = resolve_bundle_path(args.bundle)
+        class_map = teacher = cfg = None
+        if args.class_map:
+            from ..bundle import load_bundle
+            from ..classmap import load_class_map
+
+            class_map = load_class_map(args.class_map, load_bundle(bundle_path).class_names)
+        if args.adapt:
+            from ..adapt import AdaptConfig
+            from ..bundle import load_bundle, resolve_teacher
+
+            cfg = AdaptConfig(label_sources=tuple(s.strip() for s in args.labels.split(',') if s.strip()))
+            try:
+                cfg.validate()
+            except ValueError as e:
+                return _fail(f'--labels {args.labels}: {e}')
+            if 'teacher' in cfg.label_sources:
+                teacher, how = resolve_teacher(args.teacher_bundle, load_bundle(bundle_path))
+                if teacher is not None:
+                    load_bundle(teacher)  # a missing or broken teacher is an error here, not a failed round
+                print(f'adaptation: labels {",".join(cfg.label_sources)}; {how}')
+            if not 0 <= args.eval_fraction < 1:
+                return _fail('--eval-fraction must be in [0, 1)')
+        res = evaluate_bag(args.bag, bundle_path, mode=args.mode,
                            image_topic=args.image_topic, label_topic=args.label_topic, window=args.window,
-                           adapt=args.adapt, adapt_every=args.adapt_every, num_threads=args.threads,
-                           provider=args.provider, max_frames=args.max_frames, progress=not args.no_progress)
-    except (BagError, BundleError, EngineError) as e:
+                           adapt=args.adapt, adapt_every=args.adapt_every, adapt_config=cfg,
+                           num_threads=args.threads, provider=args.provider, max_frames=args.max_frames,
+                           progress=not args.no_progress, teacher=teacher,
+                           eval_fraction=args.eval_fraction if args.adapt else 0.0, class_map=class_map)
+    except (BagError, BundleError, EngineError, ClassMapError) as e:
         return _fail(str(e))
     print(res.text())
     if not args.no_plot:

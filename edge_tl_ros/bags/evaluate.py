@@ -7,11 +7,14 @@ prediction is compared with the label whose header stamp equals the frame's. Rep
 running accuracy over a window of labelled frames, per-frame latency (decode + inference) p50/p99, and a
 PNG plot of accuracy against frame index.
 
-``adapt=True`` simulates the adaptation node on the same stream with :func:`edge_tl_ros.adapt.run_round`
-(see :class:`_AdaptSim`): every labelled frame becomes a sample, a round runs every ``adapt_every``
-labelled frames, accepted heads are swapped into the engine (as the perception node's ``reload_head``
-would), and rounds are marked on the plot. Frames are scored with the head in use when they arrive
-(prequential), so the plot shows what the robot would have got.
+``adapt=True`` simulates the adaptation node on the same stream (see :class:`_NodeSim`): frames enter a
+temporary frame store as the node keeps them (labelled ones when ``topic`` labels are allowed, sampled
+unlabelled ones for teacher or self labels), the node's round (teacher pseudo-labels, head and
+adapted-backbone candidates, the gate) runs every ``adapt_every`` trainable frames, accepted pairs are
+swapped into the engine (as the perception node's ``reload_head`` would), and rounds are marked on the
+plot. Frames are scored with the pair in use when they arrive (prequential), so the plot shows what the
+robot would have got. ``eval_fraction`` holds out the end of the bag: it is scored before and after
+adapting and never becomes adaptation data.
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ class EvalResult:
     adapt_rounds: list = field(default_factory=list)
     adapt_note: str | None = None
     per_class: dict = field(default_factory=dict)  # class -> [correct, total]
+    label_sources: list | None = None  # what the simulated adaptation node could use
+    teacher: str | None = None
+    adapt_head_version: int = 0  # the head version in use at the end (0 = the bundle's)
+    adapt_store: dict = field(default_factory=dict)  # the simulated store's entries by label source
+    adapt_frames: int = 0  # frames the simulated node saw (the held-out ones never)
+    heldout_from_frame: int | None = None  # frames from here on were held out (never adaptation data)
+    heldout_labelled: int = 0
+    heldout_accuracy_before: float = float('nan')  # the bundle as shipped, on the held-out frames
+    heldout_accuracy_after: float = float('nan')  # the pair in use after adapting, on the same frames
     # per labelled frame (arrays, not in the JSON summary)
     frame_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
@@ -80,6 +92,12 @@ class EvalResult:
             s += f', adaptation rounds {len(self.adapt_rounds)} ({acc} accepted)'
             if self.adapt_note:
                 s += f' [{self.adapt_note}]'
+            if self.label_sources is not None:
+                s += f', labels {",".join(self.label_sources)}, head v{self.adapt_head_version} at the end'
+        if self.heldout_from_frame is not None:
+            s += (f'\nheld-out frames {self.heldout_from_frame}..{self.frames - 1} ({self.heldout_labelled} '
+                  f'labelled, never adaptation data): accuracy before {self.heldout_accuracy_before:.4f} -> '
+                  f'after {self.heldout_accuracy_after:.4f}')
         return s
 
 
@@ -91,55 +109,121 @@ def running_accuracy(correct: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-class _AdaptSim:
-    """What the adaptation node would do on this stream, in-process and without writing anything.
+class _NodeSim:
+    """What the adaptation node would do on this stream, in-process, in a temporary state directory.
 
-    Every labelled frame becomes a ``topic``-labelled sample (its backbone features, which do not change
-    when heads are swapped); the store keeps the newest ``store_size``. Every ``every`` labelled frames
-    (once ``config.min_labelled`` are there) :func:`edge_tl_ros.adapt.run_round` trains a
-    candidate head against the current one; an accepted head is swapped into the engine, as
-    ``perception/reload_head`` would do, so the following frames are scored with it.
+    The node's data path and round, without ROS: a frame is kept in a :class:`~edge_tl_ros.store.FrameStore`
+    (its RGB crop and the bundle backbone's features, as :class:`~edge_tl_ros.adapt.collector.Collector`
+    stores them) when it has a label and ``topic`` is a label source, or when the node would sample it
+    (``sample_rate_hz`` of bag time, the :class:`~edge_tl_ros.adapt.selection.Selector` keeping about
+    ``keep_fraction``). Every ``every`` trainable frames the round of the node's worker runs (teacher
+    pseudo-labels, head candidate, adapted-backbone candidate, the gate); teacher labels are written back
+    to the store and an accepted (head, backbone) pair is registered and swapped into the engine, as
+    ``perception/reload_head`` would do. Nothing outside the temporary directory is written.
     """
 
-    def __init__(self, engine, bundle, every: int = 100, store_size: int = 2000, config=None):
-        from ..adapt import AdaptConfig  # ModuleNotFoundError is handled by the caller
+    def __init__(self, engine, bundle, every: int = 100, config=None, collector=None, teacher=None,
+                 threads: int = 1, provider: str = 'cpu'):
+        import tempfile
+
+        from ..adapt import AdaptConfig
+        from ..adapt.collector import CollectorConfig
+        from ..adapt.selection import Selector
+        from ..bundle import HeadRegistry
+        from ..engine import Engine
+        from ..store import FrameStore
 
         self.engine, self.bundle = engine, bundle
         self.config = config or AdaptConfig()
         self.config.validate()
+        self.collector = collector or CollectorConfig()
+        self.collector.validate()
         self.every = max(1, int(every))
-        self.store_size = max(2, int(store_size))
-        self.features: list[np.ndarray] = []
-        self.labels: list[str] = []
+        self.teacher = teacher
+        self.threads = int(threads)
+        self.provider = provider
+        self._tmp = tempfile.TemporaryDirectory(prefix='edge_tl_evaluate_')
+        root = Path(self._tmp.name)
+        size = self.collector.crop_size
+        self.store = FrameStore(root / 'store', max_entries=self.collector.max_entries,
+                                max_bytes=self.collector.max_bytes, crop_size=(size, size),
+                                feature_size=bundle.feature_size)
+        self.state_dir = root / 'state'
+        self.registry = HeadRegistry(bundle, self.state_dir)
+        self.features = Engine(bundle, 'feature_extractor', num_threads=threads)  # the bundle backbone
+        self.selector = Selector(self.config.seed)
+        self.last_sample: int | None = None
         self.since = 0
         self.version = 0
+        self.frames = 0
 
-    def step(self, frame_idx: int, pred, label: str) -> AdaptRound | None:
-        if pred.features is None:
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _trainable_unlabelled(self, probs) -> bool:
+        srcs = self.config.label_sources
+        return (self.teacher is not None and 'teacher' in srcs) or \
+            ('self' in srcs and float(np.max(probs)) >= self.config.self_label_threshold)
+
+    def step(self, frame_idx: int, stamp: int, img, order: str, label: str | None) -> AdaptRound | None:
+        from ..recent import shrink
+
+        self.frames += 1
+        label = label if label is not None and 'topic' in self.config.label_sources else None
+        if label is None:
+            rate = self.collector.sample_rate_hz
+            if rate <= 0 or (self.last_sample is not None and stamp - self.last_sample < 1e9 / rate):
+                return None
+            self.last_sample = stamp
+        crop, small = shrink(img, order, self.store.crop_size, self.features.input_hw)
+        pred = self.features.infer(small, order)
+        if label is None and not self.selector.select(pred.probs, policy=self.collector.selection,
+                                                      rate=self.collector.keep_fraction)[0]:
             return None
-        self.features.append(np.array(pred.features, np.float32))
-        self.labels.append(label)
-        if len(self.labels) > self.store_size:
-            del self.features[0], self.labels[0]
-        self.since += 1
-        if self.since < self.every or len(self.labels) < self.config.min_labelled:
+        if not self.store.add(stamp, crop, pred.features, pred.probs, label, 'topic' if label else ''):
+            return None
+        if label is not None or self._trainable_unlabelled(pred.probs):
+            self.since += 1
+        if self.since < self.every:
             return None
         self.since = 0
-        data = (np.stack(self.features), list(self.labels), ['topic'] * len(self.labels))
-        from ..adapt import run_round
+        return self.round(frame_idx)
 
-        res = run_round(self.bundle, data, self.engine.head, self.config)
+    def round(self, frame_idx: int) -> AdaptRound:
+        from ..adapt.worker import _round_job
+
+        job = {'bundle_path': str(self.bundle.root), 'state_dir': str(self.state_dir),
+               'store_root': str(self.store.root), 'config': asdict(self.config), 'base_version': None,
+               'teacher_bundle': str(self.teacher) if self.teacher else None, 'threads': self.threads}
+        try:
+            res = _round_job(job)
+        except Exception as e:  # noqa: BLE001 - a round that cannot run is a rejected round, as in the node
+            return AdaptRound(frame_idx, False, None, {'reason': f'round failed: {type(e).__name__}: {e}'})
+        for s, name in res.teacher_labels.items():
+            self.store.set_label(s, name, 'teacher')
         version = None
         if res.accepted and res.head is not None:
-            self.version += 1
-            head = res.head
-            head = type(head)(head.weight, head.bias, head.class_names, self.version)
-            self.engine.swap_head(head)
-            version = self.version
-        detail = {'reason': res.reason}
+            head = self.registry.add(res.head, {'reason': res.reason}, backbone=res.backbone)
+            if res.backbone is not None or self.engine.backbone_version is not None:
+                from ..engine import Engine
+
+                old = self.engine
+                self.engine = Engine(self.bundle, old.mode, num_threads=self.threads,
+                                     backbone=res.backbone, backbone_version=head.version if res.backbone
+                                     else None, provider=self.provider)
+                self.engine.swap_head(head)
+            else:
+                self.engine.swap_head(head)
+            if res.backbone is None:
+                self.features.swap_head(head)  # the store's probabilities: the head on the bundle backbone
+            version = self.version = head.version
+        m = res.metrics
+        detail = {'reason': res.reason, 'kind': m.get('kind', 'head'), 'label_counts': m.get('label_counts')}
         for k in ('holdout_acc_old', 'holdout_acc_new', 'anchor_acc_old', 'anchor_acc_new', 'n_train'):
-            if k in res.metrics:
-                detail[k] = res.metrics[k]
+            if k in m:
+                detail[k] = m[k]
+        if m.get('teacher'):
+            detail['teacher_labels'] = (m['teacher'] or {}).get('labels')
         return AdaptRound(frame_idx, bool(res.accepted), version, detail)
 
 
@@ -147,16 +231,31 @@ def evaluate_bag(bag: str | os.PathLike, bundle_dir: str | os.PathLike, mode: st
                  image_topic: str | None = None, label_topic: str = '/labels', window: int = 50,
                  adapt: bool = False, adapt_every: int = 100, adapt_config=None, num_threads: int = 1,
                  provider: str = 'cpu', max_frames: int | None = None, roi=None,
-                 progress: bool = False) -> EvalResult:
-    """Run the bundle over every frame of ``bag`` and score it against the bag's labels."""
+                 progress: bool = False, teacher=None, collector_config=None, eval_fraction: float = 0.0,
+                 class_map: dict | None = None) -> EvalResult:
+    """Run the bundle over every frame of ``bag`` and score it against the bag's labels.
+
+    ``adapt``: simulate the adaptation node (:class:`_NodeSim`; ``adapt_config.label_sources`` say which
+    labels it may use, ``teacher`` is the teacher bundle path or None). ``eval_fraction``: the last part of
+    the bag (this fraction of its frames) is held out: never adaptation data, scored with the bundle as
+    shipped (``heldout_accuracy_before``) and with the pair in use after adapting
+    (``heldout_accuracy_after``). ``class_map``: bag label name -> bundle class name (None = ignore the
+    label), see :mod:`edge_tl_ros.classmap`.
+    """
     from ..bundle import load_bundle
     from ..engine import Engine
 
+    if not 0.0 <= float(eval_fraction) < 1.0:
+        raise BagError(f'eval_fraction must be in [0, 1), got {eval_fraction}')
     bag = Path(bag).expanduser()
     info = bag_info(bag)
     topic = pick_image_topic(info, image_topic)
     labels = read_labels(bag, label_topic) if label_topic in info.topics else {}
     bundle = load_bundle(bundle_dir)
+    if class_map is not None:
+        from ..classmap import apply_class_map
+
+        labels = apply_class_map(labels, class_map, bundle.class_names, BagError)
     if adapt and mode == 'full':
         raise BagError('--adapt needs backbone features: use mode feature_extractor or incremental, not full')
     engine = Engine(bundle, mode=mode, num_threads=num_threads, provider=provider)
@@ -164,13 +263,20 @@ def evaluate_bag(bag: str | os.PathLike, bundle_dir: str | os.PathLike, mode: st
     sim = None
     if adapt:
         try:
-            sim = _AdaptSim(engine, bundle, adapt_every, config=adapt_config)
+            sim = _NodeSim(engine, bundle, adapt_every, config=adapt_config, collector=collector_config,
+                           teacher=teacher, threads=num_threads, provider=provider)
         except ModuleNotFoundError as e:
             if e.name != 'edge_tl_ros.adapt':
                 raise
             res.adapt_note = 'edge_tl_ros.adapt not available: evaluated without adaptation'
+        else:
+            res.label_sources = list(sim.config.label_sources)
+            res.teacher = str(teacher) if teacher else None
 
     total = info.topics[topic].count if max_frames is None else min(max_frames, info.topics[topic].count)
+    heldout_from = total - int(round(eval_fraction * total)) if eval_fraction > 0 else total
+    before = Engine(bundle, mode=mode, num_threads=num_threads, provider=provider) \
+        if heldout_from < total else None  # the shipped pair, for the held-out "before"
     bar = None
     if progress:
         try:
@@ -181,45 +287,61 @@ def evaluate_bag(bag: str | os.PathLike, bundle_dir: str | os.PathLike, mode: st
             bar = None
 
     lat, inf_lat, idx_list, corr_list = [], [], [], []
+    held_before, held_after = [], []
     per_class: dict[str, list[int]] = {}
     frame_i = -1
-    for m in read_bag(bag, [topic]):
-        if max_frames is not None and frame_i + 1 >= max_frames:
-            break
-        frame_i += 1
-        if bar is not None:
-            bar.update(1)
-        msg = m.msg
-        stamp = stamp_ns(msg.header)
-        t0 = time.perf_counter()
-        try:
-            img, order = frame_view(m.msgtype, msg)
-        except FrameError as e:
-            res.frame_errors[e.reason] = res.frame_errors.get(e.reason, 0) + 1
-            continue
-        t1 = time.perf_counter()
-        pred = engine.infer(img, order, roi)
-        t2 = time.perf_counter()
-        lat.append(t2 - t0)
-        inf_lat.append(t2 - t1)
-        names = pred.head.class_names if pred.head is not None else bundle.class_names
-        predicted = names[int(np.argmax(pred.probs))]
-        label = labels.get(stamp)
-        if label is None:
-            res.unlabelled += 1
-            continue
-        if label not in names:
-            res.unknown_labels += 1
-        ok = predicted == label
-        idx_list.append(frame_i)
-        corr_list.append(ok)
-        pc = per_class.setdefault(label, [0, 0])
-        pc[0] += int(ok)
-        pc[1] += 1
+    try:
+        for m in read_bag(bag, [topic]):
+            if max_frames is not None and frame_i + 1 >= max_frames:
+                break
+            frame_i += 1
+            if bar is not None:
+                bar.update(1)
+            msg = m.msg
+            stamp = stamp_ns(msg.header)
+            t0 = time.perf_counter()
+            try:
+                img, order = frame_view(m.msgtype, msg)
+            except FrameError as e:
+                res.frame_errors[e.reason] = res.frame_errors.get(e.reason, 0) + 1
+                continue
+            if sim is not None:
+                engine = sim.engine  # an accepted round with an adapted backbone replaces the engine
+            t1 = time.perf_counter()
+            pred = engine.infer(img, order, roi)
+            t2 = time.perf_counter()
+            lat.append(t2 - t0)
+            inf_lat.append(t2 - t1)
+            names = pred.head.class_names if pred.head is not None else bundle.class_names
+            predicted = names[int(np.argmax(pred.probs))]
+            label = labels.get(stamp)
+            held = frame_i >= heldout_from
+            if sim is not None and not held:
+                rnd = sim.step(frame_i, stamp, img, order, label)
+                if rnd is not None:
+                    res.adapt_rounds.append(rnd)
+            if label is None:
+                res.unlabelled += 1
+                continue
+            if label not in names:
+                res.unknown_labels += 1
+            ok = predicted == label
+            idx_list.append(frame_i)
+            corr_list.append(ok)
+            pc = per_class.setdefault(label, [0, 0])
+            pc[0] += int(ok)
+            pc[1] += 1
+            if held:
+                p0 = before.infer(img, order, roi)
+                n0 = p0.head.class_names if p0.head is not None else bundle.class_names
+                held_before.append(n0[int(np.argmax(p0.probs))] == label)
+                held_after.append(ok)
+    finally:
         if sim is not None:
-            rnd = sim.step(frame_i, pred, label)
-            if rnd is not None:
-                res.adapt_rounds.append(rnd)
+            res.adapt_head_version = sim.version
+            res.adapt_store = sim.store.label_counts()
+            res.adapt_frames = sim.frames
+            sim.close()
     if bar is not None:
         bar.close()
     res.frames = frame_i + 1
@@ -228,6 +350,12 @@ def evaluate_bag(bag: str | os.PathLike, bundle_dir: str | os.PathLike, mode: st
     res.correct = np.asarray(corr_list, bool)
     res.running = running_accuracy(res.correct, window)
     res.per_class = per_class
+    if heldout_from < total:
+        res.heldout_from_frame = int(heldout_from)
+        res.heldout_labelled = len(held_after)
+        if held_after:
+            res.heldout_accuracy_before = float(np.mean(held_before))
+            res.heldout_accuracy_after = float(np.mean(held_after))
     if res.labelled:
         res.accuracy = float(res.correct.mean())
     if lat:

@@ -280,12 +280,12 @@ def cmd_quantize(args) -> int:
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from ..bundle import load_bundle
+    from ..bundle import load_bundle, resolve_bundle_path
     from ..data import Split
     from .datasets import training_data
     from .evaluate import evaluate_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(resolve_bundle_path(args.bundle))  # a shipped bundle name or a directory
     shift_names, sevs = None, (3, 5)
     if args.shifts:
         from ..shifts import SHIFTS, check_shift
@@ -313,6 +313,10 @@ def cmd_evaluate(args) -> int:
     if split is None:
         print(f'{args.data}: no {args.split} split; use --split val or train', file=sys.stderr)
         return 2
+    if args.class_map:  # ClassMapError: one line (edge_tl_ros.cli)
+        from ..classmap import load_class_map, remap_split
+
+        split = remap_split(split, load_class_map(args.class_map, bundle.class_names), bundle.class_names)
     if args.subset_step > 1:
         idx = np.arange(0, len(split), args.subset_step)
         split = Split(split.images[idx], split.labels[idx], split.class_names)
@@ -691,7 +695,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_quantize, _parser=p)
 
     p = subparsers.add_parser('evaluate', help='accuracy, per-class, confusion PNG, latency of a bundle')
-    p.add_argument('bundle')
+    p.add_argument('bundle', help='a shipped bundle name (gtsrb_student, gtsrb_teacher) or a directory')
     _data_args(p)
     p.add_argument('--split', choices=['test', 'val', 'train'], default='test')
     p.add_argument('--subset-step', type=int, default=1, help='evaluate every Nth image')
@@ -705,6 +709,8 @@ def register(subparsers) -> None:
     p.add_argument('--severities', default='3,5', help='shift severities 1..5, comma list (default 3,5)')
     p.add_argument('--record', action='store_true',
                    help='write the shift figures into the bundle manifest (metrics.shifts)')
+    p.add_argument('--class-map', default=None, metavar='FILE',
+                   help="YAML/JSON mapping the data's class names (or ids) to the bundle's class names")
     p.set_defaults(func=cmd_evaluate, _parser=p)
 
     p = subparsers.add_parser(
