@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     'edge_tl_ros.bags.cli',       # make-bag, replay, evaluate-bag
     'edge_tl_ros.nodes.bringup',  # up
     'edge_tl_ros.demo',           # demo
+    'edge_tl_ros.fleet.cli',      # fleet-server (needs flwr: requirements/fleet.txt)
 )
 
 
