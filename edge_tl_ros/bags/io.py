@@ -511,3 +511,40 @@ def read_labelled_frames(bag: str | os.PathLike, image_topic: str | None = None,
     if return_stamps:
         return arr, names, np.asarray(stamps, np.int64)
     return arr, names
+
+
+def relabel_bag(src: str | os.PathLike, dst: str | os.PathLike, topics: Iterable[str], label_topic: str,
+                mapping: dict, overwrite: bool = False) -> Path:
+    """Copy ``topics`` of bag ``src`` to ``dst`` (mcap), the recorded bytes unchanged except the labels on
+    ``label_topic``: each ``results[0].class_id`` through ``mapping`` (name -> new name, None = drop the
+    label). A label missing from ``mapping`` raises BagError. Returns ``dst``."""
+    from rosbags.rosbag2 import Writer
+
+    src, dst = Path(src).expanduser(), Path(dst)
+    info = bag_info(src)
+    topics = list(dict.fromkeys(topics))
+    if dst.exists():
+        if not overwrite:
+            raise BagError(f'{dst} exists already')
+        shutil.rmtree(dst)
+    ts = typestore()
+    try:
+        with Writer(dst, version=9, storage_plugin=_storage_plugin('mcap')) as writer:
+            conns = {t: writer.add_connection(t, info.topics[t].msgtype, typestore=ts) for t in topics}
+            for m in read_bag(src, topics):
+                raw = m.rawdata
+                if m.topic == label_topic:
+                    msg = m.msg
+                    name = label_of(msg)
+                    if name is not None:
+                        if name not in mapping:
+                            raise BagError(f'{src}: label {name!r} is not in the class map')
+                        if mapping[name] is None:
+                            continue
+                        msg.results[0].class_id = mapping[name]
+                        raw = ts.serialize_cdr(msg, m.msgtype)
+                writer.write(conns[m.topic], m.timestamp, raw)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    return dst
