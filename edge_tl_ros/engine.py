@@ -129,6 +129,7 @@ class Engine:
         self._in_name = self.session.get_inputs()[0].name
         self._out_name = self.session.get_outputs()[0].name
         self._x = np.zeros((1, 3, h, w), np.float32)  # pre-allocated input tensor
+        self._xb = np.zeros((0, 3, h, w), np.float32)  # batch input of infer_many (grown on demand)
         if backbone is not None:
             try:
                 out = self.session.run([self._out_name], {self._in_name: self._x})[0]
@@ -160,8 +161,9 @@ class Engine:
 
     # -- per-frame path --------------------------------------------------------------------------------
     def preprocess(self, img: np.ndarray, order: str,
-                   roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """ROI crop (view) -> resize (from the buffer) -> colour on the small image -> normalised tensor."""
+                   roi: tuple[int, int, int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """ROI crop (view) -> resize (from the buffer) -> colour on the small image -> normalised tensor
+        (``out``: a [1,3,h,w] view to write into; default the pre-allocated single-frame input)."""
         if roi is not None:
             x, y, rw, rh = roi
             H, W = img.shape[:2]
@@ -170,7 +172,7 @@ class Engine:
             img = img[y0:y1, x0:x1]
         small = downscale(img, *self.input_hw)
         small = to_order(small, order, self.color_order)
-        x = self._x
+        x = self._x if out is None else out
         np.subtract(small.transpose(2, 0, 1), self._mean, out=x[0], casting='unsafe')
         x[0] *= self._inv_std
         return x
@@ -180,15 +182,45 @@ class Engine:
         x = self.preprocess(img, order, roi)
         return self._run(x)
 
+    def infer_many(self, frames: list) -> list:
+        """Several frames (``[(img, order, roi), ...]``, e.g. the newest frame of each camera) in one ONNX
+        Runtime call -> one :class:`Prediction` or :class:`FrameError` per frame, in order: a frame that
+        cannot be preprocessed or whose outputs are NaN/Inf fails alone, the others are served."""
+        n = len(frames)
+        if self._xb.shape[0] < n:
+            self._xb = np.zeros((n,) + self._x.shape[1:], np.float32)
+        out: list = [None] * n
+        rows = []
+        for i, (img, order, roi) in enumerate(frames):
+            try:
+                self.preprocess(img, order, roi, out=self._xb[len(rows):len(rows) + 1])
+                rows.append(i)
+            except FrameError as e:
+                out[i] = e
+            except Exception as e:  # OpenCV on a degenerate crop: this frame fails, the batch goes on
+                out[i] = FrameError('inference_error', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
+        if not rows:
+            return out
+        y = self.session.run([self._out_name], {self._in_name: self._xb[:len(rows)]})[0]
+        head = self.head  # read the reference once: the whole batch uses exactly one head
+        for r, i in enumerate(rows):
+            try:
+                out[i] = self._predict(y[r], head, self._xb[r:r + 1])
+            except FrameError as e:
+                out[i] = e
+        return out
+
     def _run(self, x: np.ndarray) -> Prediction:
         out = self.session.run([self._out_name], {self._in_name: x})[0][0]
+        return self._predict(out, self.head, x)
+
+    def _predict(self, out: np.ndarray, head: Head | None, x: np.ndarray) -> Prediction:
         if not np.isfinite(out).all():
             raise FrameError('non_finite', f'the {"model" if self.mode == "full" else "backbone"} gave '
                                            f'NaN/Inf outputs (input {_finite_summary(x)})')
         if self.mode == 'full':
             pred = Prediction(softmax(out.astype(np.float32)), None, None)
         else:
-            head = self.head  # read the reference once: this frame uses exactly one head
             pred = Prediction(softmax(head.logits(out)), out, head)
         if not np.isfinite(pred.probs).all():
             raise FrameError('non_finite', 'the head gave NaN/Inf scores (logits overflow)')
