@@ -57,6 +57,7 @@ setup(
     entry_points={
         'console_scripts': [
             'perception_node = edge_tl_ros.nodes.perception_node:main',
+            'perception_lifecycle_node = edge_tl_ros.nodes.perception_node:lifecycle_main',
             'adaptation_node = edge_tl_ros.nodes.adaptation_node:main',
             'edge-tl = edge_tl_ros.cli:main',
         ],

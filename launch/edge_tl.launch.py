@@ -1,18 +1,27 @@
 """Launch perception_node (+ adaptation_node) with config/edge_tl.yaml.
 
     ros2 launch edge_tl_ros edge_tl.launch.py camera_topic:=/front_camera/image_raw use_adaptation:=true
+    ros2 launch edge_tl_ros edge_tl.launch.py use_lifecycle:=true autostart:=false   # managed perception
+
+use_lifecycle:=true runs perception as a lifecycle node (perception_lifecycle_node); autostart:=true (the
+default) configures and activates it at launch, autostart:=false leaves it unconfigured for a lifecycle
+manager or ``ros2 lifecycle set /perception configure``.
 
 The same graph runs in one process without launch_ros as ``edge-tl up`` (same YAML, same remaps).
 """
 
 import os
 
+import lifecycle_msgs.msg
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
-from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PythonExpression
-from launch_ros.actions import Node
+from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler, SetEnvironmentVariable
+from launch.conditions import IfCondition, UnlessCondition
+from launch.events import matches_action
+from launch.substitutions import AndSubstitution, LaunchConfiguration, PythonExpression
+from launch_ros.actions import LifecycleNode, Node
+from launch_ros.event_handlers import OnStateTransition
+from launch_ros.events.lifecycle import ChangeState
 
 
 def generate_launch_description():
@@ -27,6 +36,8 @@ def generate_launch_description():
     params_file = LaunchConfiguration('params_file')
     state_dir = LaunchConfiguration('state_dir')
     fastdds_profile = LaunchConfiguration('fastdds_profile')
+    use_lifecycle = LaunchConfiguration('use_lifecycle')
+    autostart = LaunchConfiguration('autostart')
 
     args = [
         DeclareLaunchArgument('camera_topic', default_value='/camera/image',
@@ -48,16 +59,32 @@ def generate_launch_description():
                               default_value=os.path.join(share, 'config', 'fastdds_large_shm.xml'),
                               description='Fast DDS profile for the nodes (16 MiB shared-memory segment: '
                                           'camera-sized frames; the camera driver needs it too)'),
+        DeclareLaunchArgument('use_lifecycle', default_value='false',
+                              description='run perception as a lifecycle (managed) node'),
+        DeclareLaunchArgument('autostart', default_value='true',
+                              description='with use_lifecycle: configure and activate it at launch'),
     ]
     remaps = [('image', camera_topic),
               ('image/compressed', PythonExpression(["'", camera_topic, "' + '/compressed'"]))]
     overrides = {'model_bundle': model_bundle, 'use_compressed': use_compressed, 'state_dir': state_dir}
 
-    perception = Node(package='edge_tl_ros', executable='perception_node', name='perception',
-                      namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
-                      output='screen', emulate_tty=True)
+    common = dict(name='perception', namespace=namespace, parameters=[params_file, overrides],
+                  remappings=remaps, output='screen', emulate_tty=True)
+    perception = Node(package='edge_tl_ros', executable='perception_node',
+                      condition=UnlessCondition(use_lifecycle), **common)
+    managed = LifecycleNode(package='edge_tl_ros', executable='perception_lifecycle_node',
+                            condition=IfCondition(use_lifecycle), **common)
+    start_managed = IfCondition(AndSubstitution(use_lifecycle, autostart))
+    configure = EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
+                                            transition_id=lifecycle_msgs.msg.Transition.TRANSITION_CONFIGURE),
+                          condition=start_managed)
+    activate = RegisterEventHandler(OnStateTransition(
+        target_lifecycle_node=managed, start_state='configuring', goal_state='inactive',
+        entities=[EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
+                                              transition_id=lifecycle_msgs.msg.Transition.TRANSITION_ACTIVATE))]),
+        condition=start_managed)
     adaptation = Node(package='edge_tl_ros', executable='adaptation_node', name='adaptation',
                       namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
                       output='screen', emulate_tty=True, condition=IfCondition(use_adaptation))
     env = SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile)
-    return LaunchDescription(args + [env, perception, adaptation])
+    return LaunchDescription(args + [env, perception, managed, activate, configure, adaptation])

@@ -38,15 +38,23 @@ class LaunchConfiguration(_Rec):
 
 def _run_launch_file():
     mods = {n: types.ModuleType(n) for n in (
-        'launch', 'launch.actions', 'launch.conditions', 'launch.substitutions', 'launch_ros',
-        'launch_ros.actions', 'ament_index_python', 'ament_index_python.packages')}
+        'launch', 'launch.actions', 'launch.conditions', 'launch.events', 'launch.substitutions',
+        'launch_ros',
+        'launch_ros.actions', 'launch_ros.event_handlers', 'launch_ros.events', 'launch_ros.events.lifecycle',
+        'ament_index_python', 'ament_index_python.packages')}
     mods['launch'].LaunchDescription = type('LaunchDescription', (_Rec,), {})
-    mods['launch.actions'].DeclareLaunchArgument = type('DeclareLaunchArgument', (_Rec,), {})
-    mods['launch.actions'].SetEnvironmentVariable = type('SetEnvironmentVariable', (_Rec,), {})
+    for name in ('DeclareLaunchArgument', 'SetEnvironmentVariable', 'EmitEvent', 'RegisterEventHandler'):
+        setattr(mods['launch.actions'], name, type(name, (_Rec,), {}))
     mods['launch.conditions'].IfCondition = type('IfCondition', (_Rec,), {})
+    mods['launch.conditions'].UnlessCondition = type('UnlessCondition', (_Rec,), {})
+    mods['launch.events'].matches_action = lambda action: ('matches', action)
     mods['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
     mods['launch.substitutions'].PythonExpression = type('PythonExpression', (_Rec,), {})
+    mods['launch.substitutions'].AndSubstitution = type('AndSubstitution', (_Rec,), {})
     mods['launch_ros.actions'].Node = type('Node', (_Rec,), {})
+    mods['launch_ros.actions'].LifecycleNode = type('LifecycleNode', (_Rec,), {})
+    mods['launch_ros.event_handlers'].OnStateTransition = type('OnStateTransition', (_Rec,), {})
+    mods['launch_ros.events.lifecycle'].ChangeState = type('ChangeState', (_Rec,), {})
     mods['ament_index_python.packages'].get_package_share_directory = lambda pkg: str(ROOT)
     saved = {n: sys.modules.get(n) for n in mods}
     sys.modules.update(mods)
@@ -79,11 +87,21 @@ def test_launch_file_structure():
     ld = _run_launch_file()
     actions = ld.args[0]
     declared = {a.args[0] for a in actions if type(a).__name__ == 'DeclareLaunchArgument'}
-    nodes = [a for a in actions if type(a).__name__ == 'Node']
-    assert {'camera_topic', 'model_bundle', 'use_adaptation', 'use_compressed', 'namespace'} <= declared
+    nodes = [a for a in actions if type(a).__name__ in ('Node', 'LifecycleNode')]
+    assert {'camera_topic', 'model_bundle', 'use_adaptation', 'use_compressed', 'namespace',
+            'use_lifecycle', 'autostart'} <= declared
     assert declared == LaunchConfiguration.used, 'every launch argument is used, every use is declared'
     scripts = _console_scripts()
-    assert {n.kwargs['executable'] for n in nodes} == {'perception_node', 'adaptation_node'}
+    assert {n.kwargs['executable'] for n in nodes} == {'perception_node', 'perception_lifecycle_node',
+                                                       'adaptation_node'}
+    managed = next(n for n in nodes if type(n).__name__ == 'LifecycleNode')
+    plain = next(n for n in nodes if n.kwargs['executable'] == 'perception_node')
+    assert managed.kwargs['name'] == plain.kwargs['name'] == 'perception'  # same graph names either way
+    assert type(managed.kwargs['condition']).__name__ == 'IfCondition'
+    assert type(plain.kwargs['condition']).__name__ == 'UnlessCondition'
+    # autostart: configure emitted at launch, activate once the node reaches inactive, both only for it
+    events = [a for a in actions if type(a).__name__ in ('EmitEvent', 'RegisterEventHandler')]
+    assert len(events) == 2 and all(type(e.kwargs['condition']).__name__ == 'IfCondition' for e in events)
     for n in nodes:
         assert n.kwargs['package'] == 'edge_tl_ros'
         assert n.kwargs['executable'] in scripts, 'launch references an executable setup.py declares'
@@ -92,7 +110,7 @@ def test_launch_file_structure():
         params_file = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'
                            and a.args[0] == 'params_file').kwargs['default_value']
         assert Path(params_file).is_file()
-    assert sum(1 for n in nodes if 'condition' in n.kwargs) == 1  # adaptation is optional
+    assert sum(1 for n in nodes if 'condition' in n.kwargs) == 3  # adaptation optional, perception either
     env = [a for a in actions if type(a).__name__ == 'SetEnvironmentVariable']
     assert env and env[0].args[0] == 'FASTDDS_DEFAULT_PROFILES_FILE'
     profile = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'
@@ -128,10 +146,13 @@ def test_yaml_values_are_the_node_defaults():
 def test_every_yaml_parameter_is_declared_by_its_node(ros_context, tmp_path):
     from rclpy.parameter import Parameter
 
+    from edge_tl_ros.nodes import adaptation_node, perception_node
     from edge_tl_ros.nodes.adaptation_node import AdaptationNode
+    from edge_tl_ros.nodes.params import value as param_value
     from edge_tl_ros.nodes.perception_node import PerceptionNode
     from edge_tl_ros.toy import make_toy_bundle
 
+    declared = {'perception': perception_node.PARAMETERS, 'adaptation': adaptation_node.PARAMETERS}
     toy = make_toy_bundle(tmp_path / 'toy')
     params = _yaml_params()
     assert set(params) == {'perception', 'adaptation'}
@@ -144,8 +165,8 @@ def test_every_yaml_parameter_is_declared_by_its_node(ros_context, tmp_path):
             for key, value in params[name].items():
                 assert node.has_parameter(key), f'{name}: {key} in the YAML is not declared'
                 if key not in ('model_bundle', 'state_dir', 'teacher_bundle'):
-                    assert node.get_parameter(key).value == value or \
-                        list(node.get_parameter(key).value) == value, key
+                    got = param_value(node, key, declared[name])  # an empty string array is unset in rclpy
+                    assert got == value or list(got) == value, key
         finally:
             node.destroy_node()
 

@@ -523,19 +523,19 @@ def test_inference_thread_never_dies_silently(ros_context, bundle_dir, tmp_path)
         class BrokenPublisher:
             def publish(self, msg):
                 raise RuntimeError('rmw publish failed')
-        node.pub_cls = BrokenPublisher()
+        node.cameras[0].pub_cls = BrokenPublisher()
         h.pub.publish(h.image_msg(frame('blue')))
         assert wait_for(lambda: node.reject_reasons['publish_error'] == 1)
-        node.pub_cls = real_pub
+        node.cameras[0].pub_cls = real_pub
         assert h.classify('blue') == 'blue'
         # an exception escaping the whole frame path: counted once as inference_error, thread alive
         real_process = node._process
         failures = [RuntimeError('bug in the frame path')]  # each raised once, by the next frame
 
-        def failing_process(msg, t_in):
+        def failing_process(msg, t_in, cam=None):
             if failures:
                 raise failures.pop(0)
-            return real_process(msg, t_in)
+            return real_process(msg, t_in, cam)
         node._process = failing_process
         h.pub.publish(h.image_msg(frame('red')))
         assert wait_for(lambda: node.reject_reasons['inference_error'] == 1)

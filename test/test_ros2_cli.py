@@ -217,3 +217,30 @@ def test_ros2_launch_without_adaptation_and_ros2_run(ros_domain, tmp_path):
             raise AssertionError(f'ros2 run did not exit on SIGINT:\n{out[-3000:]}')
     assert run.returncode == 0, out[-3000:]
     assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != 'zombie']
+
+
+def test_ros2_launch_lifecycle_autostart_and_ros2_lifecycle_set(ros_domain, tmp_path):
+    """use_lifecycle:=true: the managed perception node reaches active by itself (autostart), `ros2
+    lifecycle set` moves it; with autostart:=false it waits unconfigured for a manager."""
+    for autostart, first in (('true', 'active'), ('false', 'unconfigured')):
+        launch = _start(['launch', 'edge_tl_ros', 'edge_tl.launch.py', 'use_adaptation:=false',
+                         'use_lifecycle:=true', f'autostart:={autostart}',
+                         f'state_dir:={tmp_path / autostart}'], ros_domain)
+        children = []
+        try:
+            _ros2_until(['lifecycle', 'get', '/perception'], ros_domain, launch,
+                        ok=lambda out, first=first: out.startswith(first))
+            children = psutil.Process(launch.pid).children(recursive=True)
+            assert any('perception_lifecycle_node' in ' '.join(c.cmdline()) for c in children), children
+            steps = ['deactivate'] if autostart == 'true' else ['configure', 'activate']
+            for step in steps:
+                out = _ros2(['lifecycle', 'set', '/perception', step], ros_domain)
+                assert 'Transitioning successful' in out, out
+            want = 'inactive' if autostart == 'true' else 'active'
+            assert _ros2(['lifecycle', 'get', '/perception'], ros_domain).startswith(want)
+            if want == 'active':  # subscribed to the camera now
+                _wait_for(lambda: ('/camera/image' in (t := _topics(ros_domain)), t), '/camera/image', launch)
+        finally:
+            rc, out = _stop(launch, children)
+        assert rc == 0, out[-3000:]
+        assert 'Traceback' not in out, out[-5000:]

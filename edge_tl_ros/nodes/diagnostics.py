@@ -11,14 +11,19 @@ OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.E
 
 
 def diagnostic_array(node, what: str, hardware_id: str, problems: list, values: dict,
-                     ok_message: str = 'ok') -> DiagnosticArray:
+                     ok_message: str = 'ok', extra=()) -> DiagnosticArray:
     """One DiagnosticStatus ``'<node name>: <what>'``: the worst level of ``problems`` (``[(level, text)]``),
-    their texts joined (``ok_message`` when there are none), ``values`` as key/value strings."""
-    st = DiagnosticStatus(name=f'{node.get_fully_qualified_name()}: {what}', hardware_id=hardware_id)
-    st.level = max((lvl for lvl, _ in problems), default=OK)
-    st.message = '; '.join(text for _, text in problems) or ok_message
-    st.values = [KeyValue(key=str(k), value=str(v)) for k, v in values.items()]
-    arr = DiagnosticArray(status=[st])
+    their texts joined (``ok_message`` when there are none), ``values`` as key/value strings; then one more
+    status per ``(what, problems, values)`` in ``extra`` (e.g. each camera), built the same way."""
+    def status(what, problems, values):
+        st = DiagnosticStatus(name=f'{node.get_fully_qualified_name()}: {what}', hardware_id=hardware_id)
+        st.level = max((lvl for lvl, _ in problems), default=OK)
+        st.message = '; '.join(text for _, text in problems) or ok_message
+        st.values = [KeyValue(key=str(k), value=str(v)) for k, v in values.items()]
+        return st
+
+    arr = DiagnosticArray(status=[status(what, problems, values)] +
+                          [status(*e) for e in extra])
     arr.header.stamp = node.get_clock().now().to_msg()
     return arr
 

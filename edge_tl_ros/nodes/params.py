@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
 
 def describe(text: str, read_only: bool = False, int_range=None, float_range=None,
-             choices=None) -> ParameterDescriptor:
-    """A ParameterDescriptor with a description, optional range (enforced by rclpy) and choices."""
+             choices=None, string_array: bool = False) -> ParameterDescriptor:
+    """A ParameterDescriptor with a description, optional range (enforced by rclpy) and choices;
+    ``string_array``: typed as a string array (an empty default has no type of its own)."""
     if choices:
         text = f'{text} One of: {", ".join(choices)}.'
     d = ParameterDescriptor(description=text, read_only=read_only)
+    if string_array:
+        d.type = ParameterType.PARAMETER_STRING_ARRAY
     if int_range:
         d.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
     if float_range:
@@ -20,9 +23,25 @@ def describe(text: str, read_only: bool = False, int_range=None, float_range=Non
 
 
 def declare_all(node, parameters: dict) -> None:
-    """Declare ``{name: (default, describe-kwargs)}`` on ``node``."""
+    """Declare ``{name: (default, describe-kwargs)}`` on ``node``. An empty string-array default is declared
+    by type (rclpy would type ``[]`` as a byte array); read it with :func:`value`."""
+    from rclpy.parameter import Parameter
+
     for name, (default, kwargs) in parameters.items():
+        if kwargs.get('string_array') and not default:
+            default = Parameter.Type.STRING_ARRAY
         node.declare_parameter(name, default, describe(**kwargs))
+
+
+def value(node, name: str, parameters: dict):
+    """A parameter's value; an unset string array (declared by type, or ``[]`` in a YAML) is its default."""
+    from rclpy.exceptions import ParameterUninitializedException
+
+    try:
+        v = node.get_parameter(name).value
+    except ParameterUninitializedException:
+        return list(parameters[name][0])
+    return list(v) if parameters[name][1].get('string_array') else v
 
 
 def one_line(err: BaseException) -> str:
