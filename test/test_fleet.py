@@ -282,3 +282,82 @@ print('fleet head classes', len(c.fleet_heads[-1].class_names))
     assert fleet.class_names == TOY_CLASSES
     np.testing.assert_allclose(local.client.fleet_heads[-1].weight, fleet.weight, rtol=1e-6)
     assert len(local.decisions) == 1
+
+
+# -- the adaptation node's fleet worker (real rclpy, real Flower) -------------------------------------------
+def test_adaptation_node_joins_the_fleet_gates_and_registers_the_fleet_head(ros_context, tmp_path):
+    pytest.importorskip('rclpy')
+    pytest.importorskip('vision_msgs.msg')
+    import time
+
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.fleet.client import run_client
+    from edge_tl_ros.fleet.server import FleetServer, FleetStrategy
+    from edge_tl_ros.nodes.adaptation_node import AdaptationNode
+    from edge_tl_ros.store import FrameStore
+
+    root = make_toy_bundle(tmp_path / 'toy')
+    bundle = load_bundle(root)
+    state = tmp_path / 'state'
+    # the robot's store: labelled frames of its shifted domain (what the node collected)
+    rng = np.random.default_rng(7)
+    imgs, y = toy_frames(rng, 90, shifted=True)
+    eng = Engine(bundle, 'feature_extractor', num_threads=1)
+    store = FrameStore(state / 'store', max_entries=1000, crop_size=(64, 64),
+                       feature_size=bundle.feature_size)
+    feats, probs = eng.features_batch(imgs), eng.predict_batch(imgs)
+    for i in range(len(imgs)):
+        store.add(1_000_000 + i, imgs[i], feats[i], probs[i], label=TOY_CLASSES[y[i]], source='topic')
+    del store
+    port = _free_port()
+    params = {'model_bundle': str(root), 'state_dir': str(state), 'teacher_bundle': '',
+              'store.sample_rate_hz': 0.0, 'accept.anchor_tolerance': 0.1, 'fleet.enabled': True,
+              'fleet.server_address': f'127.0.0.1:{port}', 'fleet.robot_name': 'node_robot',
+              'fleet.retry_min_s': 0.2, 'fleet.retry_max_s': 0.5, 'fleet.session_timeout_s': 60.0}
+    node = AdaptationNode(context=ros_context,
+                          parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    ex = MultiThreadedExecutor(num_threads=2, context=ros_context)
+    ex.add_node(node)
+    t = threading.Thread(target=ex.spin, daemon=True)
+    t.start()
+    try:
+        node.fleet.trigger('test')  # nobody listens yet: counted, retried with backoff, node fine
+        deadline = time.monotonic() + 30
+        while node.fleet.failures < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.fleet.failures >= 1 and node.fleet.last_error
+        assert node.status()['fleet']['failures'] >= 1
+        # the server comes up with one more robot whose head learnt the same shift (its own round)
+        cfg = AdaptConfig(label_sources=('topic',), anchor_tolerance=0.1)
+        o_imgs, o_y = toy_frames(np.random.default_rng(8), 90, shifted=True)
+        o_feats = toy_features(o_imgs)
+        other_head = run_round(bundle, (o_feats, o_y, ['topic'] * len(o_y)), bundle.head, cfg).head
+        from edge_tl_ros.fleet.client import FleetClient
+        other = FleetClient('other', lambda fleet: (other_head, {'topic': len(o_y)}),
+                            lambda fleet, final: {'accepted': False})
+        strategy = FleetStrategy(min_robots=2, rounds=1, reference=bundle.head, round_timeout=60)
+        srv = FleetServer(f'127.0.0.1:{port}', strategy).start(1)
+        run_client(other, f'127.0.0.1:{port}', max_retries=20, max_wait_time=60)
+        assert srv.join(60) and srv.error is None
+        deadline = time.monotonic() + 30
+        while node.fleet.sessions < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = node.status()['fleet']
+        assert st['sessions'] == 1 and st['accepted'] + st['rejected'] == 1, st
+        assert sorted(strategy.log[0]['robots']) == ['node_robot', 'other']
+        assert st['bytes_sent'] > 0
+        # two heads of the same shift: the fleet head beats v0 on the node's holdout -> a new version
+        assert st['accepted'] == 1, st
+        reg = HeadRegistry(bundle, state)
+        assert reg.current_version == 1 and node._followed == 1
+        meta = reg.index()['versions']['1']['metrics']
+        assert meta['kind'] == 'fleet' and meta['holdout_acc_new'] >= meta['holdout_acc_old']
+        assert st['last_error'] is None  # cleared by the successful session
+        node._publish_diagnostics()  # fleet_* key/values; must not raise
+        assert reg.rollback().version == 0
+    finally:
+        ex.shutdown()
+        node.destroy_node()

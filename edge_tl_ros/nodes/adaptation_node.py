@@ -41,6 +41,7 @@ from ..adapt.collector import Collector, CollectorConfig
 from ..bundle import (BundleError, HeadRegistry, default_state_dir, load_bundle, resolve_bundle_path,
                       resolve_teacher)
 from ..engine import Engine
+from ..fleet.robot import FleetConfig, FleetWorker
 from ..settings import from_parameters, parameters
 from ..store import FrameStore, stamp_to_ns
 from .diagnostics import WARN, RecentCounts, diagnostic_array
@@ -77,9 +78,9 @@ NODE_PARAMETERS = {
                                                   'or its rollback target; 0 = keep all).',
                                              int_range=(0, 1_000_000), read_only=True)),
 }
-_GROUPS = ('', 'store', 'labels', 'round', 'accept', 'advanced')
+_GROUPS = ('', 'store', 'labels', 'round', 'accept', 'fleet', 'advanced')
 PARAMETERS = dict(sorted({**NODE_PARAMETERS, **parameters(CollectorConfig), **parameters(AdaptConfig),
-                          **parameters(WorkerConfig)}.items(),
+                          **parameters(WorkerConfig), **parameters(FleetConfig)}.items(),
                          key=lambda kv: _GROUPS.index(kv[0].split('.')[0] if '.' in kv[0] else '')))
 
 
@@ -89,6 +90,7 @@ def _settings(values: dict):
            from_parameters(WorkerConfig, values))
     for cfg in out:
         cfg.validate()
+    from_parameters(FleetConfig, values).validate()
     if not _NODE_NAME.match(values['perception_node']):
         raise ValueError(f'perception_node={values["perception_node"]!r} is not a valid node name')
     return out
@@ -163,6 +165,13 @@ class AdaptationNode(Node):
         self._last_periodic_round = time.monotonic()
         self.reloader = HeadReloader(self, p('perception_node'), on_done=self._publish_status)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.fleet_cfg = from_parameters(FleetConfig, {n: p(n) for n in PARAMETERS})
+        self.fleet: FleetWorker | None = None
+        if self.fleet_cfg.enabled:  # Flower is imported by the worker's thread only
+            robot = self.fleet_cfg.robot_name or self.get_fully_qualified_name()
+            self.fleet = FleetWorker(self.fleet_cfg, robot, self._fleet_offer, self._fleet_judge,
+                                     log=self.get_logger().warning)
+            self.fleet.start()
         self.collector.start()
         self.get_logger().info(
             f'bundle {self.bundle.name}, head v{self._followed}, store {self.store.root} '
@@ -202,6 +211,9 @@ class AdaptationNode(Node):
             self.store.set_caps(c.max_entries, c.max_bytes, c.max_age_s)
         self.collector.cfg, self.collector.round_cfg = c, self.round_cfg
         self.reloader.perception_node = values['perception_node']
+        self.fleet_cfg = from_parameters(FleetConfig, values)
+        if self.fleet is not None:
+            self.fleet.cfg = self.fleet_cfg
         return SetParametersResult(successful=True)
 
     def _on_label(self, msg: Classification) -> None:
@@ -261,6 +273,8 @@ class AdaptationNode(Node):
                     summary['committed_version'] = head.version
                     self.get_logger().info(f'round accepted: head v{head.version} ({result.reason})')
                     self.reloader.request(head.version)
+                    if self.fleet is not None:
+                        self.fleet.trigger('accepted round')
             # one call site per severity: rclpy raises "Logger severity cannot be changed between calls"
             # when the same line logs at two severities (it crashed every later round)
             elif result.failed:
@@ -305,6 +319,45 @@ class AdaptationNode(Node):
         # the bundle's (otherwise this node computes bundle-backbone features itself)
         reuse = self._p('advanced.use_perception_features')
         self.collector.use_perception_features = reuse and backbone is None
+
+    # -- fleet (edge_tl_ros.fleet: called from the fleet worker's thread) ----------------------------------
+    def _fleet_current(self):
+        head, backbone = self.registry.load(self._followed, with_backbone=True)
+        if backbone is not None:
+            raise RuntimeError(f'head v{head.version} runs on an adapted backbone; the fleet shares heads on '
+                               'the bundle backbone\'s features')
+        return head
+
+    def _fleet_offer(self, fleet):
+        """What leaves the robot: the deployed head and label counts by source (Flower's fit)."""
+        counts = self.store.label_counts()
+        return self._fleet_current(), {k: counts.get(k, 0) for k in ('topic', 'teacher', 'self')}
+
+    def _fleet_judge(self, fleet, final: bool) -> dict:
+        """The fleet head through this robot's gate (local holdout + source anchor); on a session's last
+        round an accepted one becomes a registry version (perception reloads it; rollback as ever)."""
+        from ..fleet.gate import gate_fleet_head
+
+        current = self._fleet_current()
+        cfg = self.round_cfg
+        data = self.store.entries(labelled_only='self' not in cfg.label_sources,
+                                  feature_size=self.bundle.feature_size)
+        r = gate_fleet_head(self.bundle, data, current, fleet, cfg, margin=self.fleet_cfg.margin)
+        m = r.metrics
+        out = {'accepted': False, 'holdout_acc_fleet': m.get('holdout_acc_new'),
+               'holdout_acc_local': m.get('holdout_acc_old'), 'n_holdout': m.get('n_holdout', 0)}
+        if not final:
+            return out
+        if r.accepted:
+            head = self.registry.add(r.head, {**m, 'reason': r.reason, 'fleet_round': fleet.version})
+            self._take_head(head, None)
+            self.get_logger().info(f'fleet head accepted: head v{head.version} ({r.reason})')
+            self.reloader.request(head.version)
+            out.update(accepted=True, committed_version=head.version)
+        else:
+            self.get_logger().info(f'fleet head rejected: {r.reason}')
+        self._publish_status()
+        return out
 
     # -- services --------------------------------------------------------------------------------------------
     def _srv_adapt_now(self, request, response):
@@ -353,6 +406,7 @@ class AdaptationNode(Node):
             'round': {'running': self.round_running, 'pid': self.round_pid, 'count': self.rounds,
                       'last': self.last_round},
             'reload': self.reload, 'teacher': self.teacher, 'teacher_error': self.teacher_error,
+            'fleet': self.fleet.status() if self.fleet is not None else {'enabled': False},
         }
 
     def _publish_status(self) -> None:
@@ -374,6 +428,8 @@ class AdaptationNode(Node):
                                    f'{WARN_WINDOW_S:.0f} s ({s["last_error"]})'))
         if self.teacher_error:
             problems.append((WARN, self.teacher_error))
+        if self.fleet is not None and self.fleet.last_error:
+            problems.append((WARN, f'fleet: {self.fleet.last_error} ({self.fleet.failures} failures)'))
         if recent['frames_bad'] or recent['labels_bad'] or recent['features_bad']:
             problems.append((WARN, f'bad input in the last {WARN_WINDOW_S:.0f} s: {recent["frames_bad"]} '
                                    f'frames, {recent["labels_bad"]} labels, {recent["features_bad"]} '
@@ -391,6 +447,10 @@ class AdaptationNode(Node):
             kv['teacher_mode'] = teacher.get('mode')
             if teacher.get('note'):
                 kv['teacher_note'] = teacher['note']
+        if self.fleet is not None:
+            f = self.fleet
+            kv.update(fleet_sessions=f.sessions, fleet_accepted=f.accepted, fleet_rejected=f.rejected,
+                      fleet_failures=f.failures, fleet_last_error=f.last_error or '')
         kv.update({f'labels.{k}': v for k, v in s['labels'].items()})
         kv.update(c.counters)
         kv['labels_dropped'] = c.labels_dropped()
@@ -404,6 +464,8 @@ class AdaptationNode(Node):
         # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
         if hasattr(self, '_stop'):
             self._stop.set()  # also cancels a running round (its process is killed)
+            if getattr(self, 'fleet', None) is not None:
+                self.fleet.stop()
             self.collector.close()
             t = self._round_thread
             if t is not None and t.is_alive():
