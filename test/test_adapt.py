@@ -436,3 +436,49 @@ def test_teacher_student_ensemble_labels(toy):
                                   AdaptConfig(teacher_student_ensemble=False, teacher_min_confidence=0.7), f)
     off = as_dict(stamps, off)
     assert not info4['ensemble'] and off == {int(s): TOY_CLASSES[c] for s, c in zip(stamps, y)}
+
+
+def test_non_redundant_thins_runs_of_one_class_not_varied_streams():
+    """EATA's filter: in runs of one class (robot video) most frames repeat what the running mean already
+    says and are dropped; a varied stream keeps (nearly) everything; 1.0 is off."""
+    from edge_tl_ros.adapt.labels import non_redundant
+
+    rng = np.random.default_rng(0)
+    n_cls = 20
+
+    def probs_of(classes):
+        p = rng.dirichlet(np.full(n_cls, 0.05), len(classes)) * 0.1
+        p[np.arange(len(classes)), classes] += 0.9
+        return p / p.sum(1, keepdims=True)
+
+    runs = np.repeat(rng.permutation(n_cls)[:8], 30)  # 8 signs, 30 frames each
+    p_runs = probs_of(runs)
+    keep = non_redundant(p_runs, np.ones(len(runs), bool), 0.5)
+    starts = np.arange(0, len(runs), 30)
+    assert keep[starts].all()  # the first frame of every new sign is kept
+    per_run = keep.reshape(8, 30).sum(1)
+    assert per_run.max() <= 6 and keep.sum() < 0.2 * len(runs), per_run
+    assert non_redundant(p_runs, np.ones(len(runs), bool), 1.0).all()
+    varied = rng.permutation(np.tile(np.arange(n_cls), 12))
+    assert non_redundant(probs_of(varied), np.ones(len(varied), bool), 0.5).mean() > 0.8
+    # frames already rejected (not confident) stay rejected and do not move the running mean
+    mask = np.zeros(len(runs), bool)
+    mask[::2] = True
+    assert not (non_redundant(p_runs, mask, 0.5) & ~mask).any()
+
+
+def test_confident_labels_apply_the_redundancy_filter():
+    from edge_tl_ros.adapt.config import AdaptConfig as Cfg
+
+    head = toy_head()
+    p = np.tile(np.array([[0.96, 0.02, 0.02]], np.float32), (40, 1))
+    p[20:] = [0.02, 0.02, 0.96]
+    cfg = Cfg(teacher_student_ensemble=False, redundancy_max_cosine=0.9)
+    names, info = confident_labels(p, TOY_CLASSES, head, cfg)
+    kept = [i for i, n in enumerate(names) if n is not None]
+    assert 0 in kept and 20 in kept and len(kept) <= 15  # the mean needs a few frames to move to a new sign
+    assert info['confident'] == 40 and info['redundant'] == 40 - len(kept) and info['kept'] == len(kept)
+    off, info_off = confident_labels(p, TOY_CLASSES, head, Cfg(teacher_student_ensemble=False))
+    assert all(n is not None for n in off) and info_off['redundant'] == 0
+    with pytest.raises(ValueError, match='labels.redundancy_max_cosine'):
+        Cfg(redundancy_max_cosine=1.5).validate()

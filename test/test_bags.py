@@ -358,6 +358,25 @@ def test_evaluate_bag_adapt_teacher_labels_and_held_out(tmp_path, capsys):
     assert 'no_such_teacher' in capsys.readouterr().err
 
 
+def test_default_collection_makes_a_few_minutes_of_driving_enough(tmp_path):
+    """With the shipped collector defaults a teacher-only drive of 3.5 min at 30 fps stores about the 500
+    frames bench.adaptation measures with (the node samples by time; the simulation by bag time)."""
+    from edge_tl_ros.adapt import AdaptConfig
+    from edge_tl_ros.adapt.collector import CollectorConfig
+    from edge_tl_ros.bags.evaluate import evaluate_bag
+    from edge_tl_ros.toy import make_toy_bundle, toy_frames
+
+    bundle = make_toy_bundle(tmp_path / 'toy', size=8)
+    frames, _ = toy_frames(np.random.default_rng(0), 30 * 210, size=8, shifted=True)
+    bag = write_bag(tmp_path / 'drive', frames, None, fps=30.0, storage='mcap', start_stamp=START)
+    res = evaluate_bag(bag, bundle, adapt=True, adapt_every=10**6, adapt_config=AdaptConfig(),
+                       teacher=bundle)  # any teacher: frames count as trainable; no round runs
+    stored = res.adapt_store['unlabelled']
+    cfg = CollectorConfig()
+    expect = 210 * cfg.sample_rate_hz * cfg.keep_fraction
+    assert 0.8 * expect <= stored <= 1.2 * expect and stored >= 400, (stored, expect)
+
+
 def test_evaluate_bag_class_map(tmp_path, capsys):
     """--class-map maps the bag's own label names to the bundle's; unknown names are one clear error."""
     from edge_tl_ros.cli import main

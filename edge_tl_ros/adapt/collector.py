@@ -53,12 +53,15 @@ class CollectorConfig:
     max_age_s: float = setting(7 * 86400.0, 'store.max_age_s',
                                'Frame store: entries older than this are evicted (0 = no age limit).',
                                (0.0, 1e10))
-    sample_rate_hz: float = setting(2.0, 'store.sample_rate_hz',
+    # 5 Hz x keep_fraction 0.5 = 2.5 stored frames/s of a 30 fps camera: the 500 frames bench.adaptation
+    # measures with after ~3.5 min of driving, the store's 2000 after ~13 min; a teacher-only drive gets its
+    # first round (every_n_labels trainable frames) after ~40 s
+    sample_rate_hz: float = setting(5.0, 'store.sample_rate_hz',
                                     'Unlabelled frames evaluated for selection per second (0 = labelled '
                                     'frames only).', (0.0, 1000.0))
     keep_fraction: float = setting(0.5, 'store.keep_fraction',
                                    'Average fraction of sampled unlabelled frames stored.', (0.0, 1.0))
-    every_n_labels: int = setting(50, 'round.every_n_labels',
+    every_n_labels: int = setting(100, 'round.every_n_labels',
                                   'Start a round after this many new trainable frames (0 = off).',
                                   (0, BIG))
     selection: str = setting('informative', 'advanced.selection',

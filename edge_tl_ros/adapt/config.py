@@ -25,6 +25,10 @@ class AdaptConfig:
                                             'Confidence needed for a teacher pseudo-label.', (0.0, 1.0))
     self_label_threshold: float = setting(0.95, 'labels.self_threshold',
                                           'Student confidence needed for a self pseudo-label.', (0.0, 1.0))
+    redundancy_max_cosine: float = setting(1.0, 'labels.redundancy_max_cosine',
+                                           'Drop a pseudo-label whose class probabilities have a cosine '
+                                           'similarity above this with the running mean of those kept before '
+                                           'it in the round (EATA non-redundancy; 1 = off).', (0.0, 1.0))
     allow_new_classes: bool = setting(False, 'labels.allow_new_classes',
                                       'Labels naming classes the head does not know add classes.')
     min_labelled: int = setting(30, 'round.min_labelled', 'Labelled frames needed before a round trains.',
@@ -66,6 +70,7 @@ class AdaptConfig:
     class_balanced: bool = True
     iters: int = setting(200, None, range=(1, 1_000_000))  # L-BFGS iterations (converges far earlier)
     min_holdout: int = setting(3, None, range=(1, BIG))  # fewer trusted holdout frames: reject
+    redundancy_momentum: float = setting(0.9, None, range=(0.0, 0.999))  # EATA's running-mean momentum
 
     def __post_init__(self):
         self.label_sources = tuple(str(s) for s in self.label_sources)

@@ -106,14 +106,41 @@ def ensemble_probs(p_teacher: np.ndarray, p_student: np.ndarray) -> np.ndarray:
     return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def non_redundant(probs: np.ndarray, keep: np.ndarray, max_cosine: float,
+                  momentum: float = 0.9) -> np.ndarray:
+    """EATA's non-redundancy filter (Niu et al. 2022) over frames in stream order: a kept frame stays kept
+    only if the cosine similarity of its probability vector with the running mean of the frames kept
+    before it is at most ``max_cosine``; the mean moves toward each frame it keeps (``momentum``).
+
+    On robot video the same sign fills many consecutive frames: their pseudo-labels say one thing many
+    times, and a round trained on them over-weights it. ``max_cosine >= 1`` keeps everything.
+    """
+    keep = np.asarray(keep, bool).copy()
+    if max_cosine >= 1.0 or not keep.any():
+        return keep
+    p = np.asarray(probs, np.float64)
+    unit = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    mean = None
+    for i in np.flatnonzero(keep):
+        if mean is not None:
+            norm = np.linalg.norm(mean)
+            if norm > 0 and float(unit[i] @ mean) / norm > max_cosine:
+                keep[i] = False
+                continue
+        mean = p[i].copy() if mean is None else momentum * mean + (1.0 - momentum) * p[i]
+    return keep
+
+
 def confident_labels(p_teacher: np.ndarray, teacher_classes, head: Head, cfg: AdaptConfig,
                      features: np.ndarray | None = None,
                      p_student: np.ndarray | None = None) -> tuple[list, dict]:
     """Teacher probabilities -> a class name or None per frame, and how they were made.
 
-    With ``cfg.teacher_student_ensemble`` (and the same classes in teacher and head) the label is the
+    Frames are in stream order (:func:`non_redundant` depends on it). With ``cfg.teacher_student_ensemble``
+    (and the same classes in teacher and head) the label is the
     top class of :func:`ensemble_probs` of the teacher and the student: ``p_student`` when given, else the
-    current head on ``features``. Only labels with confidence >= ``cfg.teacher_min_confidence`` are kept.
+    current head on ``features``. Only labels with confidence >= ``cfg.teacher_min_confidence`` are kept,
+    and of those only the non-redundant ones (``cfg.redundancy_max_cosine``, :func:`non_redundant`).
     """
     info = {'ensemble': False}
     probs = np.asarray(p_teacher, np.float32)
@@ -134,7 +161,11 @@ def confident_labels(p_teacher: np.ndarray, teacher_classes, head: Head, cfg: Ad
     top = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
     conf = probs[np.arange(len(top)), top] if len(probs) else np.zeros(0, np.float32)
     keep = conf >= cfg.teacher_min_confidence
-    info.update(candidates=int(len(probs)), kept=int(keep.sum()))
+    confident = int(keep.sum())
+    keep = non_redundant(probs, keep, cfg.redundancy_max_cosine, cfg.redundancy_momentum)
+    info.update(candidates=int(len(probs)), confident=confident, kept=int(keep.sum()),
+                redundant=confident - int(keep.sum()))
+    info['probs'] = probs  # what the labels come from (callers that report drop it: see label_store)
     return [classes[t] if k else None for t, k in zip(top, keep)], info
 
 
@@ -219,6 +250,7 @@ def label_store(store: FrameStore, arr: StoreArrays, teacher_path, bundle, head:
     names, info = pseudo_labels(imgs, teacher, head, cfg, feats, student, context)
     if note:
         info['student_note'] = note
+    info.pop('probs', None)  # the round reports info as JSON
     labels = {int(s): n for s, n in zip(stamps, names) if n is not None}
     info['labels'] = len(labels)
     return labels, info
