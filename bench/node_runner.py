@@ -85,6 +85,9 @@ def _instrument(node, rec: dict) -> None:
 
     node.engine.swap_head = _timed(node.engine.swap_head, lambda args, t, ms: rec['swaps'].add(t, ms))
     node.engine.infer = _timed(node.engine.infer, lambda args, t, ms: rec['infers'].add(t, ms))
+    if 'batches' in rec:  # several cameras: (wall time, ms, frames) of every batched ONNX Runtime call
+        node.engine.infer_many = _timed(node.engine.infer_many,
+                                        lambda args, t, ms: rec['batches'].add(t, ms, len(args[0])))
     node._process = _timed(node._process, frame)
     for sub in node.subscriptions:
         if sub.topic_name.endswith('/image'):
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     rclpy.init(args=['node_runner', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     rows = a.record_rows
     rec = {'swaps': Records(1000, 2), 'infers': Records(rows, 2), 'frames': Records(rows, 4),
-           'arrivals': Records(rows, 2)}
+           'arrivals': Records(rows, 2), 'batches': Records(rows, 3)}
     if a.kind == 'student':
         from edge_tl_ros.nodes.perception_node import PerceptionNode
 

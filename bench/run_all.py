@@ -18,12 +18,14 @@ import time
 
 from bench import common
 
-BENCHMARKS = ('node_latency', 'overload', 'swap', 'adaptation_interference', 'model_zoo', 'adaptation',
-              'adaptation_memory')
+BENCHMARKS = ('node_latency', 'overload', 'swap', 'cameras', 'adaptation_interference', 'model_zoo',
+              'adaptation', 'adaptation_memory')
 REQUIRED = {
     'node_latency': ('p50_ms', 'p99_ms', 'naive_p50_ms', 'speedup_vs_naive', 'drops'),
     'overload': ('max_lag_frames', 'rss_growth_mb'),
     'swap': ('dropped_frames', 'max_pause_ms'),
+    'cameras': ('cpu_ms_per_extra_camera_frame', 'rss_mb_per_extra_camera',
+                'rss_mb_per_extra_camera_process'),
     'adaptation_interference': ('p99_ratio',),
     'model_zoo': ('models',),
     'adaptation': ('recovered_label_free', 'recovered_true_labels', 'gate_false_accepts',

@@ -40,29 +40,34 @@ def run_pub(cfg: dict, node) -> dict:
     from edge_tl_ros.imaging import image_fields
 
     frames = np.load(cfg['frames_npy'])
-    msgs = [Image(**image_fields(f, 'bgr8')) for f in frames]
-    pub = node.create_publisher(Image, cfg.get('topic', 'image'),
-                                _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10))))
-    if not common.wait_until(lambda: pub.get_subscription_count() >= 1, 60, poll_s=0.02):
-        raise RuntimeError('no subscriber on the image topic after 60 s')
+    topics = cfg.get('topics') or [cfg.get('topic', 'image')]  # several: one camera each, same tick
+    msgs = [[Image(**image_fields(f, 'bgr8')) for f in frames] for _ in topics]
+    pubs = [node.create_publisher(Image, t, _qos(cfg.get('qos', 'reliable'), int(cfg.get('depth', 10))))
+            for t in topics]
+    if not common.wait_until(lambda: all(p.get_subscription_count() >= 1 for p in pubs), 60, poll_s=0.02):
+        raise RuntimeError(f'no subscriber on the image topic(s) {topics} after 60 s')
     time.sleep(0.3)  # let discovery settle on the reader side too
     rate = float(cfg['rate_hz'])
     n = int(round(float(cfg['duration_s']) * rate))
-    stamps, pub_ms = [], []
+    stamps, pub_ms = [[] for _ in topics], []
     pacer = common.Pacer(rate)
     for seq in range(n):
         pacer.wait()
-        msg = msgs[seq % len(msgs)]
-        t_stamp = common.stamp(msg.header, seq)
-        t0 = time.perf_counter()
-        pub.publish(msg)
-        pub_ms.append((time.perf_counter() - t0) * 1e3)
-        stamps.append(t_stamp)
+        for k, pub in enumerate(pubs):
+            msg = msgs[k][seq % len(frames)]
+            t_stamp = common.stamp(msg.header, seq)
+            t0 = time.perf_counter()
+            pub.publish(msg)
+            pub_ms.append((time.perf_counter() - t0) * 1e3)
+            stamps[k].append(t_stamp)
     time.sleep(0.2)
-    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-    return {'stamp': stamps, 'publish_ms': pub_ms, 'n': n, 'rate_hz': rate,
-            'achieved_rate_hz': (len(stamps) - 1) / span if span > 0 else None,
-            'schedule_resets': pacer.resets, 'width': int(frames.shape[2]), 'height': int(frames.shape[1])}
+    span = stamps[0][-1] - stamps[0][0] if len(stamps[0]) > 1 else 0.0
+    out = {'stamp': stamps[0], 'publish_ms': pub_ms, 'n': n, 'rate_hz': rate,
+           'achieved_rate_hz': (len(stamps[0]) - 1) / span if span > 0 else None,
+           'schedule_resets': pacer.resets, 'width': int(frames.shape[2]), 'height': int(frames.shape[1])}
+    if len(topics) > 1:
+        out['stamps_by_topic'] = dict(zip(topics, stamps))
+    return out
 
 
 class Receiver:
@@ -78,6 +83,11 @@ class Receiver:
         self.swap_start = self.swap_end = None
         self.node_name = cfg.get('node_name', 'perception')
         node.create_subscription(Classification, cfg['cls_topic'], self._on_cls, 100)
+        # more classification topics (several cameras / nodes): (seq, receipt time) per topic
+        self.by_topic = {t: ([], []) for t in cfg.get('cls_topics', [])}
+        for t, (seqs, times) in self.by_topic.items():
+            node.create_subscription(Classification, t, lambda m, s=seqs, ts=times: (
+                ts.append(time.time()), s.append(frame_seq(m))), 100)
         node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
 
     def _on_cls(self, msg):
@@ -132,6 +142,7 @@ class Receiver:
     def result(self) -> dict:
         last = self.diag[-1][1] if self.diag else {}
         return {'seq': self.seq, 't': self.t, 'diag_last': last, 'diag_count': len(self.diag),
+                'by_topic': {t: {'seq': s, 't': ts} for t, (s, ts) in self.by_topic.items()},
                 'swaps': self.swaps, 'swap_start': self.swap_start, 'swap_end': self.swap_end}
 
 
@@ -153,7 +164,8 @@ def main(argv=None) -> int:
         swapper = (threading.Thread(target=recv.swap_loop, args=(stop,), daemon=True) if cfg.get('swap')
                    else None)
         deadline = time.monotonic() + 60
-        while node.count_publishers(cfg['cls_topic']) < 1 and time.monotonic() < deadline:
+        while (min(node.count_publishers(t) for t in [cfg['cls_topic'], *cfg.get('cls_topics', [])]) < 1
+               and time.monotonic() < deadline):
             ex.spin_once(timeout_sec=0.05)
         if swapper:
             swapper.start()
