@@ -300,7 +300,188 @@ def mean_of(vals) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+# -- streams: i.i.d. vs correlated robot video, and EATA's non-redundancy filter --------------------------
+STREAM_COSINES = (0.95, 0.8, 0.5)  # labels.redundancy_max_cosine values measured (1.0 = off)
+RUN_LENGTH = (20, 50)  # frames of one class in a row on the correlated stream
+
+
+def correlated_order(y: np.ndarray, n: int, seed: int = 0, run_length=RUN_LENGTH) -> np.ndarray:
+    """Positions into ``y`` of ``n`` frames ordered as a robot sees signs: runs of 20-50 frames of one class
+    (a class drawn in proportion to the frames it has left), not i.i.d."""
+    rng = np.random.default_rng(seed)
+    left = {int(c): list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)}
+    out: list[int] = []
+    while len(out) < n and left:
+        classes = sorted(left)
+        w = np.array([len(left[c]) for c in classes], np.float64)
+        c = classes[int(rng.choice(len(classes), p=w / w.sum()))]
+        k = min(int(rng.integers(run_length[0], run_length[1] + 1)), len(left[c]), n - len(out))
+        out += left[c][:k]
+        left[c] = left[c][k:]
+        if not left[c]:
+            del left[c]
+    return np.asarray(out, np.int64)
+
+
+def _deployed(student, res, eval_sets, source_only: dict) -> dict:
+    """Accuracy of what a round deploys on each evaluation set ({name: (images, bundle features, y)}):
+    its (head, backbone) if accepted, else the source-only figure."""
+    from edge_tl_ros.engine import Engine
+
+    if not res.accepted or res.head is None:
+        return dict(source_only)
+    eng = None if res.backbone is None else Engine(student, 'feature_extractor', num_threads=2,
+                                                   backbone=res.backbone)
+    return {k: acc(res.head, f if eng is None else eng.features_batch(x), y) for k, (x, f, y) in
+            eval_sets.items()}
+
+
+def stream_contrasts(student, labeler, s_labeler, cfg, streams: dict, eval_sets: dict, source_only: dict,
+                     gap) -> dict:
+    """The shipped round (head and adapted-backbone candidates, the gate) on teacher labels of each stream
+    ({name: (images in stream order, bundle features, true labels)}), with EATA's non-redundancy filter
+    off and at each of ``STREAM_COSINES``; deployed accuracy on ``eval_sets`` (``val`` chooses, ``test``
+    reports)."""
+    from edge_tl_ros.adapt import backbone_round, choose, pseudo_labels
+    from edge_tl_ros.adapt.labels import non_redundant
+
+    out = {}
+    for name, (frames, feats, y_true) in streams.items():
+        _, how = pseudo_labels(frames, labeler, student.head, replace(cfg, redundancy_max_cosine=1.0), feats,
+                               s_labeler)
+        probs = how['probs']
+        top = np.argmax(probs, 1)
+        confident = probs.max(1) >= cfg.teacher_min_confidence
+        entry = {'frames': int(len(frames)), 'classes': int(len(np.unique(y_true))),
+                 'confident': int(confident.sum()), 'variants': {}}
+        for cos in (1.0, *STREAM_COSINES):
+            keep = non_redundant(probs, confident, cos, cfg.redundancy_momentum)
+            r, _, _ = labelled_round(student, feats, top, keep, 'teacher', eval_sets['test'][1],
+                                     eval_sets['test'][2], source_only['test'])
+            names = [student.class_names[i] for i in top[keep]]
+            b = backbone_round(student, frames[keep], names, ['teacher'] * len(names), student.head, None,
+                               replace(cfg, label_sources=('teacher',)), stats_images=frames)
+            pick = choose(r, b)
+            dep = _deployed(student, pick, eval_sets, source_only)
+            entry['variants']['off' if cos >= 1.0 else f'{cos:g}'] = {
+                'max_cosine': cos, 'labelled': int(keep.sum()),
+                'label_accuracy': label_accuracy(top, keep, y_true),
+                'classes_labelled': int(len(np.unique(top[keep]))) if keep.any() else 0,
+                'accepted': bool(pick.accepted), 'kind': pick.metrics.get('kind', 'head'),
+                'deployed': dep, 'gain_val': dep['val'] - source_only['val'],
+                'gap_recovered': gap(dep['test'])}
+        out[name] = entry
+    return out
+
+
+def stream_summary(results: list, default_cos: float) -> dict:
+    """Means over domains of the stream contrasts; the filter value with the best mean validation gain."""
+    entries = [e['streams'] for e in results if e.get('streams')]
+    if not entries:
+        return {}
+    keys = list(entries[0]['iid']['variants'])
+
+    def mean(stream, key, field):
+        return mean_of(e[stream]['variants'][key][field] for e in entries)
+
+    val = {k: mean_of([mean('iid', k, 'gain_val'), mean('correlated', k, 'gain_val')]) for k in keys}
+    best = max(keys, key=lambda k: (val[k], k == 'off'))  # ties: off
+    shipped = 'off' if default_cos >= 1.0 else f'{default_cos:g}'
+    return {
+        'recovered_label_free_iid': mean('iid', 'off', 'gap_recovered'),
+        'recovered_label_free_correlated': mean('correlated', shipped, 'gap_recovered')
+        if shipped in keys else None,
+        'recovered_label_free_correlated_filter_off': mean('correlated', 'off', 'gap_recovered'),
+        'gap_recovered_eata_filter': {k: mean('iid', k, 'gap_recovered') for k in keys if k != 'off'},
+        'gap_recovered_eata_filter_correlated': {k: mean('correlated', k, 'gap_recovered') for k in keys
+                                                 if k != 'off'},
+        'min_recovered_correlated': {k: min((e['correlated']['variants'][k]['gap_recovered'] for e in entries
+                                             if e['correlated']['variants'][k]['gap_recovered'] is not None),
+                                            default=None) for k in keys},
+        'val_gain_mean': val, 'best_on_val': best, 'shipped_filter': shipped,
+        'stream_classes_mean': {s: mean_of(e[s]['classes'] for e in entries) for s in ('iid', 'correlated')},
+    }
+
+
+def run_streams(args) -> dict:
+    """``--streams-only``: the stream contrasts alone on the same shifts and split, the oracle per shift
+    read from the last full run (bench/results/adaptation.json); writes adaptation_streams.json."""
+    import json
+
+    from edge_tl_ros.adapt import AdaptConfig
+    from edge_tl_ros.engine import Engine
+    from edge_tl_ros.shifts import apply_shift
+
+    t_start = time.monotonic()
+    full = json.loads((common.RESULTS / f'{NAME}.json').read_text())
+    oracles = {(e['shift'], e['severity']): e['oracle'] for e in full['shifts']}
+    test = common.gtsrb_test(args.data)
+    cfg = AdaptConfig()
+    student, teacher_eng, labeler, s_labeler, _ = load_models(args, len(test.class_names), cfg)
+    if teacher_eng is None:
+        raise common.Skip('no teacher: the streams are measured with teacher labels')
+    eng = Engine(student, 'feature_extractor', num_threads=2)
+    shifts = (('fog', 3),) if args.quick else SHIFTS
+    perm = np.random.default_rng(0).permutation(len(test))  # the full run's permutation: the same split
+    results = []
+    for shift, sev in shifts:
+        t_s = time.perf_counter()
+        shifted = apply_shift(test.images[perm], shift, sev, seed=1)
+        entry = {'shift': shift, 'severity': sev, 'oracle': oracles[(shift, sev)]}
+        entry['streams'], entry['source_only'] = domain_streams(
+            student, eng, labeler, s_labeler, cfg, shifted, test.labels[perm], 2500, 4000,
+            oracles[(shift, sev)], args.quick)
+        results.append(entry)
+        print(f'[{NAME}] streams {shift} {sev}: {time.perf_counter() - t_s:.1f} s', flush=True)
+    data = {**stream_summary(results, cfg.redundancy_max_cosine), 'per_shift': results,
+            'oracle_from': f'bench/results/{NAME}.json of {full.get("timestamp")}',
+            'definitions': STREAM_DEFINITIONS}
+    path = common.write_result(f'{NAME}_streams', data, args, t_start, module=NAME)
+    print(f'[{NAME}] wrote {path}')
+    return data
+
+
+def domain_streams(student, eng, labeler, s_labeler, cfg, shifted, y_perm, n_pool, n_test, oracle, quick):
+    """The i.i.d. stream (the pool's first 500 frames, as the headline runs), the correlated stream (500
+    frames in class runs from the pool's first 1500), validation = the pool's last 1000 frames, test =
+    the target test set; -> (stream_contrasts, source-only accuracies)."""
+    n = 100 if quick else 500
+    n_test = 600 if quick else n_test
+    ix_pool = np.arange(n_pool)
+    ix_val, ix_test = ix_pool[1500:2500], np.arange(n_pool, n_pool + n_test)
+    corr = correlated_order(y_perm[:1500], n, seed=1)
+    sets = {}
+    for k, ix in (('val', ix_val), ('test', ix_test)):
+        sets[k] = (shifted[ix], eng.features_batch(shifted[ix]), y_perm[ix])
+    src = {k: acc(student.head, f, y) for k, (_, f, y) in sets.items()}
+
+    def gap(v):
+        return (v - src['test']) / (oracle - src['test']) if oracle - src['test'] > 1e-6 else None
+
+    streams = {}
+    for k, ix in (('iid', ix_pool[:n]), ('correlated', corr)):
+        streams[k] = (shifted[ix], eng.features_batch(shifted[ix]), y_perm[ix])
+    return stream_contrasts(student, labeler, s_labeler, cfg, streams, sets, src, gap), src
+
+
+STREAM_DEFINITIONS = {
+    'recovered_label_free_correlated': 'recovered_label_free (teacher labels only, 500 frames, the shipped '
+    'round: head and adapted-backbone candidates, gated) on the correlated stream: the 500 frames ordered in '
+    'runs of 20-50 frames of one class (drawn from the pool\'s first 1500 frames, about 15 classes), with '
+    'the shipped labels.redundancy_max_cosine; gap on the target test set against the full run\'s oracle',
+    'recovered_label_free_iid': 'the same on the i.i.d. stream (the pool\'s first 500 frames, as the '
+    'headline runs), filter off',
+    'gap_recovered_eata_filter': 'the same on the i.i.d. stream per labels.redundancy_max_cosine value',
+    'gap_recovered_eata_filter_correlated': 'the same on the correlated stream per value',
+    'val_gain_mean': 'mean over shifts and both streams of (deployed - source-only) accuracy on the '
+    'validation split (the pool\'s last 1000 frames, target domain, never a round\'s frame nor test): '
+    'the choice',
+}
+
+
 def run(args) -> dict:
+    if getattr(args, 'streams_only', False):
+        return run_streams(args)
     t_start = time.monotonic()
     try:
         from edge_tl_ros.adapt import AdaptConfig, LabelModel, pseudo_labels, run_round  # noqa: F401
@@ -449,6 +630,9 @@ def run(args) -> dict:
                 teacher_info['student_norm_run'] = student_norm_contrast(
                     student, x_all, at(d_pool[:n_max]), at(d_tst), clean_test_x, src_y, y_pool, y_test,
                     t_lab[n_max]['teacher_probs'], labeler.class_names, cfg, gap)
+        if teacher_eng is not None and sev is not None and not quick:  # i.i.d. vs correlated stream, EATA
+            entry['streams'], _ = domain_streams(student, eng, labeler, s_labeler, cfg, imgs, y_d[ids],
+                                                 n_pool, n_test, oracle, quick)
         # the ceilings of n_max local frames, same run
         tl = t_lab.get(n_max)
         entry['ceiling'] = ceilings(
@@ -519,6 +703,7 @@ def run(args) -> dict:
         'gap_ceiling_full_true': mean_of(e['ceiling'].get('gap_full_true') for e in results),
         'gap_full_teacher': mean_of(e['ceiling'].get('gap_full_teacher') for e in results),
         'gap_recovered_vs_full_true_n_max': mean_of(r['gap_recovered_vs_full_true_n_max'] for r in headline),
+        **stream_summary(results, cfg.redundancy_max_cosine),
         'round_seconds': rs['round_seconds'], 'round': rs,
         'oracle': f'full fine-tuning of the exported student (all weights; Adam 1e-3, cosine, '
         f'{oracle_epochs} epochs, batch 128) on all target-labelled frames'
@@ -566,6 +751,7 @@ def run(args) -> dict:
             'ensemble, same run: teacher_labeller.current_head_student_run per shift',
             'gap_recovered_ttn_teacher_only': 'the same with the test-time-normalised teacher alone (no '
             'ensemble; confidence >= 0.9), same run: teacher_labeller.ttn_only_run per shift',
+            **STREAM_DEFINITIONS,
         },
     }
     common.cleanup(wd)
@@ -624,6 +810,9 @@ def add_args(p) -> None:
                    help='target data of your own, gtsrb32.npz layout: X_train/y_train = the robot\'s local '
                         'stream (>= 500 frames; 100 with --quick), X_test/y_test = held-out frames; '
                         'repeatable')
+    p.add_argument('--streams-only', action='store_true',
+                   help='only the i.i.d. / correlated stream contrasts and the EATA filter values, the '
+                        'oracle from the last full run; writes adaptation_streams.json')
     common.add_teacher_data_args(p)
 
 
