@@ -346,7 +346,7 @@ def test_subprocess_round_labels_with_a_test_time_normalised_teacher(toy, tmp_pa
                                             teacher_student_ensemble=False),
                                 teacher_bundle=teacher)
     assert r.metrics['teacher'] == {'mode': 'test_time_norm', 'labels': 80, 'note': None, 'ensemble': False,
-                                    'candidates': 80, 'kept': 80}, r.metrics
+                                    'candidates': 80, 'confident': 80, 'kept': 80, 'redundant': 0}, r.metrics
     assert r.teacher_labels == want and len(want) == 80
     # and the labels are mostly right: the teacher knows the shifted domain
     assert np.mean([want[10_000 + i] == TOY_CLASSES[y_store[i]] for i in range(80)]) > 0.8
