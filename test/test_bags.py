@@ -317,9 +317,10 @@ def test_evaluate_bag_adapt_teacher_labels_and_held_out(tmp_path, capsys):
 
     bag, student, teacher = _shifted_toy_bag(tmp_path)
     js = tmp_path / 'teacher.json'
+    png = tmp_path / 'teacher.png'
     rc = main(['evaluate-bag', str(bag), '--bundle', str(student), '--adapt', '--adapt-every', '40',
                '--labels', 'teacher', '--teacher-bundle', str(teacher), '--eval-fraction', '0.3',
-               '--no-plot', '--json', str(js), '--no-progress'])
+               '--plot', str(png), '--json', str(js), '--no-progress'])
     out = capsys.readouterr().out
     assert rc == 0
     s = json.loads(js.read_text())
@@ -333,6 +334,7 @@ def test_evaluate_bag_adapt_teacher_labels_and_held_out(tmp_path, capsys):
     before, after = s['heldout_accuracy_before'], s['heldout_accuracy_after']
     assert before < 0.5 and after > before + 0.3, s
     assert 'held-out frames 210..299' in out and 'before' in out and 'after' in out
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     # without a teacher and without topic labels nothing can be learned: before == after, no round accepted
     js2 = tmp_path / 'none.json'

@@ -387,6 +387,10 @@ def plot_result(res: EvalResult, out: str | os.PathLike, title: str | None = Non
                    ls='-' if r.accepted else ':',
                    label=None if kind in seen else f'adaptation round ({kind})')
         seen.add(kind)
+    if res.heldout_from_frame is not None:
+        ax.axvspan(res.heldout_from_frame, max(res.heldout_from_frame, res.frames - 1), color='grey',
+                   alpha=0.12, label=f'held out: before {res.heldout_accuracy_before:.3f} -> after '
+                         f'{res.heldout_accuracy_after:.3f}')
     ax.set_xlim(0, max(1, res.frames - 1))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel('frame index')
@@ -394,7 +398,7 @@ def plot_result(res: EvalResult, out: str | os.PathLike, title: str | None = Non
     ax.grid(alpha=0.3)
     ax.set_title(title or f'{Path(res.bag).name}: accuracy {res.accuracy:.3f}, latency p50 '
                  f'{res.latency_p50_ms:.2f} ms / p99 {res.latency_p99_ms:.2f} ms', fontsize=10)
-    if res.labelled or res.adapt_rounds:
+    if res.labelled or res.adapt_rounds or res.heldout_from_frame is not None:
         ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
