@@ -57,7 +57,7 @@ def test_mean_is_weighted_by_trusted_labels_only():
     f = aggregate([ua, ub], None, 'mean', clip=0, info=info)
     np.testing.assert_allclose(f.weight, 0.75 * a.weight + 0.25 * b.weight, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f.bias, 0.75 * a.bias + 0.25 * b.bias, rtol=1e-5, atol=1e-6)
-    assert info['weights'] == [30.0, 10.0] and f.class_names == TOY_CLASSES
+    assert info['weights'] == [30.0, 10.0] and info['trusted'] == [30, 10] and f.class_names == TOY_CLASSES
 
 
 def test_class_alignment_across_robots_with_different_class_sets():
@@ -93,6 +93,45 @@ def test_robust_aggregation_survives_a_poisoned_robot(method, clip):
     err_robust = np.linalg.norm(robust.weight - honest_mean)
     assert err_plain > 10 * np.linalg.norm(ref.weight) * 0.5
     assert err_robust < 0.1 * np.linalg.norm(ref.weight), (method, err_robust)
+
+
+def test_robust_clip_ignores_robots_that_offer_the_reference_and_caps_claimed_labels():
+    """Robots whose rounds were rejected offer the fleet head itself (a zero update): the robust clip is
+    set by the robots that moved, and a poisoned robot claiming many labels weighs no more than a
+    typical robot."""
+    rng = np.random.default_rng(4)
+    ref = toy_head()
+    moved = [Head(ref.weight + rng.normal(0, 0.05, ref.weight.shape).astype(np.float32), ref.bias,
+                  TOY_CLASSES) for _ in range(2)]
+    poisoned = Head(-10 * ref.weight, -10 * ref.bias, TOY_CLASSES)
+    ups = [Update.from_head(h, {'teacher': 100}) for h in [ref, ref] + moved]
+    ups.append(Update.from_head(poisoned, {'topic': 2000}))
+    info = {}
+    f = aggregate(ups, ref, 'mean', None, info=info)
+    assert 0 < info['clip'] < 1.0 and max(info['weights']) == 100
+    step = np.linalg.norm(f.weight - ref.weight)
+    assert step <= info['clip'] + 1e-5  # the fleet head moved at most as far as a typical robot did
+    assert accuracy(f, *toy_eval()) == pytest.approx(accuracy(ref, *toy_eval()), abs=0.05)
+
+
+def toy_eval():
+    imgs, y = toy_frames(np.random.default_rng(9), 200)
+    return toy_features(imgs), y
+
+
+def test_local_step_trains_from_the_fleet_head(tmp_path):
+    from edge_tl_ros.fleet.local import local_step
+
+    bundle = load_bundle(make_toy_bundle(tmp_path / 'toy'))
+    imgs, y = toy_frames(np.random.default_rng(6), 120, shifted=True)
+    feats = toy_features(imgs)
+    cfg = AdaptConfig(label_sources=('topic',))
+    h = local_step(bundle, (feats, y, ['topic'] * len(y)), bundle.head, cfg)
+    assert h.class_names == TOY_CLASSES and accuracy(h, feats, y) > accuracy(bundle.head, feats, y)
+    af, al = bundle.anchor  # anchor replay: the source domain is not forgotten
+    assert accuracy(h, af, al) >= accuracy(bundle.head, af, al) - 0.2
+    with pytest.raises(ValueError):
+        local_step(bundle, (feats[:0], y[:0], []), bundle.head, cfg)
 
 
 def test_dp_update_clips_and_adds_noise():
@@ -277,7 +316,9 @@ print('fleet head classes', len(c.fleet_heads[-1].class_names))
     assert server.returncode == 0, s_out[-2000:]
     log = [json.loads(line) for line in (out / 'fleet_log.jsonl').read_text().splitlines()]
     assert sorted(log[0]['rounds'][0]['robots']) == ['local', 'proc']
-    assert sorted(log[0]['rounds'][0]['aggregation']['weights']) == sorted([50.0, float(len(local.y))])
+    agg = log[0]['rounds'][0]['aggregation']
+    assert sorted(agg['trusted']) == sorted([50, len(local.y)])
+    assert max(agg['weights']) == np.median([50, len(local.y)])  # robust: capped at the median weight
     fleet = Head.load(out / 'fleet_head_s1.npz')
     assert fleet.class_names == TOY_CLASSES
     np.testing.assert_allclose(local.client.fleet_heads[-1].weight, fleet.weight, rtol=1e-6)
@@ -316,7 +357,8 @@ def test_adaptation_node_joins_the_fleet_gates_and_registers_the_fleet_head(ros_
     params = {'model_bundle': str(root), 'state_dir': str(state), 'teacher_bundle': '',
               'store.sample_rate_hz': 0.0, 'accept.anchor_tolerance': 0.1, 'fleet.enabled': True,
               'fleet.server_address': f'127.0.0.1:{port}', 'fleet.robot_name': 'node_robot',
-              'fleet.retry_min_s': 0.2, 'fleet.retry_max_s': 0.5, 'fleet.session_timeout_s': 60.0}
+              'fleet.retry_min_s': 0.2, 'fleet.retry_max_s': 0.5, 'fleet.session_timeout_s': 60.0,
+              'fleet.local_training': True}  # its offer: the round's recipe from the fleet head
     node = AdaptationNode(context=ros_context,
                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     ex = MultiThreadedExecutor(num_threads=2, context=ros_context)
@@ -361,3 +403,12 @@ def test_adaptation_node_joins_the_fleet_gates_and_registers_the_fleet_head(ros_
     finally:
         ex.shutdown()
         node.destroy_node()
+
+
+def test_robot_runtime_and_cli_need_no_flower_unless_the_fleet_is_used(python_without):
+    out = python_without(('flwr', 'torch'), (
+        'import edge_tl_ros.nodes.adaptation_node as a, edge_tl_ros.fleet.update, edge_tl_ros.fleet.gate\n'
+        'from edge_tl_ros.cli import build_parser\n'
+        'build_parser().parse_args(["fleet-server", "--min-robots", "3"])\n'
+        'print("fleet.enabled" in a.PARAMETERS, a.PARAMETERS["fleet.enabled"][0])\n'))
+    assert out.split() == ['True', 'False']

@@ -34,6 +34,9 @@ class FleetConfig:
                               'the node\'s fully qualified name).', read_only=True)
     period_s: float = setting(0.0, 'fleet.period_s', 'Also join a fleet session this often (0 = only after '
                               'an accepted round).', (0.0, 1e7))
+    local_training: bool = setting(False, 'fleet.local_training', 'Federated training: every fleet round '
+                                   'trains the round\'s recipe from the fleet head on the stored labelled '
+                                   'frames and offers that (false = offer the deployed head).')
     margin: float = setting(0.0, 'fleet.margin', 'A fleet head must beat the current head on the local '
                             'holdout by this much (the anchor check applies too).', (-1.0, 1.0))
     dp_clip: float = setting(0.0, 'fleet.dp_clip', 'Local differential privacy: clip the head update to '

@@ -11,11 +11,12 @@ fleet head:
 - ``trimmed``: coordinate-wise mean after dropping the ``trim`` fraction at each end.
 
 Before combining, each robot's update relative to the ``reference`` (the previous fleet head, or the
-median of the updates when there is none) is clipped to ``clip`` in L2 norm; ``clip=None`` clips to the
-median update norm (robust: one poisoned or diverged robot cannot move the fleet head further than a
-typical robot does). :func:`dp_update` is the optional local differential-privacy step a robot applies
-before sending: clip its update to ``clip`` and add Gaussian noise of standard deviation
-``noise * clip`` to every coordinate.
+median of the updates when there is none) is clipped to ``clip`` in L2 norm. ``clip=None`` (robust, the
+default) clips to the lower median of the non-zero update norms and caps every robot's weight at the
+median weight: one poisoned or diverged robot can neither move the fleet head further than a typical
+robot does nor outweigh it by claiming more labels. :func:`dp_update` is the optional local
+differential-privacy step a robot applies before sending: clip its update to ``clip`` and add Gaussian
+noise of standard deviation ``noise * clip`` to every coordinate.
 """
 
 from __future__ import annotations
@@ -184,13 +185,18 @@ def aggregate(updates: list[Update], reference: Head | None = None, method: str 
     W = np.where(P[:, :, None], W, W0[None])
     B = np.where(P, B, b0[None])
     norms = np.array([np.linalg.norm(_flat(W[r] - W0, B[r] - b0)) for r in range(len(updates))])
-    used_clip = float(np.median(norms)) if clip is None else float(clip)
-    if used_clip > 0:
-        for r in range(len(updates)):
-            W[r], B[r], _ = clip_update(W[r], B[r], W0, b0, used_clip)
     weights = np.array([max(u.trusted, 0) for u in updates], np.float64)
     if weights.sum() <= 0:
         weights = np.ones(len(updates))
+    if clip is None:
+        moved = np.sort(norms[norms > 1e-12])  # robots that offer the reference itself say nothing
+        used_clip = float(moved[(len(moved) - 1) // 2]) if len(moved) else 0.0
+        weights = np.minimum(weights, np.median(weights))
+    else:
+        used_clip = float(clip)
+    if used_clip > 0:
+        for r in range(len(updates)):
+            W[r], B[r], _ = clip_update(W[r], B[r], W0, b0, used_clip)
     Wf, bf = W0.copy(), b0.copy()
     for k in range(len(classes)):
         have = P[:, k]
@@ -207,6 +213,7 @@ def aggregate(updates: list[Update], reference: Head | None = None, method: str 
             Wf[k], bf[k] = _trimmed(W[have, k], trim), float(_trimmed(B[have, k][:, None], trim)[0])
     if info is not None:
         info.update(norms=[round(float(n), 4) for n in norms], clip=round(used_clip, 4), method=method,
-                    weights=[float(w) for w in weights], classes=len(classes), robots=len(updates))
+                    trusted=[u.trusted for u in updates], weights=[float(w) for w in weights],
+                    classes=len(classes), robots=len(updates))
     version = 0 if reference is None else reference.version
     return Head(Wf.astype(np.float32), bf.astype(np.float32), classes, version)

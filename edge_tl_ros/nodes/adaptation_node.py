@@ -329,9 +329,19 @@ class AdaptationNode(Node):
         return head
 
     def _fleet_offer(self, fleet):
-        """What leaves the robot: the deployed head and label counts by source (Flower's fit)."""
+        """What leaves the robot (Flower's fit): the deployed head, or with fleet.local_training the
+        round's recipe trained from the fleet head on the stored frames; and label counts by source."""
         counts = self.store.label_counts()
-        return self._fleet_current(), {k: counts.get(k, 0) for k in ('topic', 'teacher', 'self')}
+        head = self._fleet_current()
+        if self.fleet_cfg.local_training and fleet is not None:
+            from ..fleet.gate import fit_to
+            from ..fleet.local import local_step
+
+            cfg = self.round_cfg
+            data = self.store.entries(labelled_only='self' not in cfg.label_sources,
+                                      feature_size=self.bundle.feature_size)
+            head = local_step(self.bundle, data, fit_to(fleet, head), cfg)
+        return head, {k: counts.get(k, 0) for k in ('topic', 'teacher', 'self')}
 
     def _fleet_judge(self, fleet, final: bool) -> dict:
         """The fleet head through this robot's gate (local holdout + source anchor); on a session's last
