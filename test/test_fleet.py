@@ -412,3 +412,87 @@ def test_robot_runtime_and_cli_need_no_flower_unless_the_fleet_is_used(python_wi
         'build_parser().parse_args(["fleet-server", "--min-robots", "3"])\n'
         'print("fleet.enabled" in a.PARAMETERS, a.PARAMETERS["fleet.enabled"][0])\n'))
     assert out.split() == ['True', 'False']
+
+
+def _tls_files(d: Path) -> Path:
+    """A private CA and a server certificate for 127.0.0.1 (what docs/fleet.md makes with openssl)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'edge-tl fleet test CA')])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'localhost')]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName('localhost'),
+                                                        x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / 'ca.crt').write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / 'server.pem').write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / 'server.key').write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                     serialization.PrivateFormat.TraditionalOpenSSL,
+                                                     serialization.NoEncryption()))
+    return d
+
+
+def test_tls_session_and_local_dp_on_the_update(toy, tmp_path):
+    """Flower's TLS option end to end (server --tls-dir files, robots' root certificate), with local DP:
+    what a robot sends is its head moved at most dp_clip from the fleet head, plus noise."""
+    from edge_tl_ros.fleet.client import FleetClient, MessageLog, run_client
+    from edge_tl_ros.fleet.server import FleetServer, FleetStrategy, load_certificates
+
+    bundle = toy[0]
+    tls = _tls_files(tmp_path / 'tls')
+    port = _free_port()
+    strategy = FleetStrategy(min_robots=2, rounds=1, reference=bundle.head, clip=0, round_timeout=60)
+    srv = FleetServer(f'127.0.0.1:{port}', strategy, certificates=load_certificates(str(tls))).start(1)
+    robots = [Robot(f'r{k}', bundle, 30 + k) for k in range(2)]
+    clip = 0.5
+    for r in robots:
+        r.client = FleetClient(r.client.robot, r.offer, r.judge, dp_clip=clip, dp_noise=0.0)
+    # a robot without the CA cannot join: an error, not a hang
+    stranger = FleetClient('stranger', lambda fleet: (bundle.head, {'topic': 1}))
+    with pytest.raises(Exception):
+        run_client(stranger, f'127.0.0.1:{port}', max_retries=0, max_wait_time=5)
+    cert = (tls / 'ca.crt').read_bytes()
+    errors = []
+
+    def go(r):
+        try:
+            r.log = MessageLog(keep=True)
+            run_client(r.client, f'127.0.0.1:{port}', root_certificates=cert, max_retries=5,
+                       max_wait_time=60, log=r.log)
+        except Exception as e:  # reported below
+            errors.append(e)
+    ts = [threading.Thread(target=go, args=(r,)) for r in robots]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert srv.join(60) and srv.error is None and not errors, (srv.error, errors)
+    ref = bundle.head
+    for r in robots:
+        sent = next(rec for rec in r.log.records if rec['type'] == 'train')
+        W, b = next(v for kind, v in sent['content'].values() if kind == 'arrays')
+        if W.ndim == 1:
+            W, b = b, W
+        moved = np.linalg.norm(np.concatenate([(W - ref.weight).ravel(), (b - ref.bias).ravel()]))
+        assert moved <= clip + 1e-4
+        full = np.linalg.norm(np.concatenate([(r.head.weight - ref.weight).ravel(),
+                                              (r.head.bias - ref.bias).ravel()]))
+        assert full > clip  # the clip did something
+    assert strategy.fleet_head is not None
