@@ -496,3 +496,28 @@ def test_tls_session_and_local_dp_on_the_update(toy, tmp_path):
                                               (r.head.bias - ref.bias).ravel()]))
         assert full > clip  # the clip did something
     assert strategy.fleet_head is not None
+
+
+def test_fleet_demo_runs_a_server_and_robot_processes(tmp_path):
+    """`edge-tl fleet-demo`: the server and two robot processes (night, fog) on loopback, real data."""
+    import json
+
+    from edge_tl_ros.data import DataError, find_gtsrb_npz
+
+    try:
+        find_gtsrb_npz(None)
+    except (DataError, OSError) as e:
+        pytest.skip(f'GTSRB data absent: {e}')
+    out = tmp_path / 'demo'
+    p = subprocess.run([sys.executable, '-m', 'edge_tl_ros.cli', 'fleet-demo', '--shifts', 'night,fog',
+                        '--frames', '120', '--test', '100', '--out', str(out), '--timeout', '300'],
+                       cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    summary = json.loads((out / 'fleet_demo.json').read_text())
+    assert [r['robot'] for r in summary['robots']] == ['night', 'fog']
+    log = json.loads((out / 'server' / 'fleet_log.jsonl').read_text().splitlines()[0])
+    assert sorted(log['rounds'][0]['robots']) == ['robot_fog', 'robot_night']
+    for r in summary['robots']:
+        assert set(r['local']) == set(r['fleet']) == {'night', 'fog'} and r['gate'] is not None
+        # the registry holds v0, the local round's head if accepted, the fleet head if its gate accepted
+        assert r['registry_version'] == int(r['local_round']['accepted']) + int(r['gate']['accepted'])

@@ -44,3 +44,21 @@ def register(sub) -> None:
                    help='directory with ca.crt, server.pem, server.key ("" = insecure)')
     p.add_argument('--out', default='', help='directory for fleet heads and fleet_log.jsonl')
     p.set_defaults(func=_cmd)
+    register_demo(sub)
+
+
+def _demo(args) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+def register_demo(sub) -> None:
+    from .demo import add_arguments
+
+    p = sub.add_parser('fleet-demo', help='A fleet server and one robot process per shift on loopback',
+                       description='Start edge-tl fleet-server and one robot process per shift (night, fog, '
+                                   'motion blur), each adapting on its own frames, joining the fleet and '
+                                   'gating the fleet head; print local vs fleet accuracy on every domain.')
+    add_arguments(p)
+    p.set_defaults(func=_demo)
