@@ -196,7 +196,7 @@ def run_demo(args) -> int:
              '-p', f'labels.sources:={sources}', '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10']
     compressed = any(p['compressed'] for p in plays.values())
     rclpy.init()
-    up = player = ex = None
+    up = player = ex = spin = None
     try:
         up = Bringup(camera_topic=CAMERA, model_bundle=student, state_dir=str(state), extra_args=extra,
                      use_compressed=True if compressed else None)
@@ -303,6 +303,8 @@ def run_demo(args) -> int:
     finally:
         if ex is not None:
             ex.shutdown(timeout_sec=2.0)
+        if spin is not None:  # a spin thread still inside rcl's wait at exit aborts the process (rclpy#1484)
+            spin.join(timeout=10.0)
         if up is not None:
             up.shutdown()
         if player is not None:

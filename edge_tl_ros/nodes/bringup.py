@@ -110,10 +110,10 @@ class Bringup:
 
     def shutdown(self):
         self.executor.shutdown(timeout_sec=2.0)
+        if self._thread is not None:  # before the nodes go: a spin thread left in rcl's wait at interpreter
+            self._thread.join(timeout=10.0)  # exit aborts the process (rclpy#1484)
         for n in self.nodes:
             n.destroy_node()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
 
 
 def cmd_up(args) -> int:
