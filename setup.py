@@ -59,6 +59,7 @@ setup(
             'perception_node = edge_tl_ros.nodes.perception_node:main',
             'perception_lifecycle_node = edge_tl_ros.nodes.perception_node:lifecycle_main',
             'adaptation_node = edge_tl_ros.nodes.adaptation_node:main',
+            'adaptation_lifecycle_node = edge_tl_ros.nodes.adaptation_node:lifecycle_main',
             'edge-tl = edge_tl_ros.cli:main',
         ],
     },

@@ -3,9 +3,9 @@
     ros2 launch edge_tl_ros edge_tl.launch.py camera_topic:=/front_camera/image_raw use_adaptation:=true
     ros2 launch edge_tl_ros edge_tl.launch.py use_lifecycle:=true autostart:=false   # managed perception
 
-use_lifecycle:=true runs perception as a lifecycle node (perception_lifecycle_node); autostart:=true (the
-default) configures and activates it at launch, autostart:=false leaves it unconfigured for a lifecycle
-manager or ``ros2 lifecycle set /perception configure``.
+use_lifecycle:=true runs both nodes as lifecycle nodes (perception_lifecycle_node, adaptation_lifecycle_node);
+autostart:=true (the default) configures and activates them at launch, autostart:=false leaves them
+unconfigured for a lifecycle manager or ``ros2 lifecycle set /perception configure``.
 
 The same graph runs in one process without launch_ros as ``edge-tl up`` (same YAML, same remaps).
 """
@@ -16,9 +16,9 @@ import lifecycle_msgs.msg
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler, SetEnvironmentVariable
-from launch.conditions import IfCondition, UnlessCondition
+from launch.conditions import IfCondition
 from launch.events import matches_action
-from launch.substitutions import AndSubstitution, LaunchConfiguration, PythonExpression
+from launch.substitutions import AndSubstitution, LaunchConfiguration, NotSubstitution, PythonExpression
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
@@ -60,31 +60,41 @@ def generate_launch_description():
                               description='Fast DDS profile for the nodes (16 MiB shared-memory segment: '
                                           'camera-sized frames; the camera driver needs it too)'),
         DeclareLaunchArgument('use_lifecycle', default_value='false',
-                              description='run perception as a lifecycle (managed) node'),
+                              description='run the nodes as lifecycle (managed) nodes'),
         DeclareLaunchArgument('autostart', default_value='true',
-                              description='with use_lifecycle: configure and activate it at launch'),
+                              description='with use_lifecycle: configure and activate them at launch'),
     ]
     remaps = [('image', camera_topic),
               ('image/compressed', PythonExpression(["'", camera_topic, "' + '/compressed'"]))]
     overrides = {'model_bundle': model_bundle, 'use_compressed': use_compressed, 'state_dir': state_dir}
 
-    common = dict(name='perception', namespace=namespace, parameters=[params_file, overrides],
-                  remappings=remaps, output='screen', emulate_tty=True)
-    perception = Node(package='edge_tl_ros', executable='perception_node',
-                      condition=UnlessCondition(use_lifecycle), **common)
-    managed = LifecycleNode(package='edge_tl_ros', executable='perception_lifecycle_node',
-                            condition=IfCondition(use_lifecycle), **common)
-    start_managed = IfCondition(AndSubstitution(use_lifecycle, autostart))
-    configure = EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
-                                            transition_id=lifecycle_msgs.msg.Transition.TRANSITION_CONFIGURE),
-                          condition=start_managed)
-    activate = RegisterEventHandler(OnStateTransition(
-        target_lifecycle_node=managed, start_state='configuring', goal_state='inactive',
-        entities=[EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
-                                              transition_id=lifecycle_msgs.msg.Transition.TRANSITION_ACTIVATE))]),
-        condition=start_managed)
-    adaptation = Node(package='edge_tl_ros', executable='adaptation_node', name='adaptation',
-                      namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
-                      output='screen', emulate_tty=True, condition=IfCondition(use_adaptation))
+    common = dict(namespace=namespace, parameters=[params_file, overrides], remappings=remaps,
+                  output='screen', emulate_tty=True)
+    lifecycle = []  # plain node unless use_lifecycle; the managed one, autostarted, if it is
+
+    def node(name, executable, only_if=None):
+        def when(*conds):  # every condition true (and only_if, when given)
+            conds = conds + ((only_if,) if only_if is not None else ())
+            out = conds[0]
+            for c in conds[1:]:
+                out = AndSubstitution(out, c)
+            return IfCondition(out)
+        plain = Node(package='edge_tl_ros', executable=executable, name=name,
+                     condition=when(NotSubstitution(use_lifecycle)), **common)
+        managed = LifecycleNode(package='edge_tl_ros', name=name, condition=when(use_lifecycle),
+                                executable=executable.replace('_node', '_lifecycle_node'), **common)
+        start = when(use_lifecycle, autostart)
+        transition = lifecycle_msgs.msg.Transition
+        lifecycle.append(RegisterEventHandler(OnStateTransition(
+            target_lifecycle_node=managed, start_state='configuring', goal_state='inactive',
+            entities=[EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
+                                                  transition_id=transition.TRANSITION_ACTIVATE))]),
+            condition=start))
+        lifecycle.append(EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(managed),
+                                                     transition_id=transition.TRANSITION_CONFIGURE),
+                                   condition=start))
+        return [plain, managed]
+    nodes = node('perception', 'perception_node') + node('adaptation', 'adaptation_node',
+                                                         only_if=use_adaptation)
     env = SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile)
-    return LaunchDescription(args + [env, perception, managed, activate, configure, adaptation])
+    return LaunchDescription(args + [env, *nodes, *lifecycle])

@@ -26,7 +26,9 @@ SHARE_DIRS = ('launch', 'config', 'models')
 LINT_DIRS = ('edge_tl_ros', 'test', 'bench', 'launch', 'tools')
 CONSOLE_SCRIPTS = {
     'perception_node': 'edge_tl_ros.nodes.perception_node:main',
+    'perception_lifecycle_node': 'edge_tl_ros.nodes.perception_node:lifecycle_main',
     'adaptation_node': 'edge_tl_ros.nodes.adaptation_node:main',
+    'adaptation_lifecycle_node': 'edge_tl_ros.nodes.adaptation_node:lifecycle_main',
     'edge-tl': 'edge_tl_ros.cli:main',
 }
 

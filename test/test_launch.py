@@ -51,6 +51,7 @@ def _run_launch_file():
     mods['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
     mods['launch.substitutions'].PythonExpression = type('PythonExpression', (_Rec,), {})
     mods['launch.substitutions'].AndSubstitution = type('AndSubstitution', (_Rec,), {})
+    mods['launch.substitutions'].NotSubstitution = type('NotSubstitution', (_Rec,), {})
     mods['launch_ros.actions'].Node = type('Node', (_Rec,), {})
     mods['launch_ros.actions'].LifecycleNode = type('LifecycleNode', (_Rec,), {})
     mods['launch_ros.event_handlers'].OnStateTransition = type('OnStateTransition', (_Rec,), {})
@@ -93,15 +94,24 @@ def test_launch_file_structure():
     assert declared == LaunchConfiguration.used, 'every launch argument is used, every use is declared'
     scripts = _console_scripts()
     assert {n.kwargs['executable'] for n in nodes} == {'perception_node', 'perception_lifecycle_node',
-                                                       'adaptation_node'}
-    managed = next(n for n in nodes if type(n).__name__ == 'LifecycleNode')
-    plain = next(n for n in nodes if n.kwargs['executable'] == 'perception_node')
-    assert managed.kwargs['name'] == plain.kwargs['name'] == 'perception'  # same graph names either way
-    assert type(managed.kwargs['condition']).__name__ == 'IfCondition'
-    assert type(plain.kwargs['condition']).__name__ == 'UnlessCondition'
-    # autostart: configure emitted at launch, activate once the node reaches inactive, both only for it
+                                                       'adaptation_node', 'adaptation_lifecycle_node'}
+    for name in ('perception', 'adaptation'):  # same graph names either way, exactly one of them runs
+        named = [n for n in nodes if n.kwargs['name'] == name]
+        pair = {type(n).__name__: n for n in named}
+        assert len(named) == 2 and set(pair) == {'Node', 'LifecycleNode'}, named
+        assert pair['LifecycleNode'].kwargs['executable'] == pair['Node'].kwargs['executable'].replace(
+            '_node', '_lifecycle_node')
+        cond_plain = pair['Node'].kwargs['condition'].args[0]
+        cond_managed = pair['LifecycleNode'].kwargs['condition'].args[0]
+        if name == 'perception':  # not use_lifecycle / use_lifecycle
+            assert type(cond_plain).__name__ == 'NotSubstitution'
+            assert cond_plain.args[0].args[0] == 'use_lifecycle' and cond_managed.args[0] == 'use_lifecycle'
+        else:  # the same, and use_adaptation
+            assert type(cond_plain).__name__ == type(cond_managed).__name__ == 'AndSubstitution'
+            assert cond_plain.args[1].args[0] == cond_managed.args[1].args[0] == 'use_adaptation'
+    # autostart: configure emitted at launch, activate once a node reaches inactive (2 per managed node)
     events = [a for a in actions if type(a).__name__ in ('EmitEvent', 'RegisterEventHandler')]
-    assert len(events) == 2 and all(type(e.kwargs['condition']).__name__ == 'IfCondition' for e in events)
+    assert len(events) == 4 and all(type(e.kwargs['condition']).__name__ == 'IfCondition' for e in events)
     for n in nodes:
         assert n.kwargs['package'] == 'edge_tl_ros'
         assert n.kwargs['executable'] in scripts, 'launch references an executable setup.py declares'
@@ -110,7 +120,7 @@ def test_launch_file_structure():
         params_file = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'
                            and a.args[0] == 'params_file').kwargs['default_value']
         assert Path(params_file).is_file()
-    assert sum(1 for n in nodes if 'condition' in n.kwargs) == 3  # adaptation optional, perception either
+    assert all('condition' in n.kwargs for n in nodes)  # plain or managed; adaptation optional
     env = [a for a in actions if type(a).__name__ == 'SetEnvironmentVariable']
     assert env and env[0].args[0] == 'FASTDDS_DEFAULT_PROFILES_FILE'
     profile = next(a for a in actions if type(a).__name__ == 'DeclareLaunchArgument'

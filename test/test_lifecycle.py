@@ -132,3 +132,82 @@ def test_a_bad_bundle_fails_configure_and_the_node_stays_unconfigured(ros_contex
         assert not m.transition(Transition.TRANSITION_ACTIVATE)  # not a transition from unconfigured
     finally:
         m.close()
+
+
+def test_managed_adaptation_node_collects_and_runs_rounds_only_while_active(ros_context, tmp_path):
+    import json
+
+    from rclpy.qos import DurabilityPolicy
+    from std_msgs.msg import String
+    from vision_msgs.msg import ObjectHypothesis
+
+    from edge_tl_ros.nodes.adaptation_node import AdaptationLifecycleNode
+    from edge_tl_ros.toy import TOY_CLASSES, toy_frames
+
+    node = AdaptationLifecycleNode(context=ros_context, parameter_overrides=[
+        Parameter('model_bundle', value=str(make_toy_bundle(tmp_path / 'toy'))),
+        Parameter('state_dir', value=str(tmp_path / 'state')), Parameter('teacher_bundle', value=''),
+        Parameter('store.sample_rate_hz', value=0.0), Parameter('round.every_n_labels', value=0),
+        Parameter('advanced.sched_idle', value=False)])
+    io = rclpy.create_node('adaptation_probe', context=ros_context)
+    rel = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    pub_img = io.create_publisher(Image, 'image', rel)
+    pub_lab = io.create_publisher(Classification, 'labels', rel)
+    status = []
+    io.create_subscription(String, '/adaptation/status', lambda m: status.append(json.loads(m.data)),
+                           QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE,
+                                      durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    change = io.create_client(ChangeState, '/adaptation/change_state')
+    adapt_now = io.create_client(Trigger, '/adaptation/adapt_now')
+    ex = MultiThreadedExecutor(num_threads=4, context=ros_context)
+    ex.add_node(node)
+    ex.add_node(io)
+    threading.Thread(target=ex.spin, daemon=True).start()
+    imgs, y = toy_frames(np.random.default_rng(0), 40, shifted=True)
+    sent = [0]
+
+    def call(client, request):
+        assert client.wait_for_service(timeout_sec=10)
+        fut = client.call_async(request)
+        assert wait_for(fut.done, 20)
+        return fut.result()
+
+    def transition(tid) -> bool:
+        return call(change, ChangeState.Request(transition=Transition(id=tid))).success
+
+    def send(n):
+        for i in range(n):
+            k = sent[0] % len(imgs)
+            sent[0] += 1
+            msg = Image(**image_fields(imgs[k], 'rgb8'))
+            msg.header.stamp.sec = 1000 + sent[0]
+            pub_lab.publish(Classification(header=msg.header, results=[
+                ObjectHypothesis(class_id=TOY_CLASSES[y[k]], score=1.0)]))
+            pub_img.publish(msg)
+            time.sleep(0.01)
+
+    try:
+        assert not hasattr(node, 'store')  # unconfigured: no store opened
+        assert transition(Transition.TRANSITION_CONFIGURE)
+        assert wait_for(lambda: status and status[-1]['active'] is False, 10)
+        assert io.count_subscribers('/image') == 0 and io.count_subscribers('/labels') == 0
+        r = call(adapt_now, Trigger.Request())
+        assert not r.success and 'inactive' in r.message  # no rounds while inactive
+        assert transition(Transition.TRANSITION_ACTIVATE)
+        assert wait_for(lambda: pub_img.get_subscription_count() and pub_lab.get_subscription_count(), 10)
+        send(40)
+        assert wait_for(lambda: len(node.store) >= 20, 20), node.status()
+        assert transition(Transition.TRANSITION_DEACTIVATE)
+        assert wait_for(lambda: pub_img.get_subscription_count() == 0, 10)
+        stored = len(node.store)
+        send(10)
+        time.sleep(0.5)
+        assert len(node.store) == stored  # nothing collected while inactive; the store stays
+        assert not call(adapt_now, Trigger.Request()).success
+        assert transition(Transition.TRANSITION_CLEANUP)
+        assert wait_for(lambda: io.count_publishers('/adaptation/status') == 0, 10)
+        assert not node.collector._thread.is_alive()
+    finally:
+        ex.shutdown(timeout_sec=2)
+        node.destroy_node()
+        io.destroy_node()

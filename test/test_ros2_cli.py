@@ -220,18 +220,22 @@ def test_ros2_launch_without_adaptation_and_ros2_run(ros_domain, tmp_path):
 
 
 def test_ros2_launch_lifecycle_autostart_and_ros2_lifecycle_set(ros_domain, tmp_path):
-    """use_lifecycle:=true: the managed perception node reaches active by itself (autostart), `ros2
-    lifecycle set` moves it; with autostart:=false it waits unconfigured for a manager."""
+    """use_lifecycle:=true: the managed nodes reach active by themselves (autostart), `ros2 lifecycle set`
+    moves them; with autostart:=false perception waits unconfigured for a manager."""
     for autostart, first in (('true', 'active'), ('false', 'unconfigured')):
-        launch = _start(['launch', 'edge_tl_ros', 'edge_tl.launch.py', 'use_adaptation:=false',
-                         'use_lifecycle:=true', f'autostart:={autostart}',
+        adaptation = autostart == 'true'
+        launch = _start(['launch', 'edge_tl_ros', 'edge_tl.launch.py', 'use_lifecycle:=true',
+                         f'use_adaptation:={str(adaptation).lower()}', f'autostart:={autostart}',
                          f'state_dir:={tmp_path / autostart}'], ros_domain)
         children = []
         try:
-            _ros2_until(['lifecycle', 'get', '/perception'], ros_domain, launch,
-                        ok=lambda out, first=first: out.startswith(first))
+            for name in ['/perception'] + (['/adaptation'] if adaptation else []):
+                _ros2_until(['lifecycle', 'get', name], ros_domain, launch,
+                            ok=lambda out, first=first: out.startswith(first), timeout=60)
             children = psutil.Process(launch.pid).children(recursive=True)
-            assert any('perception_lifecycle_node' in ' '.join(c.cmdline()) for c in children), children
+            cmdlines = [' '.join(c.cmdline()) for c in children]
+            assert any('perception_lifecycle_node' in c for c in cmdlines), cmdlines
+            assert any('adaptation_lifecycle_node' in c for c in cmdlines) == adaptation, cmdlines
             steps = ['deactivate'] if autostart == 'true' else ['configure', 'activate']
             for step in steps:
                 out = _ros2(['lifecycle', 'set', '/perception', step], ros_domain)
@@ -240,6 +244,11 @@ def test_ros2_launch_lifecycle_autostart_and_ros2_lifecycle_set(ros_domain, tmp_
             assert _ros2(['lifecycle', 'get', '/perception'], ros_domain).startswith(want)
             if want == 'active':  # subscribed to the camera now
                 _wait_for(lambda: ('/camera/image' in (t := _topics(ros_domain)), t), '/camera/image', launch)
+            if adaptation:  # the adaptation node's own transitions: inactive = no collection, no rounds
+                out = _ros2(['lifecycle', 'set', '/adaptation', 'deactivate'], ros_domain)
+                assert 'Transitioning successful' in out, out
+                out = _ros2(['service', 'call', '/adaptation/adapt_now', 'std_srvs/srv/Trigger'], ros_domain)
+                assert 'success=False' in out and 'inactive' in out, out
         finally:
             rc, out = _stop(launch, children)
         assert rc == 0, out[-3000:]

@@ -160,7 +160,7 @@ for f in "$REPO_ROOT"/launch/*.py; do ln -s "$f" "$SHARE/launch/$(basename "$f")
 # `ros2 run` and launch_ros' Node(package=, executable=) look in <prefix>/lib/<package>/ only
 rm -rf "$VENV/lib/edge_tl_ros"
 mkdir -p "$VENV/lib/edge_tl_ros"
-for exe in perception_node perception_lifecycle_node adaptation_node; do ln -s "../../bin/$exe" "$VENV/lib/edge_tl_ros/$exe"; done
+for exe in perception_node perception_lifecycle_node adaptation_node adaptation_lifecycle_node; do ln -s "../../bin/$exe" "$VENV/lib/edge_tl_ros/$exe"; done
 
 # AMENT_PREFIX_PATH defaults to the venv (when unset or empty) in every interpreter of the venv
 # (ament_index_python needs it; the pip ROS wheels install their share/ and lib/ under the venv

@@ -28,6 +28,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
@@ -96,12 +97,20 @@ def _settings(values: dict):
     return out
 
 
-class AdaptationNode(Node):
-    """Frame collection, labels and adaptation rounds; usable in-process (tests) or via ``main``."""
+class _Adaptation:
+    """Everything of the adaptation node; :class:`AdaptationNode` (plain) and
+    :class:`AdaptationLifecycleNode` (managed) add only when configure / activate happen."""
 
-    def __init__(self, node_name: str = 'adaptation', **kwargs):
-        super().__init__(node_name, **kwargs)
+    def _declare(self) -> None:
         declare_all(self, PARAMETERS)
+        self.active = False
+        self._subscriptions_in: list = []
+        self._own = {'services': [], 'publishers': [], 'timers': []}
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    def _configure(self) -> None:
+        """Bundle, head registry, engine, frame store, teacher, collector (not started), services,
+        publishers, the status timer and the fleet worker (not started); no subscription."""
         p = self._p
         collect_cfg, self.round_cfg, self.worker_cfg = _settings({n: p(n) for n in PARAMETERS})
         self.bundle = load_bundle(resolve_bundle_path(p('model_bundle')))
@@ -141,43 +150,72 @@ class AdaptationNode(Node):
         self.rounds = 0
         self.last_round: dict | None = None
 
-        in_group = MutuallyExclusiveCallbackGroup()
-        image = (CompressedImage, 'image/compressed') if p('use_compressed') else (Image, 'image')
-        self.create_subscription(*image, self.collector.put_frame, qos_profile_sensor_data,
-                                 callback_group=in_group)
-        if p('advanced.use_perception_features'):
-            self.create_subscription(Image, f'{p("perception_node").rstrip("/")}/features',
-                                     self.collector.put_features, 10, callback_group=in_group)
-        label_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
-                               reliability=ReliabilityPolicy.RELIABLE)
-        self.create_subscription(Classification, 'labels', self._on_label, label_qos,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
         srv_group = MutuallyExclusiveCallbackGroup()
-        self.create_service(Trigger, '~/adapt_now', self._srv_adapt_now, callback_group=srv_group)
-        self.create_service(Trigger, '~/wipe_store', self._srv_wipe, callback_group=srv_group)
+        self._own['services'] = [
+            self.create_service(Trigger, '~/adapt_now', self._srv_adapt_now, callback_group=srv_group),
+            self.create_service(Trigger, '~/wipe_store', self._srv_wipe, callback_group=srv_group)]
         status_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                 durability=DurabilityPolicy.TRANSIENT_LOCAL,
                                 reliability=ReliabilityPolicy.RELIABLE)
         self.pub_status = self.create_publisher(String, '~/status', status_qos)
         self.pub_diag = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_timer(p('advanced.diagnostics_period_s'), self._on_timer,
-                          callback_group=MutuallyExclusiveCallbackGroup())
+        self._own['publishers'] = [self.pub_status, self.pub_diag]
+        self._own['timers'] = [self.create_timer(p('advanced.diagnostics_period_s'), self._on_timer,
+                                                 callback_group=MutuallyExclusiveCallbackGroup())]
         self._last_periodic_round = time.monotonic()
         self.reloader = HeadReloader(self, p('perception_node'), on_done=self._publish_status)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.fleet_cfg = from_parameters(FleetConfig, {n: p(n) for n in PARAMETERS})
         self.fleet: FleetWorker | None = None
         if self.fleet_cfg.enabled:  # Flower is imported by the worker's thread only
             robot = self.fleet_cfg.robot_name or self.get_fully_qualified_name()
             self.fleet = FleetWorker(self.fleet_cfg, robot, self._fleet_offer, self._fleet_judge,
                                      log=self.get_logger().warning)
-            self.fleet.start()
-        self.collector.start()
         self.get_logger().info(
             f'bundle {self.bundle.name}, head v{self._followed}, store {self.store.root} '
             f'({len(self.store)} entries), {self.teacher_how}, '
             f'label sources {list(self.round_cfg.label_sources)}')
+
+    def _activate(self) -> None:
+        """Subscriptions (frames, labels, features), the collector's and the fleet's threads; rounds on."""
+        p = self._p
+        in_group = MutuallyExclusiveCallbackGroup()
+        image = (CompressedImage, 'image/compressed') if p('use_compressed') else (Image, 'image')
+        subs = [self.create_subscription(*image, self.collector.put_frame, qos_profile_sensor_data,
+                                         callback_group=in_group)]
+        if p('advanced.use_perception_features'):
+            subs.append(self.create_subscription(Image, f'{p("perception_node").rstrip("/")}/features',
+                                                 self.collector.put_features, 10, callback_group=in_group))
+        label_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                               reliability=ReliabilityPolicy.RELIABLE)
+        subs.append(self.create_subscription(Classification, 'labels', self._on_label, label_qos,
+                                             callback_group=MutuallyExclusiveCallbackGroup()))
+        self._subscriptions_in = subs
+        if self.collector._thread is None:
+            self.collector.start()
+        if self.fleet is not None and self.fleet._thread is None:
+            self.fleet.start()
+        self.active = True
         self._publish_status()
+
+    def _deactivate(self) -> None:
+        """No collection and no new round while inactive (a running round finishes); the store stays."""
+        self.active = False
+        for sub in self._subscriptions_in:
+            self.destroy_subscription(sub)
+        self._subscriptions_in = []
+
+    def _cleanup(self) -> None:
+        """Undo :meth:`_configure`: threads stopped (a running round is cancelled), entities destroyed."""
+        self._deactivate()
+        self._shutdown_threads()
+        for srv in self._own['services']:
+            self.destroy_service(srv)
+        for pub in self._own['publishers']:
+            self.destroy_publisher(pub)
+        for timer in self._own['timers']:
+            self.destroy_timer(timer)
+        self._own = {'services': [], 'publishers': [], 'timers': []}
+        self.__dict__.pop('_stop', None)  # unconfigured: nothing of the configuration is left to stop
 
     @property
     def reload(self) -> dict | None:
@@ -200,6 +238,8 @@ class AdaptationNode(Node):
             return None, err
 
     def _on_set_parameters(self, params) -> SetParametersResult:
+        if not hasattr(self, '_stop'):  # lifecycle node not configured: the values are read on configure
+            return SetParametersResult(successful=True)
         values = {n: self._p(n) for n in PARAMETERS}
         values.update({prm.name: prm.value for prm in params if prm.name in values})
         try:
@@ -232,6 +272,8 @@ class AdaptationNode(Node):
                 return False, 'a round is already running'
             if self._stop.is_set():
                 return False, 'node is shutting down'
+            if not self.active:
+                return False, 'node is inactive (lifecycle): no rounds'
             self.round_running = True
             self.collector.since_round = 0
             self._round_thread = threading.Thread(target=self._round, args=(why,), name='edge_tl_round',
@@ -407,6 +449,7 @@ class AdaptationNode(Node):
         c = self.collector
         return {
             'node': self.get_fully_qualified_name(), 'pid': os.getpid(), 'bundle': self.bundle.name,
+            'active': self.active,
             'head_version': self._followed, 'registry_version': current,
             'store': self.store.stats(), 'label_counts': self.store.label_counts(),
             'counters': dict(c.counters), 'bad_frames': dict(c.bad_frames),
@@ -466,13 +509,15 @@ class AdaptationNode(Node):
         kv['labels_dropped'] = c.labels_dropped()
         try:
             self.pub_diag.publish(diagnostic_array(self, 'adaptation', self.bundle.name, problems, kv,
-                                                   'round running' if self.round_running else 'ok'))
+                                                   'round running' if self.round_running else
+                                                   'ok' if self.active else
+                                                   'inactive (lifecycle): not collecting, no rounds'))
         except Exception as e:
             self.get_logger().debug(f'diagnostics not published: {e}')
 
-    def destroy_node(self):
+    def _shutdown_threads(self) -> None:
         # also called by rclpy.try_shutdown() on a node whose __init__ failed half-way
-        if hasattr(self, '_stop'):
+        if hasattr(self, '_stop') and hasattr(self, 'collector'):
             self._stop.set()  # also cancels a running round (its process is killed)
             if getattr(self, 'fleet', None) is not None:
                 self.fleet.stop()
@@ -480,7 +525,68 @@ class AdaptationNode(Node):
             t = self._round_thread
             if t is not None and t.is_alive():
                 t.join(timeout=5.0)
-        return super().destroy_node()
+
+
+class AdaptationNode(_Adaptation, Node):
+    """Frame collection, labels and adaptation rounds; usable in-process (tests) or via ``main``. A plain
+    node: the constructor configures and activates."""
+
+    def __init__(self, node_name: str = 'adaptation', **kwargs):
+        Node.__init__(self, node_name, **kwargs)
+        self._declare()
+        self._configure()
+        self._activate()
+
+    def destroy_node(self):
+        self._shutdown_threads()
+        return Node.destroy_node(self)
+
+
+class AdaptationLifecycleNode(_Adaptation, LifecycleNode):
+    """The adaptation node as a managed node: ``configure`` opens the store and loads the models,
+    ``activate`` starts collecting and allows rounds, ``deactivate`` stops both (the store stays),
+    ``cleanup`` closes everything."""
+
+    def __init__(self, node_name: str = 'adaptation', **kwargs):
+        LifecycleNode.__init__(self, node_name, **kwargs)
+        self._declare()
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as e:  # a bad bundle, store directory or parameter: this transition fails
+            self.get_logger().error(f'configure failed: {type(e).__name__}: {e}')
+            try:
+                self._cleanup()
+            except Exception:
+                pass
+            return TransitionCallbackReturn.FAILURE
+        self._publish_status()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        self._activate()
+        self.get_logger().info('active: collecting frames, rounds on')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._publish_status()
+        self.get_logger().info('inactive: no collection, no rounds')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._cleanup()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        if hasattr(self, '_stop'):
+            self._cleanup()
+        return super().on_shutdown(state)
+
+    def destroy_node(self):
+        self._shutdown_threads()
+        return LifecycleNode.destroy_node(self)
 
 
 def _json_default(o):
@@ -495,6 +601,10 @@ def _json_default(o):
 
 def main(args=None) -> int:
     return run_node(AdaptationNode, 'adaptation', args=args)  # executor: advanced.executor_threads
+
+
+def lifecycle_main(args=None) -> int:
+    return run_node(AdaptationLifecycleNode, 'adaptation', args=args)
 
 
 if __name__ == '__main__':
