@@ -19,7 +19,7 @@ import time
 from bench import common
 
 BENCHMARKS = ('node_latency', 'overload', 'swap', 'cameras', 'adaptation_interference', 'model_zoo',
-              'adaptation', 'adaptation_memory')
+              'adaptation', 'adaptation_memory', 'fleet')
 REQUIRED = {
     'node_latency': ('p50_ms', 'p99_ms', 'naive_p50_ms', 'speedup_vs_naive', 'drops'),
     'overload': ('max_lag_frames', 'rss_growth_mb'),
@@ -31,6 +31,7 @@ REQUIRED = {
     'adaptation': ('recovered_label_free', 'recovered_true_labels', 'gate_false_accepts',
                    'gate_false_rejects', 'round_seconds'),
     'adaptation_memory': ('rss_growth_ratio', 'growth_vs_old_design', 'bound_held'),
+    'fleet': ('target_met', 'by_labels', 'poisoned'),
 }
 TIMEOUT_S = {'quick': 240, 'full': 1200}
 
@@ -41,6 +42,10 @@ def summarize(name: str, d: dict) -> str:
     if name == 'model_zoo':
         return '; '.join(f'{m}: acc {v["accuracy"] if v["accuracy"] is None else round(v["accuracy"], 4)}, '
                          f'{v["latency_ms"]:.3g} ms' for m, v in d['models'].items())
+    if name == 'fleet':  # mean accuracy over every robot's held-out domain: best local head -> fleet heads
+        return '; '.join(f'{src}: local {max(r["mean_all_domains"] for r in b["local"]):.3f} -> offer '
+                         f'{b["offer"]["fleet_head_mean"]:.3f} / federated '
+                         f'{b["federated"]["fleet_head_mean"]:.3f}' for src, b in d['by_labels'].items())
     vals = {k: d.get(k) for k in REQUIRED[name]}
     return ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in vals.items())
 

@@ -53,7 +53,7 @@ def _is_number(v):
 def test_run_all_quick_writes_valid_results(tmp_path):
     out = tmp_path / 'results'
     proc = subprocess.run([sys.executable, '-m', 'bench.run_all', '--quick', '--results-dir', str(out)],
-                          cwd=str(REPO), capture_output=True, text=True, timeout=600)
+                          cwd=str(REPO), capture_output=True, text=True, timeout=1200)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     for name in BENCHMARKS:
@@ -79,6 +79,14 @@ def test_run_all_quick_writes_valid_results(tmp_path):
                 assert set(m) >= {'accuracy', 'gflops', 'latency_ms'}, model
                 assert _is_number(m['latency_ms']) and _is_number(m['gflops']), model
                 assert m['accuracy'] is None or 0.0 <= m['accuracy'] <= 1.0, model
+        elif name == 'fleet':  # per label source: the local heads and the fleet heads on every domain
+            for src, b in d['by_labels'].items():
+                assert set(d['target_met'][src]) == {'offer', 'federated'}, d['target_met']
+                assert all(isinstance(v, bool) for v in d['target_met'][src].values())
+                for mode in ('offer', 'federated'):
+                    assert 0.0 <= b[mode]['fleet_head_mean'] <= 1.0, (src, mode)
+                assert all(0.0 <= r['mean_all_domains'] <= 1.0 for r in b['local']), src
+            assert _is_number(d['poisoned']['fedavg_no_clip']['fleet_head_mean'])
         elif name == 'adaptation_memory':  # the bound is a yes/no, the rest are figures
             assert d['bound_held'] is True, d.get('cases')
             assert _is_number(d['rss_growth_ratio']) and _is_number(d['growth_vs_old_design']), d
@@ -125,7 +133,7 @@ def test_adaptation_bench_on_a_users_target(tmp_path):
                          DD.Split(X[160:], tr.labels[i[160:]], tr.class_names), 'gtsrb-npz', 'rain'), target)
     out = tmp_path / 'res'
     proc = subprocess.run([sys.executable, '-m', 'bench.adaptation', '--quick', '--target', str(target),
-                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / 'adaptation.json').read_text(), parse_constant=_no_nan)
     mine = [d for d in res['per_domain'] if d['target']]
@@ -138,6 +146,6 @@ def test_adaptation_bench_on_a_users_target(tmp_path):
     bad = tmp_path / 'bad.npz'
     np.savez(bad, images=np.zeros((3, 32, 32, 3), np.uint8))
     proc = subprocess.run([sys.executable, '-m', 'bench.adaptation', '--quick', '--target', str(bad),
-                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           '--results-dir', str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert '--target' in proc.stderr + proc.stdout and 'bad.npz' in proc.stderr + proc.stdout
